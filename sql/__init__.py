@@ -1,0 +1,1 @@
+"""The database schema: SQLAlchemy Core tables and the MariaDB DDL generated from them."""

@@ -1,0 +1,1 @@
+"""Pipeline stages: plain typed functions, each module with thin Prefect task wrappers."""

@@ -1,0 +1,122 @@
+"""Database engines for SQLite and MariaDB, with errors turned into one readable line."""
+
+from __future__ import annotations
+
+import functools
+import logging
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import Engine, create_engine, event, text
+from sqlalchemy.engine import URL, make_url
+from sqlalchemy.exc import ArgumentError, DBAPIError, NoSuchModuleError, OperationalError
+
+from sql.schema import metadata
+
+log = logging.getLogger(__name__)
+
+# Server gone, lost connection, can't connect, lock wait timeout, deadlock, server shutting down.
+TRANSIENT_MARIADB_CODES = {2002, 2003, 2006, 2013, 1205, 1213, 1053}
+
+
+class DatabaseError(RuntimeError):
+    """The database cannot be used; the message is one line meant for the user."""
+
+
+def parse_database_url(url: str) -> URL:
+    """Parse a SQLAlchemy URL, refusing malformed ones and unsupported back-ends."""
+    try:
+        parsed = make_url(url)
+    except (ArgumentError, ValueError) as exc:
+        raise DatabaseError(f"malformed database URL {url!r}: {exc}") from None
+    if parsed.get_backend_name() not in ("sqlite", "mysql", "mariadb"):
+        raise DatabaseError(
+            f"unsupported database {parsed.get_backend_name()!r}: use sqlite:///FILE "
+            "or mysql+pymysql://USER:PASSWORD@HOST:PORT/DB"
+        )
+    return parsed
+
+
+def is_mariadb(engine: Engine) -> bool:
+    """True for MariaDB/MySQL engines."""
+    return engine.dialect.name in ("mysql", "mariadb")
+
+
+def create_db_engine(url: str, *, local_infile: bool = False) -> Engine:
+    """An engine for the URL; LOCAL INFILE only when asked (the bulk loader's connection)."""
+    parsed = parse_database_url(url)
+    try:
+        if parsed.get_backend_name() == "sqlite":
+            return _sqlite_engine(parsed)
+        return create_engine(
+            parsed,
+            pool_pre_ping=True,
+            pool_recycle=3600,
+            connect_args={"local_infile": local_infile, "charset": "utf8mb4"},
+        )
+    except NoSuchModuleError as exc:
+        raise DatabaseError(f"unsupported database driver in {url!r}: {exc}") from None
+
+
+def _sqlite_engine(parsed: URL) -> Engine:
+    """SQLite with WAL (readers never block the writer) and enforced foreign keys."""
+    if parsed.database and parsed.database != ":memory:":
+        Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+    engine = create_engine(parsed, connect_args={"timeout": 60})
+
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_connection, _record):  # type: ignore[no-untyped-def]
+        cursor = dbapi_connection.cursor()
+        cursor.execute("PRAGMA foreign_keys=ON")
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA synchronous=NORMAL")
+        cursor.close()
+
+    return engine
+
+
+def describe_db_error(exc: BaseException) -> str:
+    """A one-line reason for a driver error (e.g. 'Access denied for user ...')."""
+    orig = getattr(exc, "orig", None) or exc
+    args: tuple[Any, ...] = tuple(getattr(orig, "args", ()))
+    if len(args) >= 2 and isinstance(args[1], str):
+        return args[1].splitlines()[0]
+    return str(orig).splitlines()[0] if str(orig) else type(orig).__name__
+
+
+def connect_checked(url: str) -> Engine:
+    """An engine that is known to answer, with the schema created; else DatabaseError."""
+    engine = create_db_engine(url)
+    try:
+        with engine.begin() as conn:
+            conn.execute(text("SELECT 1"))
+        metadata.create_all(engine)
+    except DBAPIError as exc:
+        engine.dispose()
+        safe = parse_database_url(url).render_as_string(hide_password=True)
+        log.debug("database connection failed", exc_info=True)
+        raise DatabaseError(f"cannot use database {safe}: {describe_db_error(exc)}") from None
+    return engine
+
+
+@functools.lru_cache(maxsize=8)
+def engine_for(url: str) -> Engine:
+    """One engine per URL per process, shared by the tasks that run there."""
+    return create_db_engine(url)
+
+
+def is_transient(exc: BaseException) -> bool:
+    """True for errors worth a retry: lost or refused connections, lock waits, deadlocks."""
+    if isinstance(exc, OperationalError):
+        code = getattr(getattr(exc, "orig", None), "args", [None])[0]
+        return code in TRANSIENT_MARIADB_CODES or "database is locked" in str(exc)
+    return isinstance(exc, DBAPIError) and exc.connection_invalidated
+
+
+def retry_if_transient(_task: Any, _task_run: Any, state: Any) -> bool:
+    """Prefect retry condition: retry database tasks only after transient errors."""
+    try:
+        state.result()
+    except Exception as exc:  # the task's own exception, re-raised by result()
+        return is_transient(exc)
+    return False

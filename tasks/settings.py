@@ -1,0 +1,97 @@
+"""One typed settings object, read from LOOKALIKE_* environment variables with defaults."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+from typing import Any
+
+ENV_PREFIX = "LOOKALIKE_"
+
+
+class SettingsError(ValueError):
+    """A setting has a value that cannot be used."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Every knob of lookalike; the CLI, flows, API and compose file use the same names.
+
+    The environment variable of a field is LOOKALIKE_ plus its name in capitals,
+    e.g. ``database_url`` is read from ``LOOKALIKE_DATABASE_URL``.
+    """
+
+    data_dir: Path = Path("data")
+    database_url: str = ""  # empty: SQLite file in data_dir
+    staging_dir: Path | None = None  # None: data_dir / "staging"
+    weights: str = "imagenet"  # imagenet | none | path to a .h5 file
+    batch_size: int = 64
+    k: int = 100
+    decode_workers: int = 0  # 0: one per core
+    max_image_pixels: int = 100_000_000  # larger images are refused as decompression bombs
+    host: str = "127.0.0.1"
+    port: int = 5000
+    upload_limit_mb: int = 20
+    cors_origins: str = ""  # comma separated; empty: CORS closed
+    thumbnail_dir: Path | None = None  # None: data_dir / "thumbnails"
+
+    @classmethod
+    def from_env(cls, environ: dict[str, str] | None = None, **overrides: Any) -> Settings:
+        """Read settings from the environment; keyword overrides that are not None win."""
+        env = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for field in fields(cls):
+            raw = env.get(ENV_PREFIX + field.name.upper())
+            if raw is not None and raw != "":
+                values[field.name] = _parse(field.name, str(field.type), raw)
+        values.update({key: value for key, value in overrides.items() if value is not None})
+        settings = cls(**values)
+        settings.validate()
+        return settings
+
+    def validate(self) -> None:
+        """Refuse values that would fail later in a less clear place."""
+        if self.batch_size < 1:
+            raise SettingsError(f"batch size must be at least 1, got {self.batch_size}")
+        if self.k < 1:
+            raise SettingsError(f"k must be at least 1, got {self.k}")
+        if self.decode_workers < 0:
+            raise SettingsError(f"decode workers must be 0 or more, got {self.decode_workers}")
+
+    @property
+    def resolved_database_url(self) -> str:
+        """The database URL; the embedded SQLite file when none is set."""
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{(self.data_dir / 'lookalike.sqlite').resolve()}"
+
+    @property
+    def resolved_staging_dir(self) -> Path:
+        """Where extracted feature batches are staged as Arrow files."""
+        return self.staging_dir or self.data_dir / "staging"
+
+    @property
+    def resolved_thumbnail_dir(self) -> Path:
+        """Where the API caches thumbnails."""
+        return self.thumbnail_dir or self.data_dir / "thumbnails"
+
+    def with_overrides(self, **overrides: Any) -> Settings:
+        """A copy with the given non-None values replaced."""
+        changed = replace(self, **{k: v for k, v in overrides.items() if v is not None})
+        changed.validate()
+        return changed
+
+
+def _parse(name: str, type_name: str, raw: str) -> Any:
+    """Convert one environment string to the field's type."""
+    if "int" in type_name:
+        try:
+            return int(raw)
+        except ValueError:
+            raise SettingsError(
+                f"{ENV_PREFIX}{name.upper()} must be an integer, got {raw!r}"
+            ) from None
+    if "Path" in type_name:
+        return Path(raw)
+    return raw
