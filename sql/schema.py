@@ -32,11 +32,13 @@ metadata = MetaData()
 _MARIADB: dict[str, Any] = {
     "mysql_engine": "InnoDB",
     "mysql_charset": "utf8mb4",
-    "mysql_collate": "utf8mb4_bin",
+    "mysql_collate": "utf8mb4_nopad_bin",
 }
 
 # Paths are case-sensitive and compared byte for byte, hence the binary collation.
-_path = String(768).with_variant(mysql.VARCHAR(768, collation="utf8mb4_bin"), "mysql", "mariadb")
+_path = String(768).with_variant(
+    mysql.VARCHAR(768, collation="utf8mb4_nopad_bin"), "mysql", "mariadb"
+)
 _text = Text().with_variant(mysql.MEDIUMTEXT(), "mysql", "mariadb")
 
 collection = Table(

@@ -58,7 +58,9 @@ def mariadb_url() -> Iterator[str]:
     name = f"lookalike_test_{uuid.uuid4().hex[:12]}"
     admin = sqlalchemy.create_engine(MARIADB_ADMIN_URL, isolation_level="AUTOCOMMIT")
     with admin.connect() as conn:
-        conn.exec_driver_sql(f"CREATE DATABASE `{name}` CHARACTER SET utf8mb4 COLLATE utf8mb4_bin")
+        conn.exec_driver_sql(
+            f"CREATE DATABASE `{name}` CHARACTER SET utf8mb4 COLLATE utf8mb4_nopad_bin"
+        )
     url = sqlalchemy.engine.make_url(MARIADB_ADMIN_URL).set(database=name)
     try:
         yield url.render_as_string(hide_password=False)

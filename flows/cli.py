@@ -1,0 +1,189 @@
+"""The lookalike command line: process a folder, rebuild neighbours, serve the API."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any, TextIO
+
+log = logging.getLogger("lookalike")
+
+RANDOM_WEIGHTS_NOTE = (
+    "note: weights 'none' are a seeded random initialisation, not ImageNet: "
+    "similarities are not meaningful (for tests and demos without the weights)"
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser with its three commands."""
+    parser = argparse.ArgumentParser(prog="lookalike", description=__doc__)
+    parser.add_argument("--verbose", "-v", action="store_true", help="show Prefect's run logs")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    process = commands.add_parser(
+        "process", help="extract features of a folder and find neighbours"
+    )
+    process.add_argument("root", metavar="ROOT", help="folder of images (searched recursively)")
+    _add_db_options(process)
+    process.add_argument(
+        "--weights", help="imagenet (default), none (seeded random init) or a .h5 file"
+    )
+    process.add_argument("--k", type=int, help="neighbours per image (default 100)")
+    process.add_argument("--batch-size", type=int, help="images per model call (default 64)")
+    process.add_argument(
+        "--recompute",
+        action="store_true",
+        help="allow other weights than the database's: re-extract everything",
+    )
+    process.add_argument("--json", action="store_true", help="print the summary as one JSON line")
+
+    neighbours = commands.add_parser("neighbours", help="recompute neighbours from stored features")
+    _add_db_options(neighbours)
+    neighbours.add_argument("--k", type=int, help="neighbours per image (default 100)")
+    neighbours.add_argument(
+        "--json", action="store_true", help="print the summary as one JSON line"
+    )
+
+    serve = commands.add_parser("serve", help="start the web service and page")
+    _add_db_options(serve)
+    serve.add_argument("--host", help="address to listen on (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="port to listen on (default 5000)")
+    return parser
+
+
+def _add_db_options(parser: argparse.ArgumentParser) -> None:
+    """Options every command shares."""
+    parser.add_argument(
+        "--db",
+        dest="database_url",
+        metavar="URL",
+        help="SQLAlchemy URL (default: SQLite in the data folder; env LOOKALIKE_DATABASE_URL)",
+    )
+    parser.add_argument(
+        "--data-dir", help="folder for the SQLite file and staging (env LOOKALIKE_DATA_DIR)"
+    )
+
+
+class ProgressBar:
+    """A one-line progress bar on a terminal; silent when output is not a terminal."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self.stream = stream
+        self.enabled = stream.isatty()
+        self.done = 0
+        self.started = time.perf_counter()
+
+    def __call__(self, stage: str, advance: int, total: int) -> None:
+        self.done += advance
+        if not self.enabled or total <= 0:
+            return
+        rate = self.done / max(time.perf_counter() - self.started, 1e-9)
+        filled = int(30 * self.done / total)
+        bar = "#" * filled + "." * (30 - filled)
+        end = "\n" if self.done >= total else ""
+        self.stream.write(f"\r{stage} [{bar}] {self.done}/{total} images, {rate:.1f}/s{end}")
+        self.stream.flush()
+
+
+def quiet_prefect_console(verbose: bool) -> None:
+    """Keep Prefect's INFO logs for the UI and API, off the terminal, unless --verbose."""
+    os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "tasks,flows")
+    if not verbose:
+        os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "WARNING")
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+def run_process(args: argparse.Namespace) -> dict[str, Any]:
+    """Run the process-images flow with the command's options."""
+    from flows.process import check_inputs, process_images, resolve_settings
+    from tasks.progress import set_progress_hook
+
+    settings = resolve_settings(
+        batch_size=args.batch_size, k=args.k, weights=args.weights, database_url=args.database_url
+    )
+    check_inputs(args.root, settings)  # one clear line before Prefect starts
+    if not args.json:
+        set_progress_hook(ProgressBar(sys.stderr))
+    return process_images(
+        root=args.root,
+        batch_size=args.batch_size,
+        k=args.k,
+        weights=args.weights,
+        database_url=args.database_url,
+        recompute=args.recompute,
+    )
+
+
+def print_process_summary(summary: dict[str, Any]) -> None:
+    """The human-readable end of a process run."""
+    print(f"processed {summary['root']} into {summary['database']}")
+    print(f"  weights: {summary['weights']}")
+    print(
+        "  found {found}, new {new}, changed {changed}, deleted {deleted}, "
+        "extracted {extracted}, failed {failed}, cached batches {cached_batches}".format(**summary)
+    )
+    print(f"  neighbours: {summary['neighbour_rows']} rows ({summary['neighbour_mode']})")
+    print(
+        f"  time {summary['seconds']:.1f} s, extraction {summary['images_per_second']:.1f} images/s"
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the lookalike console script; the exit status."""
+    args = build_parser().parse_args(argv)
+    quiet_prefect_console(args.verbose)
+    if args.data_dir:
+        os.environ["LOOKALIKE_DATA_DIR"] = args.data_dir
+    try:
+        return dispatch(args)
+    except KeyboardInterrupt:
+        print("lookalike: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # one line for the user, the traceback only in the debug log
+        if not is_user_error(exc):
+            raise
+        log.debug("command failed", exc_info=True)
+        print(f"lookalike: error: {exc}", file=sys.stderr)
+        return 2
+
+
+def dispatch(args: argparse.Namespace) -> int:
+    """Run the chosen command."""
+    if args.command == "serve":
+        from api.app import run_server
+        from tasks.settings import Settings
+
+        run_server(
+            Settings.from_env(database_url=args.database_url, host=args.host, port=args.port)
+        )
+        return 0
+    if args.command == "neighbours":
+        from flows.neighbours import rebuild_neighbours
+
+        summary = rebuild_neighbours(k=args.k, database_url=args.database_url)
+        print(json.dumps(summary) if args.json else f"neighbours rebuilt: {summary}")
+        return 0
+    summary = run_process(args)
+    if summary["weights"].startswith("none"):
+        print(RANDOM_WEIGHTS_NOTE, file=sys.stderr)
+    if args.json:
+        print(json.dumps(summary))
+    else:
+        print_process_summary(summary)
+    return 0
+
+
+def is_user_error(exc: BaseException) -> bool:
+    """Errors caused by input or environment, reported in one line without a traceback."""
+    from tasks.errors import USER_ERRORS
+
+    return isinstance(exc, USER_ERRORS)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,383 @@
+"""Catalog: the collection, its runs and its image rows, kept in step with the folder."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+from sqlalchemy import Connection, Engine, delete, func, insert, select, update
+
+from sql.schema import (
+    STATUS_FAILED,
+    STATUS_OK,
+    STATUS_PENDING,
+    collection,
+    image_features,
+    image_names,
+    image_neighbours,
+    runs,
+)
+from tasks.database import engine_for, retry_if_transient
+from tasks.discover import Changes, HashedFile, KnownImage, find_changes
+
+log = logging.getLogger(__name__)
+
+MODEL_NAME = "InceptionV3"
+CHUNK = 5000  # ids per IN (...) list, well under every driver's parameter limit
+
+
+class NoImagesError(RuntimeError):
+    """The folder holds no image files; nothing is changed in the database."""
+
+
+class CollectionMismatchError(RuntimeError):
+    """The database belongs to another folder or another model; one line for the user."""
+
+
+@dataclass(frozen=True)
+class PendingImage:
+    """An image waiting for extraction."""
+
+    image_id: int
+    file_name: str
+    content_hash: str
+
+
+@dataclass(frozen=True)
+class ChangeCounts:
+    """What a catalog sync found, for the run summary."""
+
+    found: int
+    new: int
+    changed: int
+    deleted: int
+    unchanged: int
+    unreadable: int
+
+
+def utcnow() -> datetime:
+    """Timezone-naive UTC, as stored in DateTime columns."""
+    return datetime.now(UTC).replace(tzinfo=None)
+
+
+def open_collection(
+    engine: Engine, root: Path, weights_id: str, *, recompute: bool = False
+) -> bool:
+    """Bind the database to root and weights; True when a forced recompute reset the features."""
+    with engine.begin() as conn:
+        row = conn.execute(select(collection).where(collection.c.id == 1)).first()
+        if row is None:
+            conn.execute(
+                insert(collection).values(
+                    id=1, root=str(root), model=MODEL_NAME, weights=weights_id, created_at=utcnow()
+                )
+            )
+            return False
+        if row.root != str(root):
+            raise CollectionMismatchError(
+                f"this database holds the collection of {row.root}, not {root}; "
+                "use another database (--db) for another folder"
+            )
+        if (row.model, row.weights) == (MODEL_NAME, weights_id):
+            return False
+        if not recompute:
+            raise CollectionMismatchError(
+                f"this database's features come from {row.model} with weights {row.weights!r}, "
+                f"this run would use {weights_id!r}; pass --recompute to re-extract everything"
+            )
+        _reset_features(conn, weights_id)
+        return True
+
+
+def _reset_features(conn: Connection, weights_id: str) -> None:
+    """Forget every feature and neighbour so the next extraction starts over."""
+    conn.execute(delete(image_neighbours))
+    conn.execute(delete(image_features))
+    conn.execute(
+        update(image_names).values(
+            status=STATUS_PENDING, error=None, width=None, height=None, indexed=False
+        )
+    )
+    conn.execute(
+        update(collection).where(collection.c.id == 1).values(model=MODEL_NAME, weights=weights_id)
+    )
+
+
+def read_collection(engine: Engine) -> dict[str, Any] | None:
+    """The collection row as a dict, or None for an empty database."""
+    with engine.connect() as conn:
+        row = conn.execute(select(collection).where(collection.c.id == 1)).first()
+    return dict(row._mapping) if row else None
+
+
+def read_known(engine: Engine) -> dict[str, KnownImage]:
+    """Every image row by file name, for comparing with the folder."""
+    query = select(
+        image_names.c.id,
+        image_names.c.file_name,
+        image_names.c.size,
+        image_names.c.mtime_ns,
+        image_names.c.content_hash,
+    )
+    with engine.connect() as conn:
+        return {
+            r.file_name: KnownImage(r.id, r.size, r.mtime_ns, r.content_hash)
+            for r in conn.execute(query)
+        }
+
+
+def apply_changes(engine: Engine, changes: Changes) -> ChangeCounts:
+    """Write the folder's changes to image_names in one transaction."""
+    with engine.begin() as conn:
+        _insert_new(conn, changes.new)
+        _mark_changed(conn, changes.changed)
+        _refresh_stat(conn, changes.touched)
+        _delete_images(conn, changes.deleted_ids)
+        _record_unreadable(conn, changes.unreadable)
+    return ChangeCounts(
+        found=changes.found,
+        new=len(changes.new),
+        changed=len(changes.changed),
+        deleted=len(changes.deleted_ids),
+        unchanged=changes.unchanged + len(changes.touched),
+        unreadable=len(changes.unreadable),
+    )
+
+
+def _insert_new(conn: Connection, files: Sequence[HashedFile]) -> None:
+    """New files start as pending rows."""
+    rows = [
+        dict(
+            file_name=f.file_name,
+            content_hash=f.content_hash,
+            size=f.size,
+            mtime_ns=f.mtime_ns,
+            status=STATUS_PENDING,
+            indexed=False,
+        )
+        for f in files
+    ]
+    for start in range(0, len(rows), CHUNK):
+        conn.execute(insert(image_names), rows[start : start + CHUNK])
+
+
+def _mark_changed(conn: Connection, changed: Sequence[tuple[int, HashedFile]]) -> None:
+    """Changed content: new hash, pending again, old features and own list gone."""
+    for image_id, f in changed:
+        conn.execute(
+            update(image_names)
+            .where(image_names.c.id == image_id)
+            .values(
+                content_hash=f.content_hash,
+                size=f.size,
+                mtime_ns=f.mtime_ns,
+                status=STATUS_PENDING,
+                error=None,
+                width=None,
+                height=None,
+                indexed=False,
+            )
+        )
+    _delete_features(conn, [image_id for image_id, _ in changed])
+
+
+def _refresh_stat(conn: Connection, touched: Sequence[tuple[int, HashedFile]]) -> None:
+    """Same bytes under a new stat: remember the stat so the file is not hashed again."""
+    for image_id, f in touched:
+        conn.execute(
+            update(image_names)
+            .where(image_names.c.id == image_id)
+            .values(size=f.size, mtime_ns=f.mtime_ns)
+        )
+
+
+def _delete_features(conn: Connection, ids: Sequence[int]) -> None:
+    """Drop the stored vectors of these images.
+
+    Their neighbour rows stay until the neighbour step swaps in a new table: the incremental
+    update needs the old lists to know which rows lost a neighbour.
+    """
+    for chunk in _chunks(ids):
+        conn.execute(delete(image_features).where(image_features.c.image_id.in_(chunk)))
+
+
+def _delete_images(conn: Connection, ids: Sequence[int]) -> None:
+    """Remove deleted files from all tables; lists that held them are refilled later."""
+    _delete_features(conn, ids)
+    for chunk in _chunks(ids):
+        conn.execute(delete(image_names).where(image_names.c.id.in_(chunk)))
+
+
+def _record_unreadable(conn: Connection, unreadable: dict[str, str]) -> None:
+    """Files that could not even be read become failed rows with the reason."""
+    for name, reason in unreadable.items():
+        existing = conn.execute(
+            select(image_names.c.id).where(image_names.c.file_name == name)
+        ).scalar()
+        # No hash, no stat: the next successful read counts as changed, so it is pending again.
+        values = dict(
+            status=STATUS_FAILED, error=reason, indexed=False, content_hash="", size=0, mtime_ns=0
+        )
+        if existing is None:
+            conn.execute(insert(image_names).values(file_name=name, **values))
+        else:
+            conn.execute(update(image_names).where(image_names.c.id == existing).values(**values))
+            _delete_features(conn, [existing])
+
+
+def _chunks(ids: Sequence[int]) -> Iterable[list[int]]:
+    """Slices of ids small enough for one IN (...) list."""
+    for start in range(0, len(ids), CHUNK):
+        yield list(ids[start : start + CHUNK])
+
+
+def list_pending(engine: Engine) -> list[PendingImage]:
+    """Images waiting for extraction, by file name (stable batches across re-runs)."""
+    query = (
+        select(image_names.c.id, image_names.c.file_name, image_names.c.content_hash)
+        .where(image_names.c.status == STATUS_PENDING)
+        .order_by(image_names.c.file_name)
+    )
+    with engine.connect() as conn:
+        return [PendingImage(r.id, r.file_name, r.content_hash) for r in conn.execute(query)]
+
+
+def count_images(engine: Engine) -> dict[str, int]:
+    """Rows per status, plus neighbour rows."""
+    with engine.connect() as conn:
+        by_status: dict[str, int] = dict(
+            conn.execute(  # type: ignore[arg-type]
+                select(image_names.c.status, func.count()).group_by(image_names.c.status)
+            ).all()
+        )
+        neighbours = conn.execute(select(func.count()).select_from(image_neighbours)).scalar()
+    return {
+        "ok": by_status.get(STATUS_OK, 0),
+        "failed": by_status.get(STATUS_FAILED, 0),
+        "pending": by_status.get(STATUS_PENDING, 0),
+        "neighbours": int(neighbours or 0),
+    }
+
+
+def list_failed(engine: Engine) -> list[tuple[str, str]]:
+    """(file name, reason) of every failed image."""
+    query = (
+        select(image_names.c.file_name, image_names.c.error)
+        .where(image_names.c.status == STATUS_FAILED)
+        .order_by(image_names.c.file_name)
+    )
+    with engine.connect() as conn:
+        return [(r.file_name, r.error or "") for r in conn.execute(query)]
+
+
+def start_run(engine: Engine, weights_id: str) -> int:
+    """Record a run as running; its id."""
+    with engine.begin() as conn:
+        result = conn.execute(
+            insert(runs).values(started_at=utcnow(), status="running", weights=weights_id)
+        )
+        return int(result.inserted_primary_key[0])  # type: ignore[index]
+
+
+def finish_run(engine: Engine, run_id: int, status: str, summary: Any) -> None:
+    """Record how a run ended, with its summary as JSON."""
+    body = json.dumps(asdict(summary) if hasattr(summary, "__dataclass_fields__") else summary)
+    with engine.begin() as conn:
+        conn.execute(
+            update(runs)
+            .where(runs.c.id == run_id)
+            .values(finished_at=utcnow(), status=status, summary=body)
+        )
+
+
+def stale_neighbour_ids(engine: Engine) -> tuple[list[int], list[int]]:
+    """(ok images whose lists are out of date, ids that left the ok set but still appear)."""
+    with engine.connect() as conn:
+        changed = (
+            conn.execute(
+                select(image_names.c.id).where(
+                    image_names.c.status == STATUS_OK, image_names.c.indexed.is_(False)
+                )
+            )
+            .scalars()
+            .all()
+        )
+        ok_ids = select(image_names.c.id).where(image_names.c.status == STATUS_OK)
+        gone_rows = (
+            conn.execute(
+                select(image_neighbours.c.image_id)
+                .where(image_neighbours.c.image_id.not_in(ok_ids))
+                .distinct()
+            )
+            .scalars()
+            .all()
+        )
+        gone_refs = (
+            conn.execute(
+                select(image_neighbours.c.neighbour_id)
+                .where(image_neighbours.c.neighbour_id.not_in(ok_ids))
+                .distinct()
+            )
+            .scalars()
+            .all()
+        )
+    return sorted(changed), sorted(set(gone_rows) | set(gone_refs))
+
+
+def mark_indexed(engine: Engine, image_ids: Sequence[int]) -> None:
+    """These images' current features are now reflected in the neighbour table."""
+    with engine.begin() as conn:
+        for chunk in _chunks(image_ids):
+            conn.execute(
+                update(image_names).where(image_names.c.id.in_(chunk)).values(indexed=True)
+            )
+
+
+@task(
+    name="open-collection",
+    retries=3,
+    retry_delay_seconds=[2, 10, 30],
+    retry_condition_fn=retry_if_transient,
+    cache_policy=NO_CACHE,
+)
+def open_collection_task(database_url: str, root: str, weights_id: str, recompute: bool) -> int:
+    """Bind the database to the folder and weights, and record a new run; the run's id."""
+    engine = engine_for(database_url)
+    open_collection(engine, Path(root), weights_id, recompute=recompute)
+    return start_run(engine, weights_id)
+
+
+@task(
+    name="sync-catalog",
+    retries=3,
+    retry_delay_seconds=[2, 10, 30],
+    retry_condition_fn=retry_if_transient,
+    cache_policy=NO_CACHE,
+)
+def sync_catalog_task(database_url: str, root: str) -> ChangeCounts:
+    """Walk the folder and write its new, changed and deleted images to the database."""
+    engine = engine_for(database_url)
+    changes = find_changes(Path(root), read_known(engine))
+    if changes.found == 0:
+        # An empty (or unmounted) folder must not wipe a collection: refuse instead.
+        raise NoImagesError(f"no image files found in {root}")
+    return apply_changes(engine, changes)
+
+
+@task(
+    name="finish-run",
+    retries=3,
+    retry_delay_seconds=[2, 10, 30],
+    retry_condition_fn=retry_if_transient,
+    cache_policy=NO_CACHE,
+)
+def finish_run_task(database_url: str, run_id: int, status: str, summary: dict[str, Any]) -> None:
+    """Record how the run ended."""
+    finish_run(engine_for(database_url), run_id, status, summary)

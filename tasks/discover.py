@@ -1,0 +1,201 @@
+"""Discovery: walk a folder safely, find images, tell new, changed and deleted ones apart."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import stat
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tasks.decode import IMAGE_SUFFIXES, sniff_image_type
+
+log = logging.getLogger(__name__)
+
+HASH_CHUNK = 1 << 20
+SNIFF_BYTES = 16
+
+
+class DiscoveryError(RuntimeError):
+    """The root folder cannot be scanned; the message is one line for the user."""
+
+
+@dataclass(frozen=True)
+class FoundFile:
+    """A regular file under the root, identified by its relative POSIX path."""
+
+    file_name: str
+    size: int
+    mtime_ns: int
+
+
+@dataclass(frozen=True)
+class KnownImage:
+    """What the database remembers of an image file."""
+
+    image_id: int
+    size: int
+    mtime_ns: int
+    content_hash: str
+
+
+@dataclass(frozen=True)
+class HashedFile:
+    """A new or changed image file with its content hash."""
+
+    file_name: str
+    size: int
+    mtime_ns: int
+    content_hash: str
+
+
+@dataclass
+class Changes:
+    """How the folder differs from the database."""
+
+    new: list[HashedFile] = field(default_factory=list)
+    changed: list[tuple[int, HashedFile]] = field(default_factory=list)
+    touched: list[tuple[int, HashedFile]] = field(default_factory=list)  # new stat, same bytes
+    deleted_ids: list[int] = field(default_factory=list)
+    unchanged: int = 0
+    unreadable: dict[str, str] = field(default_factory=dict)  # file name -> reason
+
+    @property
+    def found(self) -> int:
+        """Image files present in the folder now."""
+        return (
+            len(self.new)
+            + len(self.changed)
+            + len(self.touched)
+            + self.unchanged
+            + len(self.unreadable)
+        )
+
+
+def check_root(root: Path) -> Path:
+    """The resolved root folder, or DiscoveryError when it is missing or not a folder."""
+    if not root.exists():
+        raise DiscoveryError(f"folder not found: {root}")
+    if not root.is_dir():
+        raise DiscoveryError(f"not a folder: {root}")
+    if not os.access(root, os.R_OK | os.X_OK):
+        raise DiscoveryError(f"folder not readable: {root}")
+    return root.resolve()
+
+
+def walk_files(root: Path) -> Iterator[FoundFile]:
+    """Every regular file under root, following symlinks only while they stay inside it."""
+    root = root.resolve()
+    seen_dirs: set[tuple[int, int]] = set()
+    stack: list[tuple[Path, str]] = [(root, "")]
+    while stack:
+        directory, prefix = stack.pop()
+        info = directory.stat()
+        if (info.st_dev, info.st_ino) in seen_dirs:
+            continue  # a symlink cycle or a second link to a folder already walked
+        seen_dirs.add((info.st_dev, info.st_ino))
+        for entry in _sorted_entries(directory):
+            rel = f"{prefix}{entry.name}"
+            kind = _classify_entry(entry, root)
+            if kind == "dir":
+                stack.append((Path(entry.path), rel + "/"))
+            elif kind == "file":
+                st = entry.stat(follow_symlinks=True)
+                yield FoundFile(rel, st.st_size, st.st_mtime_ns)
+
+
+def _sorted_entries(directory: Path) -> list[os.DirEntry[str]]:
+    """The folder's entries by name; an unreadable folder is logged and skipped."""
+    try:
+        with os.scandir(directory) as it:
+            return sorted(it, key=lambda e: e.name)
+    except OSError as exc:
+        log.warning("skipping unreadable folder %s: %s", directory, exc.strerror)
+        return []
+
+
+def _classify_entry(entry: os.DirEntry[str], root: Path) -> str:
+    """'dir', 'file' or 'skip': FIFOs, sockets, devices and links leading outside are skipped."""
+    try:
+        if entry.is_symlink() and not _inside(Path(os.path.realpath(entry.path)), root):
+            log.info("skipping symlink leading outside the root: %s", entry.path)
+            return "skip"
+        st = entry.stat(follow_symlinks=True)
+    except OSError:
+        return "skip"  # dangling symlink or vanished entry
+    if stat.S_ISDIR(st.st_mode):
+        # A link to a folder inside the root: the folder is walked under its real name.
+        return "skip" if entry.is_symlink() else "dir"
+    return "file" if stat.S_ISREG(st.st_mode) else "skip"
+
+
+def _inside(path: Path, root: Path) -> bool:
+    """True when path is root or below it."""
+    return path == root or root in path.parents
+
+
+def open_regular(path: Path) -> int:
+    """A file descriptor for a regular file; never blocks on a FIFO or opens a device."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise OSError(f"not a regular file: {path}")
+    return fd
+
+
+def hash_file(path: Path) -> str:
+    """BLAKE2b-128 of the file's bytes, as 32 hex digits."""
+    digest = hashlib.blake2b(digest_size=16)
+    with os.fdopen(open_regular(path), "rb") as handle:
+        while chunk := handle.read(HASH_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def looks_like_image(path: Path) -> bool:
+    """An image suffix, or image magic bytes in a file without one."""
+    if path.suffix.lower() in IMAGE_SUFFIXES:
+        return True
+    try:
+        with os.fdopen(open_regular(path), "rb") as handle:
+            return sniff_image_type(handle.read(SNIFF_BYTES)) is not None
+    except OSError:
+        return False
+
+
+def find_changes(root: Path, known: Mapping[str, KnownImage]) -> Changes:
+    """Compare the folder with the database; only new or re-stat'ed files are read and hashed."""
+    changes = Changes()
+    present: set[str] = set()
+    for found in walk_files(root):
+        previous = known.get(found.file_name)
+        if previous and (previous.size, previous.mtime_ns) == (found.size, found.mtime_ns):
+            present.add(found.file_name)
+            changes.unchanged += 1
+            continue
+        path = root / found.file_name
+        if previous is None and not looks_like_image(path):
+            continue
+        present.add(found.file_name)
+        _add_hashed(changes, found, path, previous)
+    changes.deleted_ids = sorted(k.image_id for name, k in known.items() if name not in present)
+    return changes
+
+
+def _add_hashed(
+    changes: Changes, found: FoundFile, path: Path, previous: KnownImage | None
+) -> None:
+    """Hash a new or re-stat'ed file and file it under new, changed or unchanged."""
+    try:
+        hashed = HashedFile(found.file_name, found.size, found.mtime_ns, hash_file(path))
+    except OSError as exc:
+        changes.unreadable[found.file_name] = f"unreadable: {exc.strerror or exc}"
+        return
+    if previous is None:
+        changes.new.append(hashed)
+    elif previous.content_hash != hashed.content_hash:
+        changes.changed.append((previous.image_id, hashed))
+    else:
+        changes.touched.append((previous.image_id, hashed))
