@@ -94,7 +94,8 @@ def quiet_prefect_console(verbose: bool) -> None:
     """Keep Prefect's INFO logs for the UI and API, off the terminal, unless --verbose."""
     os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "tasks,flows")
     if not verbose:
-        os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "WARNING")
+        # Failures reach the user as one line from main(); the UI keeps the full log.
+        os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "CRITICAL")
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 
@@ -106,7 +107,7 @@ def run_process(args: argparse.Namespace) -> dict[str, Any]:
     settings = resolve_settings(
         batch_size=args.batch_size, k=args.k, weights=args.weights, database_url=args.database_url
     )
-    check_inputs(args.root, settings)  # one clear line before Prefect starts
+    check_inputs(args.root, settings, args.recompute)  # one clear line before Prefect starts
     if not args.json:
         set_progress_hook(ProgressBar(sys.stderr))
     return process_images(

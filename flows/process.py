@@ -10,9 +10,15 @@ from typing import Any
 from prefect import flow, get_run_logger
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from tasks.catalog import finish_run_task, open_collection_task, sync_catalog_task
+from tasks.catalog import (
+    NoImagesError,
+    check_collection,
+    finish_run_task,
+    open_collection_task,
+    sync_catalog_task,
+)
 from tasks.database import connect_checked, parse_database_url
-from tasks.discover import check_root
+from tasks.discover import any_image, check_root
 from tasks.extract import (
     Batch,
     extract_shard_task,
@@ -54,11 +60,18 @@ def resolve_settings(**overrides: Any) -> Settings:
     return Settings.from_env().with_overrides(**overrides)
 
 
-def check_inputs(root: str, settings: Settings) -> tuple[str, str]:
+def check_inputs(root: str, settings: Settings, recompute: bool = False) -> tuple[str, str]:
     """Fail fast, in one line, on a bad folder, database or weights: (folder, weights id)."""
-    folder = str(check_root(Path(root)))
-    connect_checked(settings.resolved_database_url).dispose()
-    return folder, weights_identity(settings.weights)
+    folder = check_root(Path(root))
+    if not any_image(folder):
+        raise NoImagesError(f"no image files found in {folder}")
+    weights_id = weights_identity(settings.weights)
+    engine = connect_checked(settings.resolved_database_url)
+    try:
+        check_collection(engine, folder, weights_id, recompute=recompute)
+    finally:
+        engine.dispose()
+    return str(folder), weights_id
 
 
 def extract_in_shards(
@@ -102,7 +115,7 @@ def process_images(
     settings = resolve_settings(
         batch_size=batch_size, k=k, weights=weights, database_url=database_url
     )
-    folder, weights_id = check_inputs(root, settings)
+    folder, weights_id = check_inputs(root, settings, recompute)
     db = settings.resolved_database_url
     staging = str(settings.resolved_staging_dir.resolve())
     logger.info("processing %s with weights %s", folder, weights_id)

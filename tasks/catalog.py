@@ -12,7 +12,7 @@ from typing import Any
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE
-from sqlalchemy import Connection, Engine, delete, func, insert, select, update
+from sqlalchemy import Connection, Engine, Row, delete, func, insert, select, update
 
 from sql.schema import (
     STATUS_FAILED,
@@ -67,12 +67,33 @@ def utcnow() -> datetime:
     return datetime.now(UTC).replace(tzinfo=None)
 
 
+def check_collection(
+    engine: Engine, root: Path, weights_id: str, *, recompute: bool = False
+) -> Row[Any] | None:
+    """The collection row, after refusing another folder or, unless recompute, other weights."""
+    with engine.connect() as conn:
+        row = conn.execute(select(collection).where(collection.c.id == 1)).first()
+    if row is None:
+        return None
+    if row.root != str(root):
+        raise CollectionMismatchError(
+            f"this database holds the collection of {row.root}, not {root}; "
+            "use another database (--db) for another folder"
+        )
+    if (row.model, row.weights) != (MODEL_NAME, weights_id) and not recompute:
+        raise CollectionMismatchError(
+            f"this database's features come from {row.model} with weights {row.weights!r}, "
+            f"this run would use {weights_id!r}; pass --recompute to re-extract everything"
+        )
+    return row
+
+
 def open_collection(
     engine: Engine, root: Path, weights_id: str, *, recompute: bool = False
 ) -> bool:
     """Bind the database to root and weights; True when a forced recompute reset the features."""
+    row = check_collection(engine, root, weights_id, recompute=recompute)
     with engine.begin() as conn:
-        row = conn.execute(select(collection).where(collection.c.id == 1)).first()
         if row is None:
             conn.execute(
                 insert(collection).values(
@@ -80,18 +101,8 @@ def open_collection(
                 )
             )
             return False
-        if row.root != str(root):
-            raise CollectionMismatchError(
-                f"this database holds the collection of {row.root}, not {root}; "
-                "use another database (--db) for another folder"
-            )
         if (row.model, row.weights) == (MODEL_NAME, weights_id):
             return False
-        if not recompute:
-            raise CollectionMismatchError(
-                f"this database's features come from {row.model} with weights {row.weights!r}, "
-                f"this run would use {weights_id!r}; pass --recompute to re-extract everything"
-            )
         _reset_features(conn, weights_id)
         return True
 

@@ -165,6 +165,11 @@ def looks_like_image(path: Path) -> bool:
         return False
 
 
+def any_image(root: Path) -> bool:
+    """True as soon as one image file is found under root (stops at the first)."""
+    return any(looks_like_image(root / found.file_name) for found in walk_files(root))
+
+
 def find_changes(root: Path, known: Mapping[str, KnownImage]) -> Changes:
     """Compare the folder with the database; only new or re-stat'ed files are read and hashed."""
     changes = Changes()
