@@ -1,0 +1,30 @@
+# syntax=docker/dockerfile:1
+# The lookalike image, used by the compose stack's worker and api services.
+FROM python:3.11-slim
+
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    TF_CPP_MIN_LOG_LEVEL=2
+
+# An unprivileged account; the folders that become volumes are created here so that
+# fresh named volumes inherit its ownership.
+RUN useradd --create-home --uid 10001 lookalike \
+    && mkdir -p /data /home/lookalike/.keras \
+    && chown lookalike:lookalike /data /home/lookalike/.keras
+
+WORKDIR /app
+
+# The code stays in /app as well: prefect.yaml's entrypoints are paths relative to it.
+COPY pyproject.toml README.md prefect.yaml ./
+COPY sql/ sql/
+COPY tasks/ tasks/
+COPY flows/ flows/
+COPY api/ api/
+
+# The pip cache survives between builds, so a code change does not download TensorFlow again.
+RUN --mount=type=cache,target=/root/.cache/pip pip install ".[dask]"
+
+USER lookalike
+EXPOSE 5000
+CMD ["lookalike", "serve", "--host", "0.0.0.0", "--port", "5000"]
