@@ -1,0 +1,25 @@
+"""/health: 200 when the database answers, 503 when it does not."""
+
+from __future__ import annotations
+
+import logging
+
+from litestar import Response, get
+from sqlalchemy.exc import SQLAlchemyError
+
+from api.repository import ImageRepository
+from api.schemas import Health
+
+log = logging.getLogger(__name__)
+
+
+@get("/health", sync_to_thread=True, tags=["service"])
+def health(repository: ImageRepository) -> Response[Health]:
+    """Whether the service can read its database."""
+    try:
+        repository.ping()
+    except SQLAlchemyError as exc:
+        log.warning("health check failed: %s", exc)
+        unavailable = Health(status="unavailable", detail="database unavailable")
+        return Response(unavailable, status_code=503)
+    return Response(Health(status="ok"), status_code=200)

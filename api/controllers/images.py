@@ -1,0 +1,135 @@
+"""/api/images: the list, one image, its neighbours, features, file, thumbnail and fingerprint."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+from litestar import Controller, Response, get
+from litestar.params import Parameter
+from litestar.response import File
+
+from api.controllers.params import ImageId
+from api.errors import BadRequestError, ServiceUnavailableError
+from api.fingerprint import render_png, render_svg
+from api.media import (
+    THUMBNAIL_SIZES,
+    ensure_thumbnail,
+    read_media_type,
+    resolve_image_path,
+    thumbnail_path,
+)
+from api.repository import ImageRepository
+from api.schemas import Features, ImageDetail, ImagePage, Neighbour
+from tasks.settings import Settings
+
+MAX_PAGE = 500
+MAX_OFFSET = 2**31 - 1
+FILE_CACHE = "private, max-age=300"
+SVG_MEDIA_TYPE = "image/svg+xml"
+
+
+class ImageController(Controller):
+    """Everything about images, addressed by id only (never by a filesystem path)."""
+
+    path = "/api/images"
+    tags = ["images"]
+
+    @get("/", sync_to_thread=True)
+    def list_images(
+        self,
+        repository: ImageRepository,
+        offset: Annotated[int, Parameter(ge=0, le=MAX_OFFSET)] = 0,
+        limit: Annotated[int, Parameter(ge=1, le=MAX_PAGE)] = 50,
+        q: Annotated[str | None, Parameter(max_length=768, description="Path substring")] = None,
+    ) -> ImagePage:
+        """Images in id order; ``q`` keeps those whose path contains it (case-insensitive)."""
+        return repository.list_images(offset, limit, q)
+
+    @get("/{image_id:int}", sync_to_thread=True)
+    def get_image(self, repository: ImageRepository, image_id: ImageId) -> ImageDetail:
+        """One image with its metadata."""
+        return repository.get_image(image_id)
+
+    @get("/{image_id:int}/neighbours", sync_to_thread=True)
+    def get_neighbours(
+        self,
+        repository: ImageRepository,
+        image_id: ImageId,
+        k: Annotated[int | None, Parameter(description="1..stored k; default up to 20")] = None,
+    ) -> list[Neighbour]:
+        """The most similar images, closest first."""
+        if k is not None and k < 1:
+            raise BadRequestError(f"k must be at least 1, got {k}")
+        return repository.get_neighbours(image_id, k)
+
+    @get("/{image_id:int}/features", sync_to_thread=True)
+    def get_features(self, repository: ImageRepository, image_id: ImageId) -> Features:
+        """The 2048 float32 features of the image."""
+        model, vector = repository.get_features(image_id)
+        return Features(id=image_id, model=model, features=vector.tolist())
+
+    @get("/{image_id:int}/file", sync_to_thread=True)
+    def get_file(self, repository: ImageRepository, image_id: ImageId) -> File:
+        """The original file, inline, with the media type its content shows."""
+        path = image_path(repository, image_id)
+        return File(
+            path,
+            content_disposition_type="inline",
+            filename=path.name,
+            media_type=read_media_type(path),
+            headers={"Cache-Control": FILE_CACHE},
+        )
+
+    @get("/{image_id:int}/thumbnail", sync_to_thread=True)
+    def get_thumbnail(
+        self,
+        repository: ImageRepository,
+        settings: Settings,
+        image_id: ImageId,
+        size: Annotated[int, Parameter(description=f"One of {THUMBNAIL_SIZES}")] = 256,
+    ) -> File:
+        """A JPEG no larger than size x size, cached on disk by id, content hash and size."""
+        if size not in THUMBNAIL_SIZES:
+            raise BadRequestError(f"size must be one of {', '.join(map(str, THUMBNAIL_SIZES))}")
+        stored = repository.get_image_file(image_id)
+        source = image_path(repository, image_id, stored.file_name)
+        cached = thumbnail_path(
+            settings.resolved_thumbnail_dir, image_id, stored.content_hash, size
+        )
+        ensure_thumbnail(source, cached, size, settings.max_image_pixels)
+        return File(
+            cached,
+            content_disposition_type="inline",
+            media_type="image/jpeg",
+            headers={"Cache-Control": FILE_CACHE},
+        )
+
+    @get("/{image_id:int}/fingerprint.svg", sync_to_thread=True)
+    def get_fingerprint_svg(self, repository: ImageRepository, image_id: ImageId) -> Response[str]:
+        """The features as a 46x46 plasma heatmap, SVG."""
+        return fingerprint_svg_response(repository, image_id)
+
+    @get("/{image_id:int}/fingerprint.png", sync_to_thread=True)
+    def get_fingerprint_png(
+        self, repository: ImageRepository, image_id: ImageId
+    ) -> Response[bytes]:
+        """The features as a 46x46 plasma heatmap, PNG."""
+        _, vector = repository.get_features(image_id)
+        return Response(render_png(vector), media_type="image/png")
+
+
+def fingerprint_svg_response(repository: ImageRepository, image_id: int) -> Response[str]:
+    """The SVG fingerprint answer (also served by the old /data route)."""
+    _, vector = repository.get_features(image_id)
+    return Response(render_svg(vector), media_type=SVG_MEDIA_TYPE)
+
+
+def image_path(repository: ImageRepository, image_id: int, file_name: str | None = None) -> Path:
+    """The checked real path of an image's file under the collection root."""
+    info = repository.get_collection()
+    if info is None:
+        raise ServiceUnavailableError("no collection has been indexed yet")
+    if file_name is None:
+        file_name = repository.get_image_file(image_id).file_name
+    return resolve_image_path(Path(info.root), file_name)

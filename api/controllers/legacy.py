@@ -1,0 +1,41 @@
+"""/data: the old routes, answering in the same shapes as before."""
+
+from __future__ import annotations
+
+from litestar import Controller, Response, get
+
+from api.controllers.images import fingerprint_svg_response
+from api.controllers.params import ImageId
+from api.repository import ImageRepository
+from api.schemas import LegacyNeighbour
+
+
+class LegacyController(Controller):
+    """Kept so that old clients keep working; new clients use /api."""
+
+    path = "/data"
+    tags = ["legacy"]
+
+    @get("/image_count", sync_to_thread=True)
+    def image_count(self, repository: ImageRepository) -> int:
+        """How many images there are, as a bare JSON integer."""
+        return repository.count_images()
+
+    @get("/image_name/{image_id:int}", sync_to_thread=True)
+    def image_name(self, repository: ImageRepository, image_id: ImageId) -> list[str]:
+        """``["file name"]``."""
+        return [repository.get_image_file(image_id).file_name]
+
+    @get("/image_name_and_neighbours/{image_id:int}", sync_to_thread=True)
+    def image_name_and_neighbours(
+        self, repository: ImageRepository, image_id: ImageId
+    ) -> tuple[str, list[LegacyNeighbour]]:
+        """``["file name", [{"id": n, "distance": d}, ...]]`` with every stored neighbour."""
+        file_name = repository.get_image_file(image_id).file_name
+        stored = repository.get_all_neighbours(image_id)
+        return file_name, [LegacyNeighbour(id=n.id, distance=n.distance) for n in stored]
+
+    @get("/image_fingerprint/{image_id:int}", sync_to_thread=True)
+    def image_fingerprint(self, repository: ImageRepository, image_id: ImageId) -> Response[str]:
+        """The SVG fingerprint."""
+        return fingerprint_svg_response(repository, image_id)

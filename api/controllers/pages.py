@@ -1,0 +1,27 @@
+"""The web page at / (plain HTML, JavaScript and CSS from api/static, no build step)."""
+
+from __future__ import annotations
+
+from functools import cache
+from pathlib import Path
+
+from litestar import Response, get
+from litestar.enums import MediaType
+from litestar.static_files import create_static_files_router
+
+STATIC_DIR = Path(__file__).resolve().parent.parent / "static"
+
+
+@get("/", include_in_schema=False, sync_to_thread=False)
+def index_page() -> Response[bytes]:
+    """The single page; it reads everything else from /api."""
+    return Response(read_index_html(), media_type=MediaType.HTML)
+
+
+@cache
+def read_index_html() -> bytes:
+    """The page, read once per process."""
+    return (STATIC_DIR / "index.html").read_bytes()
+
+
+static_files = create_static_files_router(path="/static", directories=[STATIC_DIR])

@@ -1,0 +1,50 @@
+"""/api/search: upload a photo, get the most similar images of the collection."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Annotated
+
+from litestar import post
+from litestar.concurrency import sync_to_thread
+from litestar.datastructures import UploadFile
+from litestar.enums import RequestEncodingType
+from litestar.params import Body, Parameter
+
+from api.errors import UploadTooLargeError
+from api.schemas import Neighbour
+from api.search_index import SimilaritySearch
+from tasks.settings import Settings
+
+MAX_SEARCH_K = 100
+
+
+@dataclass
+class SearchUpload:
+    """The multipart form: one image in the field ``file``."""
+
+    file: UploadFile
+
+
+@post("/api/search", status_code=200, tags=["search"])
+async def search_by_upload(
+    data: Annotated[SearchUpload, Body(media_type=RequestEncodingType.MULTI_PART)],
+    search: SimilaritySearch,
+    settings: Settings,
+    k: Annotated[int, Parameter(ge=1, le=MAX_SEARCH_K)] = 20,
+) -> list[Neighbour]:
+    """The k stored images nearest to the uploaded one, closest first."""
+    content = await read_upload(data.file, settings.upload_limit_mb * 1024 * 1024)
+    # Decoding, the forward pass and the matrix product are CPU work: keep them off the loop.
+    return await sync_to_thread(search.search, content, k)
+
+
+async def read_upload(upload: UploadFile, limit_bytes: int) -> bytes:
+    """The uploaded bytes, refused with 413 beyond the limit."""
+    try:
+        content = await upload.read(limit_bytes + 1)
+    finally:
+        await upload.close()
+    if len(content) > limit_bytes:
+        raise UploadTooLargeError(f"the upload is larger than {limit_bytes // (1024 * 1024)} MB")
+    return content

@@ -1,0 +1,106 @@
+"""Image files on disk: safe resolution under the collection root, media types, thumbnails."""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import tempfile
+from pathlib import Path
+
+from PIL import Image, ImageOps
+
+from api.errors import ImageNotFoundError, PathOutsideRootError, UnreadableImageError
+
+log = logging.getLogger(__name__)
+
+THUMBNAIL_SIZES = (64, 128, 256, 512, 1024)
+SNIFF_BYTES = 16
+
+# Magic numbers of the formats a browser shows; anything else is served as octet-stream so a
+# stored file can never be interpreted as HTML or SVG by the browser.
+_SIGNATURES: tuple[tuple[bytes, str], ...] = (
+    (b"\xff\xd8\xff", "image/jpeg"),
+    (b"\x89PNG\r\n\x1a\n", "image/png"),
+    (b"GIF87a", "image/gif"),
+    (b"GIF89a", "image/gif"),
+    (b"BM", "image/bmp"),
+    (b"II*\x00", "image/tiff"),
+    (b"MM\x00*", "image/tiff"),
+)
+
+
+def sniff_media_type(head: bytes) -> str:
+    """The media type told by the first bytes of a file; application/octet-stream if unknown."""
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        return "image/webp"
+    for signature, media_type in _SIGNATURES:
+        if head.startswith(signature):
+            return media_type
+    return "application/octet-stream"
+
+
+def resolve_image_path(root: Path, file_name: str) -> Path:
+    """The real path of a stored file name, refused if it leaves the root or is not a file."""
+    real_root = root.resolve()
+    if "\x00" in file_name:
+        raise ImageNotFoundError("the stored path of this image is not a valid file name")
+    if Path(file_name).is_absolute():
+        raise PathOutsideRootError("the stored path of this image is outside the collection")
+    candidate = (real_root / file_name).resolve()  # follows symlinks and "..", then we check
+    if not candidate.is_relative_to(real_root):
+        raise PathOutsideRootError("the stored path of this image is outside the collection")
+    if not candidate.is_file():
+        raise ImageNotFoundError("the image file is missing from the collection folder")
+    return candidate
+
+
+def read_media_type(path: Path) -> str:
+    """Sniff the media type of a file from its content."""
+    with path.open("rb") as handle:
+        return sniff_media_type(handle.read(SNIFF_BYTES))
+
+
+def thumbnail_path(cache_dir: Path, image_id: int, content_hash: str, size: int) -> Path:
+    """The cache file of one thumbnail; a changed image has a new hash, hence a new file."""
+    safe_hash = re.sub(r"[^0-9A-Za-z]", "", content_hash)[:64] or "nohash"
+    return cache_dir / f"{image_id}-{safe_hash}-{size}.jpg"
+
+
+def ensure_thumbnail(source: Path, destination: Path, size: int, max_pixels: int) -> Path:
+    """Write the JPEG thumbnail of source to destination unless it is already there."""
+    if destination.is_file():
+        return destination
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    image = open_image_for_thumbnail(source, size, max_pixels)
+    # Write beside the target and rename: concurrent requests never see a half-written file.
+    handle, temporary = tempfile.mkstemp(dir=destination.parent, suffix=".part")
+    try:
+        with os.fdopen(handle, "wb") as out:
+            image.save(out, format="JPEG", quality=85, optimize=True)
+        os.replace(temporary, destination)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+    return destination
+
+
+def open_image_for_thumbnail(source: Path, size: int, max_pixels: int) -> Image.Image:
+    """Decode source shrunk to fit size x size, upright, in RGB; UnreadableImageError if not."""
+    try:
+        with Image.open(source) as image:
+            width, height = image.size
+            if width * height > max_pixels:
+                raise UnreadableImageError(
+                    f"image has {width * height} pixels, more than the limit of {max_pixels}"
+                )
+            image.draft("RGB", (size, size))  # JPEG: decode at a reduced scale, much faster
+            upright = ImageOps.exif_transpose(image) or image
+            thumbnail = upright.convert("RGB")
+            thumbnail.thumbnail((size, size), Image.Resampling.LANCZOS)
+            return thumbnail
+    except UnreadableImageError:
+        raise
+    except Exception as exc:  # Pillow raises many types for broken files; all mean "unreadable"
+        log.info("cannot make a thumbnail of %s: %s", source, exc)
+        raise UnreadableImageError(f"cannot decode the image file: {exc}") from None

@@ -1,0 +1,333 @@
+"""The API's reads: SQLAlchemy Core SELECTs over the tables of sql/schema.py (SELECT only)."""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass
+from datetime import datetime
+
+import numpy as np
+from sqlalchemy import Connection, Engine, bindparam, func, select
+
+from api.errors import BadRequestError, CorruptFeaturesError, ImageNotFoundError
+from api.schemas import ImageDetail, ImagePage, ImageSummary, Neighbour, Stats
+from sql.schema import (
+    FEATURE_DIM,
+    STATUS_FAILED,
+    STATUS_OK,
+    STATUS_PENDING,
+    collection,
+    image_features,
+    image_names,
+    image_neighbours,
+    runs,
+)
+
+FEATURE_BYTES = FEATURE_DIM * 4
+DEFAULT_NEIGHBOURS = 20
+MATRIX_FETCH_ROWS = 2000
+MAX_RANK = 32767  # rank is a SMALLINT
+STATS_TTL_S = 30.0
+
+
+@dataclass(frozen=True)
+class CollectionInfo:
+    """The collection row: where the images live and which model described them."""
+
+    root: str
+    model: str
+    weights: str
+
+
+@dataclass(frozen=True)
+class ImageFile:
+    """What is needed to serve an image's file: its relative name and content hash."""
+
+    file_name: str
+    content_hash: str
+
+
+@dataclass(frozen=True)
+class FeatureMatrix:
+    """Every stored feature vector of one model, row i belonging to image ids[i]."""
+
+    ids: np.ndarray  # int64 (n,)
+    vectors: np.ndarray  # float32 (n, 2048)
+
+
+class ImageRepository:
+    """Reads images, neighbours, features and statistics; one short connection per call."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    def ping(self) -> None:
+        """Read the collection table; SQLAlchemyError when the database or tables don't answer."""
+        with self.engine.connect() as conn:
+            conn.execute(select(collection.c.id).limit(1)).all()
+
+    def count_images(self) -> int:
+        """How many images the collection knows, whatever their status."""
+        with self.engine.connect() as conn:
+            return int(conn.execute(select(func.count()).select_from(image_names)).scalar_one())
+
+    def list_images(self, offset: int, limit: int, query: str | None) -> ImagePage:
+        """A page of images in id order, optionally those whose path contains ``query``."""
+        condition = None
+        if query:
+            # Case-insensitive substring; autoescape makes % and _ in the query literal.
+            condition = func.lower(image_names.c.file_name).contains(query.lower(), autoescape=True)
+        count = select(func.count()).select_from(image_names)
+        rows = select(
+            image_names.c.id,
+            image_names.c.file_name,
+            image_names.c.width,
+            image_names.c.height,
+            image_names.c.status,
+        )
+        if condition is not None:
+            count = count.where(condition)
+            rows = rows.where(condition)
+        rows = rows.order_by(image_names.c.id).offset(offset).limit(limit)
+        with self.engine.connect() as conn:
+            total = int(conn.execute(count).scalar_one())
+            items = [ImageSummary(*row) for row in conn.execute(rows)]
+        return ImagePage(total=total, offset=offset, limit=limit, items=items)
+
+    def get_image(self, image_id: int) -> ImageDetail:
+        """One image with its metadata; ImageNotFoundError when the id is unknown."""
+        names = image_names.c
+        with self.engine.connect() as conn:
+            row = conn.execute(
+                select(
+                    names.id,
+                    names.file_name,
+                    names.content_hash,
+                    names.size,
+                    names.mtime_ns,
+                    names.width,
+                    names.height,
+                    names.status,
+                    names.error,
+                ).where(names.id == image_id)
+            ).first()
+            if row is None:
+                raise ImageNotFoundError(f"no image with id {image_id}")
+            neighbour_count = conn.execute(
+                select(func.count())
+                .select_from(image_neighbours)
+                .where(image_neighbours.c.image_id == image_id)
+            ).scalar_one()
+            previous_id = conn.execute(select(func.max(names.id)).where(names.id < image_id))
+            next_id = conn.execute(select(func.min(names.id)).where(names.id > image_id))
+            return ImageDetail(
+                *row,
+                neighbour_count=int(neighbour_count),
+                previous_id=previous_id.scalar_one(),
+                next_id=next_id.scalar_one(),
+            )
+
+    def get_image_file(self, image_id: int) -> ImageFile:
+        """The stored relative file name and content hash of an image."""
+        with self.engine.connect() as conn:
+            row = conn.execute(
+                select(image_names.c.file_name, image_names.c.content_hash).where(
+                    image_names.c.id == image_id
+                )
+            ).first()
+        if row is None:
+            raise ImageNotFoundError(f"no image with id {image_id}")
+        return ImageFile(file_name=row.file_name, content_hash=row.content_hash)
+
+    def get_neighbours(self, image_id: int, k: int | None) -> list[Neighbour]:
+        """The k nearest stored neighbours (default: up to 20).
+
+        An explicit k larger than what is stored for the image is a BadRequestError, so a client
+        never silently gets fewer than it asked for. The happy path is one indexed query.
+        """
+        wanted = DEFAULT_NEIGHBOURS if k is None else k
+        with self.engine.connect() as conn:
+            neighbours = _select_neighbours(conn, image_id, wanted)
+            if len(neighbours) == wanted or (k is None and neighbours):
+                return neighbours
+            if not neighbours and not _image_exists(conn, image_id):
+                raise ImageNotFoundError(f"no image with id {image_id}")
+        if k is None:
+            return neighbours
+        if not neighbours:
+            raise BadRequestError(f"image {image_id} has no neighbours stored (not indexed yet)")
+        raise BadRequestError(f"k must be between 1 and {len(neighbours)} for image {image_id}")
+
+    def get_all_neighbours(self, image_id: int) -> list[Neighbour]:
+        """Every stored neighbour of an image, closest first (empty if not indexed yet)."""
+        with self.engine.connect() as conn:
+            return _select_neighbours(conn, image_id, MAX_RANK)
+
+    def get_features(self, image_id: int) -> tuple[str, np.ndarray]:
+        """The model name and 2048 float32 features of an image."""
+        with self.engine.connect() as conn:
+            row = conn.execute(
+                select(image_features.c.model, image_features.c.features).where(
+                    image_features.c.image_id == image_id
+                )
+            ).first()
+            if row is None:
+                if _image_exists(conn, image_id):
+                    raise ImageNotFoundError(f"image {image_id} has no features (not indexed yet)")
+                raise ImageNotFoundError(f"no image with id {image_id}")
+        return row.model, decode_features(image_id, row.features)
+
+    def get_collection(self) -> CollectionInfo | None:
+        """The collection row, or None before the first indexing run."""
+        with self.engine.connect() as conn:
+            row = conn.execute(
+                select(collection.c.root, collection.c.model, collection.c.weights).where(
+                    collection.c.id == 1
+                )
+            ).first()
+        return None if row is None else CollectionInfo(row.root, row.model, row.weights)
+
+    def latest_completed_run(self) -> datetime | None:
+        """When the last completed run finished (cheap: the runs table is tiny)."""
+        with self.engine.connect() as conn:
+            return conn.execute(
+                select(func.max(runs.c.finished_at)).where(runs.c.status == "completed")
+            ).scalar_one()
+
+    def get_stats(self) -> Stats:
+        """Counts by status, neighbour rows, model, weights and the last completed run."""
+        with self.engine.connect() as conn:
+            by_status: dict[str, int] = dict(
+                conn.execute(
+                    select(image_names.c.status, func.count()).group_by(image_names.c.status)
+                ).all()
+            )
+            neighbours = conn.execute(select(func.count()).select_from(image_neighbours))
+            neighbour_total = int(neighbours.scalar_one())
+            per_image = _neighbours_per_image(conn)
+            info = conn.execute(
+                select(collection.c.model, collection.c.weights).where(collection.c.id == 1)
+            ).first()
+        finished = self.latest_completed_run()
+        return Stats(
+            images=int(sum(by_status.values())),
+            ok=int(by_status.get(STATUS_OK, 0)),
+            failed=int(by_status.get(STATUS_FAILED, 0)),
+            pending=int(by_status.get(STATUS_PENDING, 0)),
+            neighbours=neighbour_total,
+            neighbours_per_image=per_image,
+            model=None if info is None else info.model,
+            weights=None if info is None else info.weights,
+            last_completed_run=None if finished is None else finished.isoformat(),
+        )
+
+    def file_names(self, image_ids: list[int]) -> dict[int, str]:
+        """The file names of the given ids (those that exist)."""
+        if not image_ids:
+            return {}
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                select(image_names.c.id, image_names.c.file_name).where(
+                    image_names.c.id.in_(image_ids)
+                )
+            )
+            return {int(row.id): row.file_name for row in rows}
+
+    def load_feature_matrix(self, model: str) -> FeatureMatrix:
+        """Every ok image's features for ``model``, streamed into one preallocated array."""
+        joined = image_features.join(image_names, image_names.c.id == image_features.c.image_id)
+        condition = (image_features.c.model == model) & (image_names.c.status == STATUS_OK)
+        with self.engine.connect() as conn:
+            count = conn.execute(select(func.count()).select_from(joined).where(condition))
+            capacity = int(count.scalar_one())
+            ids = np.empty(capacity, dtype=np.int64)
+            vectors = np.empty((capacity, FEATURE_DIM), dtype=np.float32)
+            rows = conn.execution_options(stream_results=True, yield_per=MATRIX_FETCH_ROWS).execute(
+                select(image_features.c.image_id, image_features.c.features)
+                .select_from(joined)
+                .where(condition)
+                .order_by(image_features.c.image_id)
+            )
+            filled = 0
+            for image_id, blob in rows:
+                if filled == capacity:  # rows were added since the count: take them next refresh
+                    break
+                ids[filled] = image_id
+                vectors[filled] = decode_features(image_id, blob)
+                filled += 1
+        return FeatureMatrix(ids=ids[:filled], vectors=vectors[:filled])
+
+
+class StatsCache:
+    """The statistics, recomputed at most every ttl_s seconds.
+
+    Counting neighbour rows scans millions of them (100 per image) and the page asks on every
+    load; one request computes while the others wait for its answer instead of adding scans.
+    """
+
+    def __init__(self, repository: ImageRepository, ttl_s: float = STATS_TTL_S) -> None:
+        self.repository = repository
+        self.ttl_s = ttl_s
+        self._lock = threading.Lock()
+        self._stats: Stats | None = None
+        self._computed_at = 0.0
+
+    def get(self) -> Stats:
+        """Statistics at most ttl_s seconds old."""
+        with self._lock:
+            now = time.monotonic()
+            if self._stats is None or now - self._computed_at >= self.ttl_s:
+                self._stats = self.repository.get_stats()
+                self._computed_at = now
+            return self._stats
+
+
+def decode_features(image_id: int, blob: bytes) -> np.ndarray:
+    """2048 little-endian float32 values from a BLOB, refusing one of any other length."""
+    if len(blob) != FEATURE_BYTES:
+        raise CorruptFeaturesError(
+            f"stored features of image {image_id} have {len(blob)} bytes, expected {FEATURE_BYTES}"
+        )
+    return np.frombuffer(blob, dtype="<f4").astype(np.float32, copy=False)
+
+
+def _image_exists(conn: Connection, image_id: int) -> bool:
+    """Whether an image row with this id exists."""
+    found = conn.execute(select(image_names.c.id).where(image_names.c.id == image_id)).first()
+    return found is not None
+
+
+# Built once: the hot path then skips statement construction and SQLAlchemy's cache-key walk.
+_NEIGHBOURS = (
+    select(
+        image_neighbours.c.neighbour_id,
+        image_names.c.file_name,
+        image_neighbours.c.rank,
+        image_neighbours.c.distance,
+    )
+    .join_from(image_neighbours, image_names, image_names.c.id == image_neighbours.c.neighbour_id)
+    .where(
+        image_neighbours.c.image_id == bindparam("image_id"),
+        image_neighbours.c.rank <= bindparam("limit"),
+    )
+    .order_by(image_neighbours.c.rank)
+)
+
+
+def _select_neighbours(conn: Connection, image_id: int, limit: int) -> list[Neighbour]:
+    """Neighbours of rank 1..limit with their file names, closest first."""
+    rows = conn.execute(_NEIGHBOURS, {"image_id": image_id, "limit": limit}).tuples()
+    return [
+        Neighbour(id=neighbour, file_name=name, rank=rank, distance=distance)
+        for neighbour, name, rank, distance in rows
+    ]
+
+
+def _neighbours_per_image(conn: Connection) -> int:
+    """The stored k: every indexed image has the same number of neighbours, so ask one of them."""
+    first = select(func.min(image_neighbours.c.image_id)).scalar_subquery()
+    stored = conn.execute(
+        select(func.max(image_neighbours.c.rank)).where(image_neighbours.c.image_id == first)
+    ).scalar_one()
+    return int(stored or 0)

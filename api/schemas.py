@@ -1,0 +1,86 @@
+"""The JSON shapes of the API, as msgspec Structs (kept apart from the database code)."""
+
+from __future__ import annotations
+
+import msgspec
+
+
+class ImageSummary(msgspec.Struct):
+    """One row of the image list."""
+
+    id: int
+    file_name: str
+    width: int | None
+    height: int | None
+    status: str
+
+
+class ImagePage(msgspec.Struct):
+    """A page of the image list; ``total`` counts every image that matches the filter."""
+
+    total: int
+    offset: int
+    limit: int
+    items: list[ImageSummary]
+
+
+class ImageDetail(msgspec.Struct):
+    """One image with its metadata and the ids before and after it (for browsing)."""
+
+    id: int
+    file_name: str
+    content_hash: str
+    size: int
+    mtime_ns: int
+    width: int | None
+    height: int | None
+    status: str
+    error: str | None
+    neighbour_count: int
+    previous_id: int | None
+    next_id: int | None
+
+
+class Neighbour(msgspec.Struct):
+    """A similar image: its rank (1 is the closest) and euclidean distance."""
+
+    id: int
+    file_name: str
+    rank: int
+    distance: float
+
+
+class Features(msgspec.Struct):
+    """The feature vector of one image."""
+
+    id: int
+    model: str
+    features: list[float]
+
+
+class Stats(msgspec.Struct):
+    """Counts and provenance of the collection."""
+
+    images: int
+    ok: int
+    failed: int
+    pending: int
+    neighbours: int
+    neighbours_per_image: int
+    model: str | None
+    weights: str | None
+    last_completed_run: str | None  # ISO 8601, UTC as stored
+
+
+class Health(msgspec.Struct, omit_defaults=True):
+    """Whether the service can answer."""
+
+    status: str
+    detail: str | None = None
+
+
+class LegacyNeighbour(msgspec.Struct):
+    """A neighbour in the shape of the old /data routes."""
+
+    id: int
+    distance: float
