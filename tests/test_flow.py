@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import shutil
 from pathlib import Path
 
@@ -119,10 +118,15 @@ def test_another_root_is_refused(run_flow, sqlite_url: str, tmp_path: Path) -> N
         run_flow(tmp_path / "b", sqlite_url)
 
 
-def test_folder_without_images_changes_nothing(run_flow, sqlite_url: str, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_emptied_folder_is_refused(run_flow, sqlite_url: str, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """An emptied (say, unmounted) folder must not wipe the collection."""
     root = tmp_path / "docs"
-    root.mkdir()
+    write_photos(root, 3)
+    run_flow(root, sqlite_url)
+    for photo in root.iterdir():
+        photo.unlink()
     (root / "notes.txt").write_text("no images here")
     with pytest.raises(NoImagesError, match="no image files"):
         run_flow(root, sqlite_url)
-    assert os.path.exists(sqlite_url.removeprefix("sqlite:///"))
+    state = stored_state(sqlite_url)
+    assert len(state["names"]) == 3 and len(state["neighbours"]) == 3 * 2
