@@ -1,0 +1,277 @@
+"""Benchmark the exact all-pairs kNN engine against FAISS, a bare GEMM and an incremental add.
+
+    .venv/bin/python benchmarks/knn.py                      # n=20000, d=2048, k=100
+    .venv/bin/python benchmarks/knn.py --mode incremental   # 1% new images vs a full run
+
+The script re-executes itself once so that BLAS settings apply before numpy loads: it sets
+OPENBLAS_NUM_THREADS/OMP_NUM_THREADS to --threads and drops OPENBLAS_CORETYPE and
+OPENBLAS_L2_SIZE (which can force slow kernels) unless --keep-blas-env is given. Our engine
+and FAISS then run in the same process under the same settings. The last line printed is
+one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+CHILD_FLAG = "LOOKALIKE_KNN_BENCH_CHILD"
+REMOVED_FLAG = "LOOKALIKE_KNN_BENCH_REMOVED"
+BLAS_OVERRIDES = ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    """The command line: sizes, threads, mode."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--n", type=int, default=20_000, help="images")
+    parser.add_argument("--d", type=int, default=2048, help="feature dimensions")
+    parser.add_argument("--k", type=int, default=100, help="neighbours per image")
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--mode", choices=("full", "incremental"), default="full")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--block-rows", type=int, default=None)
+    parser.add_argument(
+        "--repeat", type=int, default=1, help="alternate runs, keep each one's best time"
+    )
+    parser.add_argument("--keep-blas-env", action="store_true", help="keep OPENBLAS_CORETYPE etc.")
+    return parser.parse_args(argv)
+
+
+def reexec_with_blas_env(args: argparse.Namespace) -> None:
+    """Run this script again with the thread count and BLAS variables set before numpy loads."""
+    if os.environ.get(CHILD_FLAG):
+        return
+    env = dict(os.environ)
+    env[CHILD_FLAG] = "1"
+    removed = []
+    if not args.keep_blas_env:
+        removed = [f"{name}={env.pop(name)}" for name in BLAS_OVERRIDES if name in env]
+    env[REMOVED_FLAG] = ",".join(removed)
+    for name in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        env[name] = str(args.threads)
+    sys.stdout.flush()
+    os.execve(sys.executable, [sys.executable, __file__, *sys.argv[1:]], env)
+
+
+if __name__ == "__main__":
+    reexec_with_blas_env(parse_args(sys.argv[1:]))
+
+import numpy as np  # noqa: E402  (must load after the BLAS environment is set)
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from tasks.knn import knn_all  # noqa: E402
+from tasks.knn_incremental import knn_update  # noqa: E402
+
+
+def clustered_features(n: int, d: int, seed: int) -> np.ndarray:
+    """Seeded float32 features: ~100 images per cluster, clusters in random order."""
+    rng = np.random.default_rng(seed)
+    clusters = max(1, n // 100)
+    centres = rng.standard_normal((clusters, d), dtype=np.float32)
+    spread = rng.uniform(0.3, 0.8, clusters).astype(np.float32)
+    labels = rng.integers(0, clusters, n)
+    features = np.empty((n, d), dtype=np.float32)
+    for start in range(0, n, 4096):  # in chunks: no float64 or full-size temporaries
+        part = labels[start : start + 4096]
+        noise = rng.standard_normal((len(part), d), dtype=np.float32)
+        features[start : start + len(part)] = centres[part] + spread[part, None] * noise
+    return features
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process so far, in MB."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def describe_blas() -> list[str]:
+    """One line per BLAS/OpenMP library loaded, with its kernel and thread count."""
+    try:
+        from threadpoolctl import threadpool_info
+    except ImportError:
+        config = np.show_config(mode="dicts")["Build Dependencies"]["blas"]  # type: ignore[index]
+        return [f"numpy BLAS {config.get('name')} {config.get('version')} (threadpoolctl absent)"]
+    lines = []
+    for pool in threadpool_info():
+        lines.append(
+            f"{pool['internal_api']} {pool.get('version')} arch={pool.get('architecture', '-')} "
+            f"threads={pool['num_threads']} ({Path(pool['filepath']).name})"
+        )
+    return lines
+
+
+def bare_matmul_seconds(x: np.ndarray, block: int = 1024) -> float:
+    """Time n^2 * d / 2 multiply-adds: the first half of the rows against all rows."""
+    half = len(x) // 2
+    out = np.empty((block, len(x)), dtype=np.float32)
+    start = time.perf_counter()
+    for r0 in range(0, half, block):
+        rows = x[r0 : min(r0 + block, half)]
+        np.matmul(rows, x.T, out=out[: len(rows)])
+    return time.perf_counter() - start
+
+
+def faiss_lists(x: np.ndarray, k: int, threads: int) -> tuple[np.ndarray, float]:
+    """FAISS exact kNN (k + 1, then the self match dropped) and its seconds."""
+    import faiss
+
+    faiss.omp_set_num_threads(threads)
+    start = time.perf_counter()
+    _, found = faiss.knn(x, x, k + 1)
+    seconds = time.perf_counter() - start
+    own = found == np.arange(len(x))[:, None]
+    # Drop the image itself where FAISS returned it, else the (k+1)-th entry.
+    drop = np.where(own.any(axis=1), own.argmax(axis=1), k)
+    keep = np.ones(found.shape, dtype=bool)
+    keep[np.arange(len(x)), drop] = False
+    return found[keep].reshape(len(x), k), seconds
+
+
+def recall(ours: np.ndarray, reference: np.ndarray) -> float:
+    """Share of the reference lists' entries that are also in ours."""
+    n = len(ours)
+    rows = np.arange(n)[:, None]
+    ours_keys = (rows * n + ours).ravel()
+    reference_keys = (rows * n + reference).ravel()
+    return float(np.isin(reference_keys, ours_keys).mean())
+
+
+def split_timings(timings: dict[str, float]) -> tuple[dict[str, float], dict[str, int]]:
+    """The engine's seconds per phase, and its counts (entries, rows) apart."""
+    counted = ("near_tie_entries", "fallback_rows", "refilled_rows")
+    split = {key: round(value, 3) for key, value in timings.items() if key not in counted}
+    counts = {key: int(value) for key, value in timings.items() if key in counted}
+    return split, counts
+
+
+def run_full(args: argparse.Namespace) -> dict[str, Any]:
+    """Time our engine, FAISS and a bare GEMM on one array; compare the lists."""
+    x = clustered_features(args.n, args.d, args.seed)
+    ids = np.arange(args.n, dtype=np.int64)
+    feature_mb = x.nbytes / 2**20
+    print(f"features: {args.n} x {args.d} float32 = {feature_mb:.0f} MB, k = {args.k}")
+    best = {"ours": float("inf"), "faiss": float("inf"), "matmul": float("inf")}
+    rss = 0.0
+    for _ in range(max(1, args.repeat)):  # alternating, so a busy spell hits all three
+        run_timings: dict[str, float] = {}
+        start = time.perf_counter()
+        lists = knn_all(x, ids, args.k, block_rows=args.block_rows, timings=run_timings)
+        elapsed = time.perf_counter() - start
+        if elapsed < best["ours"]:
+            best["ours"], timings = elapsed, run_timings
+        rss = rss or peak_rss_mb()  # before FAISS and the bare GEMM add their buffers
+        best["matmul"] = min(best["matmul"], bare_matmul_seconds(x))
+        reference, faiss_seconds = faiss_lists(x, args.k, args.threads)
+        best["faiss"] = min(best["faiss"], faiss_seconds)
+    found = recall(lists.neighbour_ids, reference)
+    split, counts = split_timings(timings)
+    report_full(args, best, found, rss, feature_mb, split, counts)
+    return {
+        "benchmark": "knn",
+        "n": args.n,
+        "d": args.d,
+        "k": args.k,
+        "threads": args.threads,
+        "seconds": round(best["ours"], 3),
+        "faiss_seconds": round(best["faiss"], 3),
+        "ratio": round(best["ours"] / best["faiss"], 4),
+        "recall": round(found, 6),
+        "peak_rss_mb": round(rss, 1),
+        "feature_mb": round(feature_mb, 1),
+        "matmul_seconds": round(best["matmul"], 3),
+        "ratio_to_matmul": round(best["ours"] / best["matmul"], 4),
+        "split": split,
+        "counts": counts,
+    }
+
+
+def report_full(
+    args: argparse.Namespace,
+    best: dict[str, float],
+    found: float,
+    rss: float,
+    feature_mb: float,
+    split: dict[str, float],
+    counts: dict[str, int],
+) -> None:
+    """Print the figures of a full run, one per line."""
+    flops = args.n * args.n * args.d / best["matmul"] / 1e9  # 2 flops per multiply-add
+    print(f"lookalike knn_all : {best['ours']:8.2f} s   time split {split}  counts {counts}")
+    print(f"faiss.knn (k+1)   : {best['faiss']:8.2f} s")
+    print(f"bare GEMM n^2*d/2 : {best['matmul']:8.2f} s   ({flops:.0f} GFLOP/s)")
+    print(f"ratio ours/FAISS  : {best['ours'] / best['faiss']:8.3f}")
+    print(f"ratio ours/GEMM   : {best['ours'] / best['matmul']:8.3f}")
+    print(f"recall@{args.k} vs FAISS: {found:.5f}")
+    limit = 1.5 * feature_mb + 1024
+    print(f"peak RSS (ours)   : {rss:8.0f} MB  (limit 1.5 x features + 1 GB = {limit:.0f} MB)")
+
+
+def run_incremental(args: argparse.Namespace) -> dict[str, Any]:
+    """Time adding 1% new images with knn_update against a full knn_all of the result."""
+    x = clustered_features(args.n, args.d, args.seed)
+    ids = np.arange(args.n, dtype=np.int64)
+    added = max(1, round(args.n * 0.01))
+    old = args.n - added
+    print(f"features: {args.n} x {args.d}, k = {args.k}; adding {added} images to {old}")
+    previous = knn_all(x[:old], ids[:old], args.k, block_rows=args.block_rows)
+    timings: dict[str, float] = {}
+    start = time.perf_counter()
+    updated = knn_update(
+        previous,
+        x,
+        ids,
+        changed_ids=ids[old:],
+        deleted_ids=np.empty(0, dtype=np.int64),
+        k=args.k,
+        block_rows=args.block_rows,
+        timings=timings,
+    )
+    seconds = time.perf_counter() - start
+    start = time.perf_counter()
+    full = knn_all(x, ids, args.k, block_rows=args.block_rows)
+    full_seconds = time.perf_counter() - start
+    same_ids = bool(np.array_equal(updated.neighbour_ids, full.neighbour_ids))
+    same_distances = bool(np.allclose(updated.distances, full.distances, rtol=1e-6))
+    split, counts = split_timings(timings)
+    print(f"incremental add  : {seconds:8.2f} s   time split {split}  counts {counts}")
+    print(f"full recompute   : {full_seconds:8.2f} s")
+    print(f"ratio inc/full   : {seconds / full_seconds:8.4f}")
+    print(f"identical lists  : ids {same_ids}, distances {same_distances}")
+    return {
+        "benchmark": "knn_incremental",
+        "n": args.n,
+        "d": args.d,
+        "k": args.k,
+        "added": added,
+        "seconds": round(seconds, 3),
+        "full_seconds": round(full_seconds, 3),
+        "ratio": round(seconds / full_seconds, 4),
+        "identical": same_ids and same_distances,
+        "peak_rss_mb": round(peak_rss_mb(), 1),
+        "split": split,
+        "counts": counts,
+    }
+
+
+def main() -> None:
+    """Run the chosen mode and print its figures, then the JSON line."""
+    args = parse_args(sys.argv[1:])
+    removed = os.environ.get(REMOVED_FLAG, "")
+    print(f"BLAS environment unset for this run: {removed or 'none was set'}")
+    for line in describe_blas():
+        print(f"BLAS: {line}")
+    result = run_full(args) if args.mode == "full" else run_incremental(args)
+    if args.mode == "full":
+        for line in describe_blas():  # FAISS brings its own OpenBLAS and OpenMP
+            print(f"BLAS after FAISS: {line}")
+    result["blas_env_removed"] = removed
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
