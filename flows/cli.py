@@ -40,11 +40,25 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="allow other weights than the database's: re-extract everything",
     )
+    process.add_argument(
+        "--task-runner",
+        choices=("local", "dask"),
+        default="local",
+        help="where extraction runs: local (default, a thread here) or dask",
+    )
+    process.add_argument(
+        "--dask-address",
+        metavar="ADDRESS",
+        help="scheduler of an existing Dask cluster, e.g. tcp://HOST:8786 "
+        "(default with dask: a temporary local cluster)",
+    )
+    _add_lock_timeout(process)
     process.add_argument("--json", action="store_true", help="print the summary as one JSON line")
 
     neighbours = commands.add_parser("neighbours", help="recompute neighbours from stored features")
     _add_db_options(neighbours)
     neighbours.add_argument("--k", type=int, help="neighbours per image (default 100)")
+    _add_lock_timeout(neighbours)
     neighbours.add_argument(
         "--json", action="store_true", help="print the summary as one JSON line"
     )
@@ -66,6 +80,16 @@ def _add_db_options(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--data-dir", help="folder for the SQLite file and staging (env LOOKALIKE_DATA_DIR)"
+    )
+
+
+def _add_lock_timeout(parser: argparse.ArgumentParser) -> None:
+    """How long a run waits for another run on the same database."""
+    parser.add_argument(
+        "--lock-timeout",
+        type=float,
+        metavar="SECONDS",
+        help="wait this long for another run on the same database to finish (default 3600)",
     )
 
 
@@ -93,6 +117,8 @@ class ProgressBar:
 def quiet_prefect_console(verbose: bool) -> None:
     """Keep Prefect's INFO logs for the UI and API, off the terminal, unless --verbose."""
     os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "tasks,flows")
+    # The ephemeral API server needs longer than Prefect's 20 s default on a busy small machine.
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     if not verbose:
         # Failures reach the user as one line from main(); the UI keeps the full log.
         os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "CRITICAL")
@@ -102,12 +128,15 @@ def quiet_prefect_console(verbose: bool) -> None:
 def run_process(args: argparse.Namespace) -> dict[str, Any]:
     """Run the process-images flow with the command's options."""
     from flows.process import check_inputs, process_images, resolve_settings
+    from flows.runners import build_task_runner
     from tasks.progress import set_progress_hook
 
     settings = resolve_settings(
         batch_size=args.batch_size, k=args.k, weights=args.weights, database_url=args.database_url
     )
     check_inputs(args.root, settings, args.recompute)  # one clear line before Prefect starts
+    build_task_runner(args.task_runner, args.dask_address)
+    tell_if_waiting(settings.resolved_database_url, args.lock_timeout)
     if not args.json:
         set_progress_hook(ProgressBar(sys.stderr))
     return process_images(
@@ -117,7 +146,22 @@ def run_process(args: argparse.Namespace) -> dict[str, Any]:
         weights=args.weights,
         database_url=args.database_url,
         recompute=args.recompute,
+        task_runner=args.task_runner,
+        dask_address=args.dask_address,
+        lock_timeout=args.lock_timeout,
     )
+
+
+def tell_if_waiting(database_url: str, lock_timeout: float | None) -> None:
+    """Say on stderr why a run seems to hang: another run holds the database's run lock."""
+    from tasks.lock import DEFAULT_LOCK_TIMEOUT, is_run_lock_busy
+
+    if is_run_lock_busy(database_url):
+        timeout = DEFAULT_LOCK_TIMEOUT if lock_timeout is None else lock_timeout
+        print(
+            f"lookalike: another run is using this database; waiting up to {timeout:g} s",
+            file=sys.stderr,
+        )
 
 
 def print_process_summary(summary: dict[str, Any]) -> None:
@@ -165,8 +209,15 @@ def dispatch(args: argparse.Namespace) -> int:
         return 0
     if args.command == "neighbours":
         from flows.neighbours import rebuild_neighbours
+        from tasks.settings import Settings
 
-        summary = rebuild_neighbours(k=args.k, database_url=args.database_url)
+        tell_if_waiting(
+            Settings.from_env(database_url=args.database_url).resolved_database_url,
+            args.lock_timeout,
+        )
+        summary = rebuild_neighbours(
+            k=args.k, database_url=args.database_url, lock_timeout=args.lock_timeout
+        )
         print(json.dumps(summary) if args.json else f"neighbours rebuilt: {summary}")
         return 0
     summary = run_process(args)

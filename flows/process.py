@@ -2,40 +2,59 @@
 
 from __future__ import annotations
 
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger
-from prefect.task_runners import ThreadPoolTaskRunner
+from prefect.futures import PrefectFuture
+from prefect.runtime import flow_run
+from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 
+from flows.runners import build_task_runner, open_task_runner
 from tasks.catalog import (
+    ChangeCounts,
     NoImagesError,
     check_collection,
+    count_images,
     finish_run_task,
+    list_failed,
     open_collection_task,
+    stale_neighbour_ids,
     sync_catalog_task,
 )
-from tasks.database import connect_checked, parse_database_url
+from tasks.database import connect_checked, engine_for, parse_database_url
 from tasks.discover import any_image, check_root
 from tasks.extract import (
     Batch,
+    ShardResult,
     extract_shard_task,
     plan_batches_task,
     shard_is_staged,
     weights_identity,
 )
-from tasks.load import load_features_task, load_neighbours_task
+from tasks.load import FeatureLoadCounts, load_features_task, load_neighbours_task
+from tasks.lock import DEFAULT_LOCK_TIMEOUT, hold_run_lock
 from tasks.neighbours import compute_neighbours_task
+from tasks.report import (
+    ExtractionProgress,
+    count_image_reads,
+    publish_failed_images,
+    publish_run_summary,
+    staging_asset,
+    table_asset,
+)
 from tasks.settings import Settings
+from tasks.stage import feature_batch_path
 
 BATCHES_PER_SHARD = 8  # one Prefect task (and cache entry) per 8 model batches
 
 
 @dataclass(frozen=True)
 class RunSummary:
-    """What a run did, as printed by the CLI and stored with the run."""
+    """What a run did, as printed by the CLI, stored with the run and shown as an artifact."""
 
     root: str
     database: str
@@ -48,11 +67,45 @@ class RunSummary:
     extracted: int
     failed: int
     cached_batches: int
+    decoded: int  # images handed to the decoder
+    model_calls: int  # forward passes of the model
+    bytes_read: int  # bytes of image files opened for hashing or decoding
+    tensorflow_imported: bool  # in the flow's process, by the end of the run
     neighbour_mode: str
     neighbour_rows: int
     seconds: float
     extract_seconds: float
     images_per_second: float
+    lock_wait_seconds: float
+    task_runner: str
+    flow_run_id: str
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    """Everything a run works with, resolved and checked before the run lock is taken."""
+
+    folder: str
+    weights_id: str
+    database_url: str
+    staging: str
+    settings: Settings
+    recompute: bool
+    task_runner: str
+    dask_address: str | None
+
+
+@dataclass(frozen=True)
+class Extraction:
+    """What the extraction step did."""
+
+    paths: list[str]
+    extracted: int
+    cached_batches: int
+    decoded: int
+    model_calls: int
+    bytes_read: int
+    seconds: float
 
 
 def resolve_settings(**overrides: Any) -> Settings:
@@ -74,32 +127,6 @@ def check_inputs(root: str, settings: Settings, recompute: bool = False) -> tupl
     return str(folder), weights_id
 
 
-def extract_in_shards(
-    batches: list[Batch], root: str, staging: str, settings: Settings
-) -> list[str]:
-    """Submit shards of batches as cached extraction tasks; staged paths in batch order."""
-    total = sum(len(b.images) for b in batches)
-    futures = []
-    for start in range(0, len(batches), BATCHES_PER_SHARD):
-        shard = batches[start : start + BATCHES_PER_SHARD]
-        runner = extract_shard_task.with_options(
-            refresh_cache=not shard_is_staged(shard, Path(staging))
-        )
-        futures.append(
-            runner.submit(
-                shard,
-                root,
-                staging,
-                settings.weights,
-                settings.batch_size,
-                settings.decode_workers,
-                settings.max_image_pixels,
-                total,
-            )
-        )
-    return [path for future in futures for path in future.result()]
-
-
 @flow(name="process-images", task_runner=ThreadPoolTaskRunner(max_workers=1))  # type: ignore[arg-type]
 def process_images(
     root: str,
@@ -108,54 +135,222 @@ def process_images(
     weights: str | None = None,
     database_url: str | None = None,
     recompute: bool = False,
+    task_runner: str = "local",
+    dask_address: str | None = None,
+    lock_timeout: float | None = None,
 ) -> dict[str, Any]:
-    """Bring the database up to date with the image folder, then the neighbour lists."""
+    """Bring the database up to date with the image folder, then the neighbour lists.
+
+    Runs against one database never overlap: the second waits for the run lock up to
+    lock_timeout seconds (default one hour) and then fails. Extraction shards run on
+    task_runner: "local" (a thread here) or "dask" (the cluster at dask_address).
+    """
     started = time.perf_counter()
     logger = get_run_logger()
     settings = resolve_settings(
         batch_size=batch_size, k=k, weights=weights, database_url=database_url
     )
-    folder, weights_id = check_inputs(root, settings, recompute)
-    db = settings.resolved_database_url
-    staging = str(settings.resolved_staging_dir.resolve())
+    build_task_runner(task_runner, dask_address)  # a bad choice fails before any work
+    with count_image_reads(root) as check_reads:
+        folder, weights_id = check_inputs(root, settings, recompute)
+    plan = RunPlan(
+        folder=folder,
+        weights_id=weights_id,
+        database_url=settings.resolved_database_url,
+        staging=str(settings.resolved_staging_dir.resolve()),
+        settings=settings,
+        recompute=recompute,
+        task_runner=task_runner,
+        dask_address=dask_address,
+    )
     logger.info("processing %s with weights %s", folder, weights_id)
-    run_id = open_collection_task(db, folder, weights_id, recompute)
+    timeout = DEFAULT_LOCK_TIMEOUT if lock_timeout is None else lock_timeout
+    with hold_run_lock(plan.database_url, timeout, on_wait=logger.warning) as waited:
+        summary = run_locked(plan, started, waited, check_reads.bytes)
+    logger.info("run summary: %s", asdict(summary))
+    return asdict(summary)
+
+
+def run_locked(plan: RunPlan, started: float, lock_wait: float, bytes_read: int) -> RunSummary:
+    """The run proper, recorded in the runs table, while this run holds the run lock."""
+    db = plan.database_url
+    run_id = open_collection_task(db, plan.folder, plan.weights_id, plan.recompute)
     try:
-        counts = sync_catalog_task(db, folder)
-        batches = plan_batches_task(db, settings.batch_size, weights_id)
-        cached = [b for b in batches if shard_is_staged([b], Path(staging))]
-        extracted = sum(len(b.images) for b in batches) - sum(len(b.images) for b in cached)
-        extract_started = time.perf_counter()
-        loaded = load_features_task(db, extract_in_shards(batches, folder, staging, settings))
-        extract_seconds = time.perf_counter() - extract_started
-        plan = compute_neighbours_task(db, staging, settings.k)
-        rows = load_neighbours_task(db, str(plan.staged), staging, plan.refreshed_ids)
+        summary = update_database(plan, started, lock_wait, bytes_read)
     except BaseException as exc:
-        finish_run_task(
-            db,
-            run_id,
-            "failed",
-            {"error": str(exc).splitlines()[0] if str(exc) else type(exc).__name__},
-        )
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        finish_run_task(db, run_id, "failed", {"error": reason})
         raise
-    summary = RunSummary(
-        root=folder,
-        database=parse_database_url(db).render_as_string(hide_password=True),
-        weights=weights_id,
+    finish_run_task(db, run_id, "completed", asdict(summary))
+    publish_run_summary(asdict(summary))
+    publish_failed_images(list_failed(engine_for(db)))
+    return summary
+
+
+def update_database(plan: RunPlan, started: float, lock_wait: float, bytes_read: int) -> RunSummary:
+    """Sync the catalog, extract and load what is pending, bring the neighbour lists up to date."""
+    db = plan.database_url
+    with count_image_reads(plan.folder) as sync_reads:
+        counts = sync_catalog_task(db, plan.folder)
+    batches = plan_batches_task(db, plan.settings.batch_size, plan.weights_id)
+    extraction = extract_features(batches, plan)
+    loaded = FeatureLoadCounts(ok=0, failed=0)
+    if extraction.paths:
+        loaded = load_features_task.with_options(
+            assets=[table_asset(db, "image_names"), table_asset(db, "image_features")],
+            asset_deps=[staging_asset(plan.staging)],
+        )(db, extraction.paths)
+    return build_summary(
+        plan,
+        counts,
+        extraction,
+        loaded,
+        refresh_neighbours(db, plan.staging, plan.settings.k),
+        started=started,
+        lock_wait=lock_wait,
+        bytes_read=bytes_read + sync_reads.bytes + extraction.bytes_read,
+    )
+
+
+def refresh_neighbours(db: str, staging: str, k: int) -> tuple[str, int]:
+    """Bring the neighbour lists up to date: (mode, rows); nothing is done when they are."""
+    current = neighbour_rows_if_current(db, k)
+    if current is not None:
+        get_run_logger().info("neighbour lists are up to date (%d rows): nothing to do", current)
+        return "unchanged", current
+    plan = compute_neighbours_task(db, staging, k)
+    rows = load_neighbours_task.with_options(
+        assets=[table_asset(db, "image_neighbours")],
+        asset_deps=[table_asset(db, "image_features")],
+    )(db, str(plan.staged), staging, plan.refreshed_ids)
+    return plan.mode, rows
+
+
+def neighbour_rows_if_current(db: str, k: int) -> int | None:
+    """The neighbour row count when every list is complete and current for k; else None."""
+    engine = engine_for(db)
+    changed, gone = stale_neighbour_ids(engine)
+    if changed or gone:
+        return None
+    counts = count_images(engine)
+    expected = counts["ok"] * min(k, max(counts["ok"] - 1, 0))
+    return counts["neighbours"] if counts["neighbours"] == expected else None
+
+
+def build_summary(
+    plan: RunPlan,
+    counts: ChangeCounts,
+    extraction: Extraction,
+    loaded: FeatureLoadCounts,
+    neighbours: tuple[str, int],
+    *,
+    started: float,
+    lock_wait: float,
+    bytes_read: int,
+) -> RunSummary:
+    """The run's summary from what each step returned."""
+    seconds = extraction.seconds
+    return RunSummary(
+        root=plan.folder,
+        database=parse_database_url(plan.database_url).render_as_string(hide_password=True),
+        weights=plan.weights_id,
         found=counts.found,
         new=counts.new,
         changed=counts.changed,
         deleted=counts.deleted,
         unchanged=counts.unchanged,
-        extracted=extracted,
+        extracted=extraction.extracted,
         failed=loaded.failed,
-        cached_batches=len(cached),
-        neighbour_mode=plan.mode,
-        neighbour_rows=rows,
+        cached_batches=extraction.cached_batches,
+        decoded=extraction.decoded,
+        model_calls=extraction.model_calls,
+        bytes_read=bytes_read,
+        tensorflow_imported="tensorflow" in sys.modules,
+        neighbour_mode=neighbours[0],
+        neighbour_rows=neighbours[1],
         seconds=round(time.perf_counter() - started, 3),
-        extract_seconds=round(extract_seconds, 3),
-        images_per_second=round(extracted / extract_seconds, 2) if extract_seconds > 0 else 0.0,
+        extract_seconds=round(seconds, 3),
+        images_per_second=round(extraction.extracted / seconds, 2) if seconds > 0 else 0.0,
+        lock_wait_seconds=round(lock_wait, 3),
+        task_runner=plan.task_runner,
+        flow_run_id=str(flow_run.get_id() or ""),
     )
-    finish_run_task(db, run_id, "completed", asdict(summary))
-    logger.info("run summary: %s", asdict(summary))
-    return asdict(summary)
+
+
+def extract_features(batches: list[Batch], plan: RunPlan) -> Extraction:
+    """Submit shards of batches as cached extraction tasks on the chosen task runner."""
+    started = time.perf_counter()
+    staging = Path(plan.staging)
+    shards = [
+        batches[start : start + BATCHES_PER_SHARD]
+        for start in range(0, len(batches), BATCHES_PER_SHARD)
+    ]
+    todo = [
+        sum(len(b.images) for b in shard if not shard_is_staged([b], staging)) for shard in shards
+    ]
+    cached_batches = sum(1 for batch in batches if shard_is_staged([batch], staging))
+    results = run_shards(shards, todo, plan) if shards else []
+    return Extraction(
+        paths=[str(feature_batch_path(staging, batch.key)) for batch in batches],
+        extracted=sum(todo),
+        cached_batches=cached_batches,
+        decoded=sum(r.decoded for r in results),
+        model_calls=sum(r.model_calls for r in results),
+        bytes_read=sum(r.bytes_read for r in results),
+        seconds=time.perf_counter() - started,
+    )
+
+
+def run_shards(shards: list[list[Batch]], todo: list[int], plan: RunPlan) -> list[ShardResult]:
+    """Run every shard on the task runner while a progress artifact follows them."""
+    progress = ExtractionProgress(sum(todo))
+    try:
+        with open_task_runner(plan.task_runner, plan.dask_address) as runner:
+            futures = [submit_shard(runner, shard, plan, progress) for shard in shards]
+            results = [
+                collect_shard(future, progress, images)
+                for future, images in zip(futures, todo, strict=True)
+            ]
+    except BaseException:
+        progress.close(completed=False)
+        raise
+    progress.close(completed=True)
+    return results
+
+
+def submit_shard(
+    runner: TaskRunner[Any], shard: list[Batch], plan: RunPlan, progress: ExtractionProgress
+) -> PrefectFuture[ShardResult]:
+    """One extraction task; its Prefect cache is bypassed when its staged files are gone."""
+    settings = plan.settings
+    task = extract_shard_task.with_options(
+        refresh_cache=not shard_is_staged(shard, Path(plan.staging)),
+        assets=[staging_asset(plan.staging)],
+    )
+    parameters = dict(
+        batches=shard,
+        root=plan.folder,
+        staging_dir=plan.staging,
+        weights=settings.weights,
+        batch_size=settings.batch_size,
+        workers=settings.decode_workers,
+        max_pixels=settings.max_image_pixels,
+        total=progress.total,
+        progress_token=progress.token,
+    )
+    return runner.submit(task, parameters)
+
+
+NOTHING_RUN = ShardResult(paths=[], decoded=0, model_calls=0, bytes_read=0, seconds=0.0)
+
+
+def collect_shard(
+    future: PrefectFuture[ShardResult], progress: ExtractionProgress, images: int
+) -> ShardResult:
+    """The shard's result; a cached shard ran nothing, whatever its stored result says."""
+    future.wait()
+    if future.state.name == "Cached":
+        return NOTHING_RUN
+    result = future.result()
+    progress.finish_shard(images)
+    return result

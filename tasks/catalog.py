@@ -10,7 +10,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from prefect import task
+from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from sqlalchemy import Connection, Engine, Row, delete, func, insert, select, update
 
@@ -361,8 +361,13 @@ def mark_indexed(engine: Engine, image_ids: Sequence[int]) -> None:
 def open_collection_task(database_url: str, root: str, weights_id: str, recompute: bool) -> int:
     """Bind the database to the folder and weights, and record a new run; the run's id."""
     engine = engine_for(database_url)
-    open_collection(engine, Path(root), weights_id, recompute=recompute)
-    return start_run(engine, weights_id)
+    if open_collection(engine, Path(root), weights_id, recompute=recompute):
+        get_run_logger().warning(
+            "weights changed to %s: every image is extracted again", weights_id
+        )
+    run_id = start_run(engine, weights_id)
+    get_run_logger().info("run %d on the collection of %s, weights %s", run_id, root, weights_id)
+    return run_id
 
 
 @task(
@@ -379,7 +384,17 @@ def sync_catalog_task(database_url: str, root: str) -> ChangeCounts:
     if changes.found == 0:
         # An empty (or unmounted) folder must not wipe a collection: refuse instead.
         raise NoImagesError(f"no image files found in {root}")
-    return apply_changes(engine, changes)
+    counts = apply_changes(engine, changes)
+    get_run_logger().info(
+        "found %d images: %d new, %d changed, %d deleted, %d unchanged, %d unreadable",
+        counts.found,
+        counts.new,
+        counts.changed,
+        counts.deleted,
+        counts.unchanged,
+        counts.unreadable,
+    )
+    return counts
 
 
 @task(

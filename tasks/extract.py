@@ -6,15 +6,18 @@ import functools
 import hashlib
 import logging
 import os
+import threading
+import time
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from prefect import task
+from prefect import get_run_logger, task
+from prefect.assets import materialize
 from prefect.cache_policies import NO_CACHE, CachePolicy
 
 from sql.schema import FEATURE_DIM
@@ -28,12 +31,21 @@ from tasks.decode import (
     decode_image,
 )
 from tasks.progress import report_progress
-from tasks.stage import feature_batch_path, write_feature_batch
+from tasks.report import advance_extraction_progress, count_image_reads, record_staging_asset
+from tasks.stage import feature_batch_path, read_table, write_feature_batch
 
 log = logging.getLogger(__name__)
 
 RANDOM_INIT_SEED = 0
+# Batches decoded ahead of the model. Pixels held at once: (PREFETCH_BATCHES + 1) batches,
+# about 50 MB at batch size 64, however many images a run has.
 PREFETCH_BATCHES = 2
+# On a CPU, decoder threads run at this niceness so that they take the cores only when the
+# model's threads leave them idle (benchmarks/extract.py measures the effect).
+CPU_DECODE_NICENESS = 10
+# Added to a batch's cache key when big JPEGs are decoded at reduced scale: other pixels,
+# other features, so they must never share a staged file with full decodes.
+REDUCED_SCALE_TAG = "jpeg-draft-reduced-scale"
 
 
 class WeightsError(ValueError):
@@ -46,6 +58,7 @@ class Batch:
 
     key: str
     images: tuple[PendingImage, ...]
+    reduced_scale: bool = False  # decode big JPEGs at 1/2, 1/4 or 1/8 scale (part of the key)
 
 
 def weights_identity(weights: str) -> str:
@@ -65,25 +78,55 @@ def weights_identity(weights: str) -> str:
     return f"file {path.name} ({digest})"
 
 
-def batch_key(images: Sequence[PendingImage], weights_id: str) -> str:
+def batch_key(
+    images: Sequence[PendingImage], weights_id: str, *, reduced_scale: bool = False
+) -> str:
     """Content address of a batch: model, weights, preprocessing and every image's hash."""
     digest = hashlib.blake2b(digest_size=20)
-    for part in (MODEL_NAME, weights_id, PREPROCESS_VERSION, str(INPUT_SIZE)):
+    parts = [MODEL_NAME, weights_id, PREPROCESS_VERSION, str(INPUT_SIZE)]
+    if reduced_scale:  # only when on, so that keys of full decodes stay as they were
+        parts.append(REDUCED_SCALE_TAG)
+    for part in parts:
         digest.update(part.encode() + b"\0")
     for image in images:
         digest.update(image.content_hash.encode() + b"\0")
     return digest.hexdigest()
 
 
-def plan_batches(pending: Sequence[PendingImage], batch_size: int, weights_id: str) -> list[Batch]:
+def plan_batches(
+    pending: Sequence[PendingImage],
+    batch_size: int,
+    weights_id: str,
+    *,
+    reduced_scale: bool = False,
+) -> list[Batch]:
     """Cut the pending images (sorted by file name) into batches of batch_size."""
     chunks = [tuple(pending[i : i + batch_size]) for i in range(0, len(pending), batch_size)]
-    return [Batch(batch_key(chunk, weights_id), chunk) for chunk in chunks]
+    return [
+        Batch(batch_key(chunk, weights_id, reduced_scale=reduced_scale), chunk, reduced_scale)
+        for chunk in chunks
+    ]
 
 
 def default_decode_workers() -> int:
-    """One decoder thread per core; Pillow releases the GIL while it decodes and resizes."""
+    """One decoder thread per core; Pillow releases the GIL while it decodes and resizes.
+
+    On a GPU decoding decides the wall time, so it gets every core. On a CPU the threads run
+    at lower priority (CPU_DECODE_NICENESS): they fill the moments the model's threads leave a
+    core idle instead of pre-empting them.
+    """
     return max(1, os.cpu_count() or 1)
+
+
+@dataclass
+class ExtractTimings:
+    """Where an extraction's time went; filled in by extract_batches when passed one."""
+
+    images: int = 0
+    decode_cpu: float = 0.0  # CPU seconds reading and decoding, summed over decoder threads
+    wait: float = 0.0  # wall seconds the model stood idle waiting for decoded pixels
+    model: float = 0.0  # wall seconds in the model
+    write: float = 0.0  # wall seconds staging features to Arrow files
 
 
 class FeatureModel:
@@ -156,49 +199,89 @@ def load_feature_model(weights: str, batch_size: int = 64) -> FeatureModel:
 Decoded = DecodedImage | ImageDecodeError
 
 
-def _decode_or_error(path: Path, max_pixels: int) -> Decoded:
-    """Decode one image; a failure is returned as the error, not raised."""
+def _decode_timed(path: Path, max_pixels: int, reduced_scale: bool) -> tuple[Decoded, float]:
+    """Decode one image and the thread's CPU seconds it took; a failure is returned, not raised."""
+    started = time.thread_time()
     try:
-        return decode_image(path, max_pixels=max_pixels)
+        decoded: Decoded = decode_image(path, max_pixels=max_pixels, reduced_scale=reduced_scale)
     except ImageDecodeError as exc:
-        return exc
+        decoded = exc
+    return decoded, time.thread_time() - started
+
+
+def _lower_thread_priority(niceness: int) -> None:
+    """Raise the calling thread's niceness (Linux schedules threads one by one)."""
+    if niceness <= 0:
+        return
+    try:
+        thread_id = threading.get_native_id()
+        current = os.getpriority(os.PRIO_PROCESS, thread_id)
+        os.setpriority(os.PRIO_PROCESS, thread_id, max(current, niceness))
+    except (AttributeError, OSError) as exc:  # not Linux, or not permitted: same work, slower
+        log.debug("decoder thread priority unchanged: %s", exc)
 
 
 def decoded_batches(
-    batches: Sequence[Batch], root: Path, workers: int, max_pixels: int
+    batches: Iterable[Batch],
+    root: Path,
+    workers: int,
+    max_pixels: int,
+    *,
+    niceness: int = 0,
+    timings: ExtractTimings | None = None,
 ) -> Iterator[tuple[Batch, list[Decoded]]]:
-    """Batches with their decoded images; later batches decode while the caller runs the model."""
-    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="decode") as pool:
-        queue: deque[tuple[Batch, list[Future[Decoded]]]] = deque()
-        pending = iter(batches)
-        for batch in pending:
-            queue.append(
-                (
-                    batch,
-                    [
-                        pool.submit(_decode_or_error, root / image.file_name, max_pixels)
-                        for image in batch.images
-                    ],
-                )
-            )
-            if len(queue) > PREFETCH_BATCHES:
-                head, futures = queue.popleft()
-                yield head, [f.result() for f in futures]
-        while queue:
+    """Batches with their decoded images; later batches decode while the caller runs the model.
+
+    At most PREFETCH_BATCHES batches are decoded ahead, so memory stays bounded.
+    """
+    timings = timings if timings is not None else ExtractTimings()
+    with ThreadPoolExecutor(
+        max_workers=workers,
+        thread_name_prefix="decode",
+        initializer=_lower_thread_priority,
+        initargs=(niceness,),
+    ) as pool:
+        queue: deque[tuple[Batch, list[Future[tuple[Decoded, float]]]]] = deque()
+
+        def next_done() -> tuple[Batch, list[Decoded]]:
             head, futures = queue.popleft()
-            yield head, [f.result() for f in futures]
+            started = time.perf_counter()
+            results = [future.result() for future in futures]
+            timings.wait += time.perf_counter() - started
+            timings.decode_cpu += sum(seconds for _, seconds in results)
+            return head, [decoded for decoded, _ in results]
+
+        for batch in batches:
+            futures = [
+                pool.submit(_decode_timed, root / image.file_name, max_pixels, batch.reduced_scale)
+                for image in batch.images
+            ]
+            queue.append((batch, futures))
+            if len(queue) > PREFETCH_BATCHES:
+                yield next_done()
+        while queue:
+            yield next_done()
 
 
 def stage_decoded_batch(
-    model: FeatureModel, batch: Batch, decoded: list[Decoded], staging_dir: Path
+    model: FeatureModel,
+    batch: Batch,
+    decoded: list[Decoded],
+    staging_dir: Path,
+    timings: ExtractTimings | None = None,
 ) -> Path:
     """Run the model on a batch's decoded images and stage the features with the failures."""
+    timings = timings if timings is not None else ExtractTimings()
+    started = time.perf_counter()
     good = [i for i, d in enumerate(decoded) if isinstance(d, DecodedImage)]
     features = np.zeros((len(decoded), FEATURE_DIM), dtype=np.float32)
     if good:
         pixels = np.stack([decoded[i].pixels for i in good])  # type: ignore[union-attr]
         features[good] = model.embed(pixels)
-    return write_feature_batch(
+    staged = time.perf_counter()
+    timings.model += staged - started
+    timings.images += len(decoded)
+    path = write_feature_batch(
         feature_batch_path(staging_dir, batch.key),
         [image.file_name for image in batch.images],
         [image.content_hash for image in batch.images],
@@ -206,6 +289,8 @@ def stage_decoded_batch(
         [str(d) if isinstance(d, ImageDecodeError) else None for d in decoded],
         features,
     )
+    timings.write += time.perf_counter() - staged
+    return path
 
 
 def extract_batches(
@@ -218,15 +303,24 @@ def extract_batches(
     workers: int = 0,
     max_pixels: int = 100_000_000,
     on_progress: Callable[[int], None] | None = None,
+    timings: ExtractTimings | None = None,
 ) -> list[Path]:
-    """Stage every batch not staged yet; TensorFlow is imported only when there is work."""
+    """Stage every batch not staged yet; TensorFlow is imported only when there is work.
+
+    Batches planned with reduced_scale decode their big JPEGs at reduced scale.
+    """
     todo = [b for b in batches if not feature_batch_path(staging_dir, b.key).exists()]
     if todo:
         model = load_feature_model(weights, batch_size)
         for batch, decoded in decoded_batches(
-            todo, root, workers or default_decode_workers(), max_pixels
+            todo,
+            root,
+            workers or default_decode_workers(),
+            max_pixels,
+            niceness=0 if model.on_gpu else CPU_DECODE_NICENESS,
+            timings=timings,
         ):
-            stage_decoded_batch(model, batch, decoded, staging_dir)
+            stage_decoded_batch(model, batch, decoded, staging_dir, timings)
             if on_progress:
                 on_progress(len(batch.images))
     return [feature_batch_path(staging_dir, b.key) for b in batches]
@@ -258,10 +352,40 @@ class StagedShardPolicy(CachePolicy):
 )
 def plan_batches_task(database_url: str, batch_size: int, weights_id: str) -> list[Batch]:
     """Cut the pending images into content-addressed batches."""
-    return plan_batches(list_pending(engine_for(database_url)), batch_size, weights_id)
+    batches = plan_batches(list_pending(engine_for(database_url)), batch_size, weights_id)
+    images = sum(len(batch.images) for batch in batches)
+    get_run_logger().info(
+        "%d pending images in %d batches of up to %d", images, len(batches), batch_size
+    )
+    return batches
 
 
-@task(name="extract-shard", cache_policy=StagedShardPolicy(), persist_result=True)
+@dataclass(frozen=True)
+class ShardResult:
+    """What one extraction shard staged, and what it cost."""
+
+    paths: list[str]
+    decoded: int  # images handed to the decoder
+    model_calls: int  # forward passes of the model
+    bytes_read: int  # bytes of image files opened (counted by tasks.report.count_image_reads)
+    seconds: float
+
+
+def count_model_calls(batches: Sequence[Batch], staging_dir: Path, batch_size: int) -> int:
+    """Forward passes that staging these batches took: one per batch_size decoded images."""
+    calls = 0
+    for batch in batches:
+        table = read_table(feature_batch_path(staging_dir, batch.key))
+        calls += -(-table.column("error").null_count // batch_size)  # null error: decoded
+    return calls
+
+
+@materialize(
+    "file://lookalike/staging/features",  # the flow names the real staging folder
+    name="extract-shard",
+    cache_policy=StagedShardPolicy(),
+    persist_result=True,
+)
 def extract_shard_task(
     batches: list[Batch],
     root: str,
@@ -271,16 +395,43 @@ def extract_shard_task(
     workers: int,
     max_pixels: int,
     total: int,
-) -> list[str]:
+    progress_token: str = "",
+) -> ShardResult:
     """Extract and stage the features of a few batches; cached by their content keys."""
-    paths = extract_batches(
-        batches,
-        Path(root),
-        Path(staging_dir),
-        weights=weights,
-        batch_size=batch_size,
-        workers=workers,
-        max_pixels=max_pixels,
-        on_progress=lambda n: report_progress("extract", n, total),
+    started = time.perf_counter()
+    staging = Path(staging_dir)
+    todo = [b for b in batches if not feature_batch_path(staging, b.key).exists()]
+
+    def on_progress(images: int) -> None:
+        report_progress("extract", images, total)
+        advance_extraction_progress(progress_token, images)
+
+    with count_image_reads(root) as reads:
+        paths = extract_batches(
+            batches,
+            Path(root),
+            staging,
+            weights=weights,
+            batch_size=batch_size,
+            workers=workers,
+            max_pixels=max_pixels,
+            on_progress=on_progress,
+        )
+    result = ShardResult(
+        paths=[str(path) for path in paths],
+        decoded=sum(len(b.images) for b in todo),
+        model_calls=count_model_calls(todo, staging, batch_size),
+        bytes_read=reads.bytes,
+        seconds=round(time.perf_counter() - started, 3),
     )
-    return [str(path) for path in paths]
+    record_staging_asset(sum(len(b.images) for b in batches), len(batches), weights)
+    get_run_logger().info(
+        "staged %d of %d batches: %d images decoded, %d model calls, %d image bytes read, %.1f s",
+        len(todo),
+        len(batches),
+        result.decoded,
+        result.model_calls,
+        result.bytes_read,
+        result.seconds,
+    )
+    return result

@@ -4,19 +4,35 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import tempfile
-from collections.abc import Sequence
+from collections import defaultdict
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.csv as pacsv
-from prefect import task
+from prefect import get_run_logger
+from prefect.assets import materialize
 from prefect.cache_policies import NO_CACHE
-from sqlalchemy import Connection, Engine, bindparam, delete, insert, select, text, update
+from sqlalchemy import (
+    Connection,
+    Engine,
+    bindparam,
+    delete,
+    func,
+    insert,
+    select,
+    text,
+    update,
+)
 
 from sql.schema import (
+    FEATURE_DIM,
     STATUS_FAILED,
     STATUS_OK,
     STATUS_PENDING,
@@ -25,10 +41,20 @@ from sql.schema import (
     image_neighbours,
 )
 from tasks.catalog import MODEL_NAME, mark_indexed
-from tasks.database import create_db_engine, engine_for, retry_if_transient
-from tasks.stage import feature_matrix, read_table
+from tasks.database import (
+    create_db_engine,
+    engine_for,
+    is_mariadb,
+    parse_database_url,
+    retry_if_transient,
+)
+from tasks.report import record_table_assets
+from tasks.stage import NEIGHBOURS_SCHEMA, feature_matrix, read_table
 
 log = logging.getLogger(__name__)
+
+FEATURE_CHUNK_ROWS = 4096  # images per transaction (and per LOAD DATA file): 32 MiB of vectors
+LOAD_CONNECTIONS = 2  # MariaDB feature chunks loading at once, each in its own transaction
 
 
 class LoadError(RuntimeError):
@@ -43,16 +69,36 @@ class FeatureLoadCounts:
     failed: int
 
 
-def load_feature_batches(engine: Engine, paths: Sequence[Path]) -> FeatureLoadCounts:
-    """Write staged batches: features of decoded images, the reason of failed ones."""
-    ok = failed = 0
-    pending = _pending_ids(engine)
-    for path in paths:
-        table = read_table(path)
-        with engine.begin() as conn:
-            good, bad = _load_one_batch(conn, table, pending, path.stem)
-        ok, failed = ok + good, failed + bad
-    return FeatureLoadCounts(ok, failed)
+@dataclass(frozen=True)
+class StagedRow:
+    """A pending image found in a staged batch: where its vector is and how decoding ended."""
+
+    image_id: int
+    batch: int  # index into the staged paths
+    row: int  # row within that staged batch
+    error: str | None
+    width: int | None
+    height: int | None
+
+
+def load_feature_batches(
+    engine: Engine, paths: Sequence[Path], *, scratch_dir: Path | None = None
+) -> FeatureLoadCounts:
+    """Write the staged batches' still-pending images to the database, in image-id order.
+
+    Decoded images get their vector, failed ones their reason. Images no longer pending are
+    skipped, so a first run and an incremental run take the same path. Each chunk of
+    FEATURE_CHUNK_ROWS images (statuses and vectors together) is one transaction.
+    """
+    rows = find_staged_rows(paths, _pending_ids(engine))
+    chunks = [rows[i : i + FEATURE_CHUNK_ROWS] for i in range(0, len(rows), FEATURE_CHUNK_ROWS)]
+    if is_mariadb(engine):
+        _load_chunks_mariadb(engine, chunks, paths, scratch_dir)
+    else:
+        for chunk in chunks:
+            _load_chunk_sqlite(engine, chunk, paths)
+    failed = sum(1 for row in rows if row.error is not None)
+    return FeatureLoadCounts(len(rows) - failed, failed)
 
 
 def _pending_ids(engine: Engine) -> dict[tuple[str, str], int]:
@@ -64,47 +110,45 @@ def _pending_ids(engine: Engine) -> dict[tuple[str, str], int]:
         return {(r.file_name, r.content_hash): r.id for r in conn.execute(query)}
 
 
-def _load_one_batch(
-    conn: Connection, table: pa.Table, pending: dict[tuple[str, str], int], batch_key: str
-) -> tuple[int, int]:
-    """One staged batch in one transaction; rows no longer pending are skipped."""
-    names = table.column("file_name").to_pylist()
-    hashes = table.column("content_hash").to_pylist()
-    errors = table.column("error").to_pylist()
-    widths = table.column("width").to_pylist()
-    heights = table.column("height").to_pylist()
-    matrix = feature_matrix(table)
-    status_rows, feature_rows = [], []
-    for i, key in enumerate(zip(names, hashes, strict=True)):
-        image_id = pending.pop(key, None)
-        if image_id is None:
-            continue
-        failed = errors[i] is not None
-        status_rows.append(
-            dict(
-                b_id=image_id,
-                b_status=STATUS_FAILED if failed else STATUS_OK,
-                b_error=errors[i],
-                b_width=widths[i],
-                b_height=heights[i],
-            )
+def find_staged_rows(paths: Sequence[Path], pending: dict[tuple[str, str], int]) -> list[StagedRow]:
+    """The staged rows of still-pending images, sorted by image id (primary-key order)."""
+    found: list[StagedRow] = []
+    for batch, path in enumerate(paths):
+        table = read_table(path)
+        names, hashes, errors, widths, heights = (
+            table.column(name).to_pylist()
+            for name in ("file_name", "content_hash", "error", "width", "height")
         )
-        if not failed:
-            feature_rows.append(
-                dict(
-                    image_id=image_id,
-                    model=MODEL_NAME,
-                    staged_batch=batch_key,
-                    features=matrix[i].astype("<f4").tobytes(),
+        for row, key in enumerate(zip(names, hashes, strict=True)):
+            image_id = pending.pop(key, None)  # pop: an image staged twice is written once
+            if image_id is not None:
+                found.append(
+                    StagedRow(image_id, batch, row, errors[row], widths[row], heights[row])
                 )
-            )
-    if status_rows:
-        conn.execute(_STATUS_UPDATE, status_rows)
-    if feature_rows:
-        conn.execute(insert(image_features), feature_rows)
-    return len(feature_rows), len(status_rows) - len(feature_rows)
+    return sorted(found, key=lambda staged: staged.image_id)
 
 
+def gather_features(rows: Sequence[StagedRow], paths: Sequence[Path]) -> np.ndarray:
+    """The (len(rows), 2048) little-endian float32 vectors of these rows, read memory-mapped."""
+    out = np.empty((len(rows), FEATURE_DIM), dtype="<f4")
+    by_batch: dict[int, list[int]] = defaultdict(list)
+    for position, row in enumerate(rows):
+        by_batch[row.batch].append(position)
+    for batch, positions in by_batch.items():
+        matrix = feature_matrix(read_table(paths[batch]))
+        out[positions] = matrix[[rows[p].row for p in positions]]
+    return out
+
+
+def _status_values(row: StagedRow) -> tuple[int, str, str | None, int | None, int | None]:
+    """(id, status, error, width, height) of one loaded image."""
+    status = STATUS_FAILED if row.error is not None else STATUS_OK
+    return row.image_id, status, row.error, row.width, row.height
+
+
+# --- SQLite: executemany in-process, one transaction per chunk -------------------------
+
+_STATUS_PARAMS = ("b_id", "b_status", "b_error", "b_width", "b_height")
 _STATUS_UPDATE = (
     update(image_names)
     .where(image_names.c.id == bindparam("b_id"))
@@ -118,65 +162,344 @@ _STATUS_UPDATE = (
 )
 
 
+def _load_chunk_sqlite(engine: Engine, chunk: Sequence[StagedRow], paths: Sequence[Path]) -> None:
+    """executemany UPDATE and INSERT: in-process, so a statement per row costs no round trip."""
+    ok = [row for row in chunk if row.error is None]
+    features = gather_features(ok, paths)
+    statuses = [dict(zip(_STATUS_PARAMS, _status_values(row), strict=True)) for row in chunk]
+    vectors = [
+        dict(
+            image_id=row.image_id,
+            model=MODEL_NAME,
+            staged_batch=paths[row.batch].stem,
+            features=vector.tobytes(),
+        )
+        for row, vector in zip(ok, features, strict=True)
+    ]
+    with engine.begin() as conn:
+        _check_count("image status", conn.execute(_STATUS_UPDATE, statuses).rowcount, len(chunk))
+        if vectors:
+            inserted = conn.execute(insert(image_features), vectors).rowcount
+            _check_count("image_features", inserted, len(vectors))
+
+
+# --- MariaDB: LOAD DATA LOCAL, chunks written and loaded two at a time -----------------
+
+
+@dataclass(frozen=True)
+class ChunkFiles:
+    """The LOAD DATA files of one chunk: image statuses and raw feature vectors."""
+
+    statuses: Path
+    features: Path
+    images: int
+    vectors: int
+
+
+def _load_chunks_mariadb(
+    engine: Engine,
+    chunks: Sequence[Sequence[StagedRow]],
+    paths: Sequence[Path],
+    scratch_dir: Path | None,
+) -> None:
+    """Each chunk through LOAD DATA LOCAL on a dedicated loader engine, one transaction each.
+
+    LOAD DATA of the vectors' raw bytes is the fastest path benchmarks/load.py measured, ahead
+    of multi-row INSERT (escaping in Python) and of hex text with UNHEX() (twice the bytes).
+    LOAD_CONNECTIONS chunks are in flight at once, each on its own connection: one is written
+    to its files while another loads, and the server works on one per core.
+    """
+    if not chunks:
+        return
+    loader = create_db_engine(engine.url.render_as_string(hide_password=False), local_infile=True)
+    if scratch_dir is not None:
+        scratch_dir.mkdir(parents=True, exist_ok=True)
+    folder = Path(tempfile.mkdtemp(prefix="lookalike-load-", dir=scratch_dir))  # mode 0700
+    try:
+        with ThreadPoolExecutor(max_workers=LOAD_CONNECTIONS, thread_name_prefix="load") as pool:
+            futures = [
+                pool.submit(_write_and_load_chunk, loader, chunk, paths, folder / str(number))
+                for number, chunk in enumerate(chunks)
+            ]
+            try:
+                for future in futures:
+                    future.result()
+            except BaseException:
+                for future in futures:
+                    future.cancel()  # chunks not started stay pending for the next run
+                raise
+    finally:
+        shutil.rmtree(folder)
+        loader.dispose()
+
+
+def _write_and_load_chunk(
+    loader: Engine, chunk: Sequence[StagedRow], paths: Sequence[Path], prefix: Path
+) -> None:
+    """Write one chunk's files, load them in one transaction, remove them."""
+    files = write_chunk_files(chunk, paths, prefix)
+    try:
+        with loader.begin() as conn:
+            _load_chunk_files(conn, files)
+    finally:
+        files.statuses.unlink()
+        files.features.unlink()
+
+
+def write_chunk_files(
+    chunk: Sequence[StagedRow], paths: Sequence[Path], prefix: Path
+) -> ChunkFiles:
+    """Write a chunk's statuses and vectors as LOAD DATA's default tab-separated format."""
+    ok = [row for row in chunk if row.error is None]
+    features = gather_features(ok, paths)
+    statuses, vectors = prefix.with_suffix(".status.tsv"), prefix.with_suffix(".features.tsv")
+    with statuses.open("wb") as out:
+        for row in chunk:
+            out.write(b"\t".join(_field(value) for value in _status_values(row)) + b"\n")
+    with vectors.open("wb") as out:
+        for row, vector in zip(ok, features, strict=True):
+            key = paths[row.batch].stem.encode()
+            out.write(b"%d\t%s\t%s\n" % (row.image_id, key, escape_field(vector.tobytes())))
+    return ChunkFiles(statuses, vectors, len(chunk), len(ok))
+
+
+def _field(value: str | int | None) -> bytes:
+    """One LOAD DATA field: \\N for NULL, text as escaped UTF-8."""
+    if value is None:
+        return b"\\N"
+    return escape_field(str(value).encode())
+
+
+def escape_field(raw: bytes) -> bytes:
+    """Bytes as one LOAD DATA field (ESCAPED BY '\\'): backslash, tab and newline escaped."""
+    return raw.replace(b"\\", b"\\\\").replace(b"\t", b"\\t").replace(b"\n", b"\\n")
+
+
+def _load_chunk_files(conn: Connection, files: ChunkFiles) -> None:
+    """Statuses through a temporary table and one UPDATE ... JOIN, then the vectors.
+
+    executemany of an UPDATE would cost a round trip per image. The temporary table is
+    private to the loader's session, and its CREATE and DROP do not end the transaction.
+    """
+    conn.exec_driver_sql(
+        "CREATE TEMPORARY TABLE loaded_status (id INT PRIMARY KEY, status VARCHAR(16) NOT NULL, "
+        "error MEDIUMTEXT, width INT, height INT)"
+    )
+    try:
+        load_data_file(
+            conn,
+            files.statuses,
+            "loaded_status",
+            "CHARACTER SET utf8mb4 (id, status, error, width, height)",
+            files.images,
+        )
+        updated = conn.exec_driver_sql(
+            "UPDATE image_names JOIN loaded_status USING (id) SET "
+            "image_names.status = loaded_status.status, image_names.error = loaded_status.error, "
+            "image_names.width = loaded_status.width, image_names.height = loaded_status.height, "
+            "image_names.indexed = 0"
+        ).rowcount  # matched rows: SQLAlchemy connects with CLIENT_FOUND_ROWS
+        _check_count("image status", updated, files.images)
+    finally:
+        conn.exec_driver_sql("DROP TEMPORARY TABLE IF EXISTS loaded_status")
+    load_data_file(
+        conn,
+        files.features,
+        "image_features",
+        "CHARACTER SET binary (image_id, staged_batch, features) SET model = :model",
+        files.vectors,
+        {"model": MODEL_NAME},
+    )
+
+
+@contextmanager
+def scratch_file(folder: Path | None, prefix: str, suffix: str) -> Iterator[Path]:
+    """A new private (0600) file that the loader writes and LOADs; removed afterwards."""
+    if folder is not None:
+        folder.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix=prefix, suffix=suffix, dir=folder)
+    os.close(fd)
+    try:
+        yield Path(name)
+    finally:
+        Path(name).unlink(missing_ok=True)
+
+
+def load_data_file(
+    conn: Connection,
+    path: Path,
+    table_name: str,
+    format_clause: str,
+    expected: int,
+    params: dict[str, object] | None = None,
+) -> None:
+    """LOAD DATA LOCAL INFILE a file this loader wrote, then check warnings and the row count.
+
+    LOCAL turns errors (a duplicate key, a bad value) into warnings and skipped rows, so a
+    load is only trusted when it reports no warning and exactly the expected rows.
+    """
+    result = conn.execute(
+        text(f"LOAD DATA LOCAL INFILE :path INTO TABLE {table_name} {format_clause}"),
+        {"path": str(path), **(params or {})},
+    )
+    warnings = conn.exec_driver_sql("SHOW WARNINGS LIMIT 3").fetchall()
+    if warnings:
+        detail = "; ".join(str(w[2]) for w in warnings)
+        raise LoadError(
+            f"loading {table_name} wrote {result.rowcount} of {expected} rows: {detail}"
+        )
+    _check_count(table_name, result.rowcount, expected)
+
+
+def _check_count(what: str, written: int, expected: int) -> None:
+    """Fail loudly when a bulk write did not write exactly the expected rows."""
+    if written != expected:
+        raise LoadError(f"{what} load wrote {written} rows, expected {expected}; nothing kept")
+
+
 def load_neighbour_table(database_url: str, staged: Path, staging_dir: Path) -> int:
     """Replace the neighbour table with the staged lists; readers never see a half-filled one."""
     table = read_table(staged)
-    if database_url.startswith(("mysql", "mariadb")):
-        return _swap_in_mariadb(database_url, table, staging_dir)
+    return write_neighbour_table(database_url, table, staging_dir, expected_rows=table.num_rows)
+
+
+def write_neighbour_table(
+    database_url: str, table: pa.Table, staging_dir: Path, *, expected_rows: int
+) -> int:
+    """Swap in a new neighbour table of exactly expected_rows rows, in primary-key order.
+
+    On any failure (LoadError on a count or a warning) the current table stays as it was.
+    """
+    table = in_key_order(table)
+    if parse_database_url(database_url).get_backend_name() != "sqlite":
+        return _swap_in_mariadb(database_url, table, staging_dir, expected_rows)
     engine = create_db_engine(database_url)
     try:
-        return _replace_in_sqlite(engine, table)
+        return _replace_in_sqlite(engine, table, expected_rows)
     finally:
         engine.dispose()
 
 
-def _replace_in_sqlite(engine: Engine, table: pa.Table) -> int:
-    """Delete and insert in one transaction: WAL readers keep the old snapshot until commit."""
-    rows = table.to_pylist()
-    with engine.begin() as conn:
-        conn.execute(delete(image_neighbours))
-        if rows:
-            conn.execute(insert(image_neighbours), rows)
-    return len(rows)
+def in_key_order(table: pa.Table) -> pa.Table:
+    """The neighbour rows sorted by (image_id, rank), the primary key; refuses repeated keys."""
+    if not _strictly_increasing(table):
+        table = table.sort_by([("image_id", "ascending"), ("rank", "ascending")])
+        if not _strictly_increasing(table):
+            raise LoadError("staged neighbour lists repeat an (image, rank) pair; recompute them")
+    return table
 
 
-def _swap_in_mariadb(database_url: str, table: pa.Table, staging_dir: Path) -> int:
+def _strictly_increasing(table: pa.Table) -> bool:
+    """True when (image_id, rank) increases from every row to the next."""
+    ids = table.column("image_id").to_numpy()
+    ranks = table.column("rank").to_numpy()
+    same_image = ids[1:] == ids[:-1]
+    return bool(np.all((ids[1:] > ids[:-1]) | (same_image & (ranks[1:] > ranks[:-1]))))
+
+
+SQLITE_CHUNK_ROWS = 100_000  # rows per executemany: bounds the Python tuples held at once
+
+
+def _replace_in_sqlite(engine: Engine, table: pa.Table, expected_rows: int) -> int:
+    """Delete and insert in one transaction: WAL readers keep the old snapshot until commit.
+
+    The secondary index is dropped and built again after the insert: one sort instead of two
+    million random B-tree inserts. DDL is transactional in SQLite, so readers see none of it.
+    """
+    with engine.begin() as conn, _sqlite_bulk_pragmas(conn):
+        conn.execute(delete(image_neighbours))  # first: pysqlite opens the transaction on DML
+        for index in image_neighbours.indexes:
+            index.drop(conn, checkfirst=True)
+        for start in range(0, table.num_rows, SQLITE_CHUNK_ROWS):
+            part = table.slice(start, SQLITE_CHUNK_ROWS)
+            conn.exec_driver_sql(_SQLITE_NEIGHBOUR_INSERT, _neighbour_tuples(part))
+        for index in image_neighbours.indexes:
+            index.create(conn, checkfirst=True)
+        count = conn.execute(select(func.count()).select_from(image_neighbours)).scalar_one()
+        _check_count("image_neighbours", count, expected_rows)
+    return expected_rows
+
+
+_SQLITE_NEIGHBOUR_INSERT = (
+    "INSERT INTO image_neighbours (image_id, rank, neighbour_id, distance) VALUES (?, ?, ?, ?)"
+)
+
+
+def _neighbour_tuples(part: pa.Table) -> list[tuple[int, int, int, float]]:
+    """Plain Python rows for executemany, built column-wise (much faster than to_pylist)."""
+    columns = [part.column(name).to_numpy().tolist() for name in NEIGHBOURS_SCHEMA.names]
+    return list(zip(*columns, strict=True))
+
+
+@contextmanager
+def _sqlite_bulk_pragmas(conn: Connection) -> Iterator[None]:
+    """A large page cache and in-memory sort space for the load, the defaults afterwards."""
+    conn.exec_driver_sql("PRAGMA cache_size = -262144")  # 256 MiB: both indexes stay cached
+    conn.exec_driver_sql("PRAGMA temp_store = MEMORY")  # CREATE INDEX sorts in memory
+    try:
+        yield
+    finally:
+        conn.exec_driver_sql("PRAGMA cache_size = -2000")
+        conn.exec_driver_sql("PRAGMA temp_store = DEFAULT")
+
+
+NEW_TABLE = "image_neighbours_new"
+OLD_TABLE = "image_neighbours_old"
+
+
+def _swap_in_mariadb(
+    database_url: str, table: pa.Table, staging_dir: Path, expected_rows: int
+) -> int:
     """LOAD DATA into a fresh table, then one atomic RENAME TABLE swaps it in."""
     loader = create_db_engine(database_url, local_infile=True)  # the only LOCAL INFILE engine
-    staging_dir.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix="neighbours-", suffix=".csv", dir=staging_dir)
-    os.close(fd)
     try:
-        pacsv.write_csv(table, name, pacsv.WriteOptions(include_header=False))
-        with loader.begin() as conn:
-            conn.exec_driver_sql("DROP TABLE IF EXISTS image_neighbours_new, image_neighbours_old")
-            conn.exec_driver_sql("CREATE TABLE image_neighbours_new LIKE image_neighbours")
-            _load_data_checked(conn, name, "image_neighbours_new", table.num_rows)
-            conn.exec_driver_sql(
-                "RENAME TABLE image_neighbours TO image_neighbours_old, "
-                "image_neighbours_new TO image_neighbours"
-            )
-            conn.exec_driver_sql("DROP TABLE image_neighbours_old")
+        with scratch_file(staging_dir, "neighbours-", ".csv") as path:
+            pacsv.write_csv(table, str(path), pacsv.WriteOptions(include_header=False))
+            with loader.connect() as conn:
+                _create_fresh_table(conn)
+                try:
+                    _bulk_load_fresh_table(conn, path, expected_rows)
+                except BaseException:
+                    conn.rollback()
+                    conn.exec_driver_sql(f"DROP TABLE IF EXISTS {NEW_TABLE}")
+                    raise
+                conn.exec_driver_sql(
+                    f"RENAME TABLE image_neighbours TO {OLD_TABLE}, {NEW_TABLE} TO image_neighbours"
+                )
+                conn.exec_driver_sql(f"DROP TABLE {OLD_TABLE}")
+                conn.commit()
     finally:
-        os.unlink(name)
         loader.dispose()
-    return table.num_rows
+    return expected_rows
 
 
-def _load_data_checked(conn: Connection, csv_path: str, table_name: str, expected: int) -> None:
-    """LOAD DATA LOCAL turns errors into warnings: check them and the row count."""
-    result = conn.execute(
-        text(
-            f"LOAD DATA LOCAL INFILE :path INTO TABLE {table_name} "
+def _create_fresh_table(conn: Connection) -> None:
+    """An empty copy of image_neighbours (same columns and indexes) beside the live one."""
+    conn.exec_driver_sql(f"DROP TABLE IF EXISTS {NEW_TABLE}, {OLD_TABLE}")
+    conn.exec_driver_sql(f"CREATE TABLE {NEW_TABLE} LIKE image_neighbours")
+    conn.commit()  # DDL commits anyway; this ends SQLAlchemy's transaction too
+
+
+def _bulk_load_fresh_table(conn: Connection, path: Path, expected_rows: int) -> None:
+    """One LOAD DATA into the empty fresh table in one transaction, checked before commit.
+
+    unique_checks=0 and foreign_key_checks=0 let InnoDB load an empty table in bulk (sorted
+    index builds, table-level undo). Safe here: no one else sees this table, it has no foreign
+    keys, and the row count check below catches any row a duplicate key would have dropped.
+    """
+    conn.exec_driver_sql("SET SESSION unique_checks = 0, foreign_key_checks = 0")
+    try:
+        load_data_file(
+            conn,
+            path,
+            NEW_TABLE,
             "FIELDS TERMINATED BY ',' LINES TERMINATED BY '\\n' "
-            "(image_id, `rank`, neighbour_id, distance)"
-        ),
-        {"path": csv_path},
-    )
-    warnings = conn.exec_driver_sql("SHOW WARNINGS LIMIT 5").fetchall()
-    if warnings or result.rowcount != expected:
-        detail = "; ".join(str(w[2]) for w in warnings) or "no warnings"
-        raise LoadError(f"neighbour load wrote {result.rowcount} of {expected} rows ({detail})")
+            "(image_id, `rank`, neighbour_id, distance)",
+            expected_rows,
+        )
+        conn.commit()
+    finally:
+        conn.exec_driver_sql("SET SESSION unique_checks = 1, foreign_key_checks = 1")
 
 
 def read_feature_rows(engine: Engine) -> tuple[np.ndarray, np.ndarray]:
@@ -197,7 +520,9 @@ def read_feature_rows(engine: Engine) -> tuple[np.ndarray, np.ndarray]:
     return np.asarray(ids, dtype=np.int64), matrix.astype(np.float32, copy=False)
 
 
-@task(
+@materialize(
+    "lookalike://tables/image_names",  # the flow names the tables of its database
+    "lookalike://tables/image_features",
     name="load-features",
     retries=3,
     retry_delay_seconds=[2, 10, 30],
@@ -206,10 +531,20 @@ def read_feature_rows(engine: Engine) -> tuple[np.ndarray, np.ndarray]:
 )
 def load_features_task(database_url: str, paths: list[str]) -> FeatureLoadCounts:
     """Bulk-load staged feature batches into image_names and image_features."""
-    return load_feature_batches(engine_for(database_url), [Path(p) for p in paths])
+    counts = load_feature_batches(engine_for(database_url), [Path(p) for p in paths])
+    rows = record_table_assets(database_url)
+    get_run_logger().info(
+        "loaded %d staged batches: %d images ok, %d failed; tables now hold %s",
+        len(paths),
+        counts.ok,
+        counts.failed,
+        rows,
+    )
+    return counts
 
 
-@task(
+@materialize(
+    "lookalike://tables/image_neighbours",  # the flow names the table of its database
     name="load-neighbours",
     retries=3,
     retry_delay_seconds=[2, 10, 30],
@@ -223,4 +558,8 @@ def load_neighbours_task(
     rows = load_neighbour_table(database_url, Path(staged), Path(staging_dir))
     mark_indexed(engine_for(database_url), refreshed_ids)
     Path(staged).unlink(missing_ok=True)  # the lists now live in the database
+    record_table_assets(database_url)
+    get_run_logger().info(
+        "swapped in %d neighbour rows; %d lists refreshed", rows, len(refreshed_ids)
+    )
     return rows

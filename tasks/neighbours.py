@@ -9,14 +9,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from prefect import task
+from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from sqlalchemy import Engine, select
 
 from sql.schema import FEATURE_DIM, STATUS_OK, image_features, image_names, image_neighbours
 from tasks.catalog import stale_neighbour_ids
 from tasks.database import engine_for
-from tasks.knn import NeighbourLists, knn_all
+from tasks.knn import KnnInputError, NeighbourLists, knn_all
 from tasks.knn_incremental import knn_update
 from tasks.load import read_feature_rows
 from tasks.stage import feature_batch_path, feature_matrix, read_table, write_neighbour_lists
@@ -115,19 +115,26 @@ def compute_neighbours(
         and previous.neighbour_ids.shape[1] == min(k, max(len(previous.image_ids) - 1, 0))
         and len(changed) <= INCREMENTAL_LIMIT * max(len(ids), 1)
     )
+    lists = None
     if incremental and previous is not None:
-        lists = knn_update(
-            previous,
-            features,
-            ids,
-            changed_ids=np.asarray(changed, np.int64),
-            deleted_ids=np.asarray(gone, np.int64),
-            k=k,
-            metric=metric,
-        )
-    else:
+        try:
+            lists = knn_update(
+                previous,
+                features,
+                ids,
+                changed_ids=np.asarray(changed, np.int64),
+                deleted_ids=np.asarray(gone, np.int64),
+                k=k,
+                metric=metric,
+            )
+        except KnnInputError as exc:
+            # Stored lists that do not describe the change (e.g. edited by hand): start over.
+            log.warning("incremental neighbour update impossible (%s); full pass instead", exc)
+            incremental = False
+    if lists is None:
         lists = knn_all(features, ids, k, metric=metric)
-    assert lists.neighbour_ids.shape == (len(ids), expected_width)
+    if lists.neighbour_ids.shape != (len(ids), expected_width):
+        raise RuntimeError(f"kNN returned lists of shape {lists.neighbour_ids.shape}")
     staged = write_neighbour_lists(
         staging_dir / "neighbours" / f"{uuid.uuid4().hex}.arrow",
         lists.image_ids,
@@ -143,9 +150,17 @@ def compute_neighbours(
     )
 
 
-@task(name="compute-neighbours", cache_policy=NO_CACHE)
+@task(name="compute-neighbours", cache_policy=NO_CACHE)  # deterministic compute: no retries
 def compute_neighbours_task(
     database_url: str, staging_dir: str, k: int, full: bool = False
 ) -> NeighbourPlan:
     """Exact kNN of every ok image, incremental when only a few changed; lists staged as Arrow."""
-    return compute_neighbours(engine_for(database_url), Path(staging_dir), k, full=full)
+    plan = compute_neighbours(engine_for(database_url), Path(staging_dir), k, full=full)
+    get_run_logger().info(
+        "%s neighbour pass over %d images: %d rows staged, %d lists refreshed",
+        plan.mode,
+        plan.images,
+        plan.rows,
+        len(plan.refreshed_ids),
+    )
+    return plan

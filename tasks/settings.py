@@ -29,6 +29,7 @@ class Settings:
     batch_size: int = 64
     k: int = 100
     decode_workers: int = 0  # 0: one per core
+    reduced_scale_decode: bool = False  # big JPEGs decoded at 1/2..1/8 scale: faster, not same
     max_image_pixels: int = 100_000_000  # larger images are refused as decompression bombs
     host: str = "127.0.0.1"
     port: int = 5000
@@ -94,4 +95,16 @@ def _parse(name: str, type_name: str, raw: str) -> Any:
             ) from None
     if "Path" in type_name:
         return Path(raw)
+    if type_name == "bool":
+        return _parse_bool(name, raw)
     return raw
+
+
+def _parse_bool(name: str, raw: str) -> bool:
+    """true/false, 1/0, yes/no, on/off, in any case."""
+    value = raw.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise SettingsError(f"{ENV_PREFIX}{name.upper()} must be true or false, got {raw!r}")

@@ -1,0 +1,149 @@
+"""prefect.yaml for real: a Prefect server, a process pool, `prefect deploy`, a worker, a run."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import func, select
+
+from sql.schema import STATUS_OK, image_names, image_neighbours, runs
+from tasks.database import connect_checked
+from tests.odd_images import write_photos
+
+ROOT = Path(__file__).resolve().parent.parent
+PREFECT = [sys.executable, "-m", "prefect"]
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def api_call(api_url: str, path: str, body: dict[str, Any] | None = None) -> Any:
+    """GET (no body) or POST (body) on the Prefect REST API; the decoded JSON answer."""
+    data = None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(
+        f"{api_url}{path}", data=data, headers={"Content-Type": "application/json"}
+    )
+    with urllib.request.urlopen(request, timeout=10) as response:
+        return json.loads(response.read() or b"null")
+
+
+def wait_for_health(api_url: str, server: subprocess.Popen[bytes], timeout: float) -> None:
+    """Block until the server answers /health; fail when it exits or takes too long."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            pytest.fail(f"prefect server exited with status {server.returncode}")
+        try:
+            api_call(api_url, "/health")
+            return
+        except (urllib.error.URLError, ConnectionError, TimeoutError):
+            time.sleep(0.5)
+    pytest.fail(f"prefect server did not answer within {timeout:.0f} s")
+
+
+@pytest.fixture
+def prefect_env(tmp_path: Path) -> Iterator[dict[str, str]]:
+    """A running `prefect server start` on a free port; the environment that talks to it."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "LOOKALIKE_"))}
+    port = free_port()
+    env.update(
+        PREFECT_HOME=str(tmp_path / "prefect-home"),  # its own SQLite database lives here
+        PREFECT_SERVER_ANALYTICS_ENABLED="false",
+        PREFECT_API_URL=f"http://127.0.0.1:{port}/api",
+        PREFECT_LOGGING_LEVEL="WARNING",
+    )
+    with (tmp_path / "server.log").open("wb") as log:
+        server = subprocess.Popen(
+            [*PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        wait_for_health(env["PREFECT_API_URL"], server, timeout=180)
+        yield env
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
+
+
+def prefect(*args: str, env: dict[str, str], timeout: float = 120) -> str:
+    """Run the prefect CLI in the project folder; its output (the test fails on an error)."""
+    result = subprocess.run(
+        [*PREFECT, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout
+    )
+    assert result.returncode == 0, f"prefect {' '.join(args)}:\n{result.stdout}\n{result.stderr}"
+    return result.stdout + result.stderr
+
+
+@pytest.mark.slow
+def test_deployment_runs_on_a_process_worker(prefect_env: dict[str, str], tmp_path: Path) -> None:
+    images = tmp_path / "images"
+    write_photos(images, 3)
+    database_url = f"sqlite:///{tmp_path / 'lookalike.sqlite'}"
+    api_url = prefect_env["PREFECT_API_URL"]
+
+    prefect("work-pool", "create", "lookalike", "--type", "process", env=prefect_env)
+    deploy_env = dict(
+        prefect_env, LOOKALIKE_PROJECT_DIR=str(ROOT), LOOKALIKE_IMAGE_ROOT=str(images)
+    )
+    prefect("--no-prompt", "deploy", "--all", env=deploy_env)
+    deployments = api_call(api_url, "/deployments/filter", {})
+    assert sorted(d["name"] for d in deployments) == ["process-images", "rebuild-neighbours"]
+    assert all(d["description"] for d in deployments)
+
+    started = prefect(
+        "deployment", "run", "process-images/process-images",
+        "-p", "batch_size=4", "-p", "k=2",
+        env=prefect_env,
+    )  # fmt: skip
+    match = re.search(r"UUID: ([0-9a-f-]{36})", started)
+    assert match, started
+    flow_run_id = match.group(1)
+    worker_env = dict(
+        prefect_env,
+        LOOKALIKE_DATABASE_URL=database_url,  # from the worker's environment, never the file
+        LOOKALIKE_WEIGHTS="none",
+        LOOKALIKE_DATA_DIR=str(tmp_path / "data"),
+    )
+    prefect(
+        "worker", "start", "--pool", "lookalike", "--type", "process", "--run-once",
+        env=worker_env,
+        timeout=400,
+    )  # fmt: skip
+
+    flow_run = api_call(api_url, f"/flow_runs/{flow_run_id}")
+    assert flow_run["state"]["type"] == "COMPLETED", flow_run["state"]
+    artifacts = api_call(
+        api_url, "/artifacts/filter", {"flow_runs": {"id": {"any_": [flow_run_id]}}}
+    )
+    assert {"process-images-summary", "process-images-failed", "process-images-progress"} <= {
+        a["key"] for a in artifacts
+    }
+    engine = connect_checked(database_url)
+    with engine.connect() as conn:
+        ok = conn.execute(select(func.count()).where(image_names.c.status == STATUS_OK)).scalar()
+        neighbours = conn.execute(select(func.count()).select_from(image_neighbours)).scalar()
+        run_rows = conn.execute(select(runs.c.status)).scalars().all()
+    engine.dispose()
+    assert (ok, neighbours, run_rows) == (3, 3 * 2, ["completed"])
