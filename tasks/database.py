@@ -84,13 +84,23 @@ def describe_db_error(exc: BaseException) -> str:
     return str(orig).splitlines()[0] if str(orig) else type(orig).__name__
 
 
+def create_schema(engine: Engine) -> None:
+    """Create missing tables; a concurrent run creating them at the same moment is fine."""
+    try:
+        metadata.create_all(engine)
+    except DBAPIError as exc:
+        if "already exists" not in str(exc):
+            raise
+        metadata.create_all(engine)  # the other run won the race: check again, create the rest
+
+
 def connect_checked(url: str) -> Engine:
     """An engine that is known to answer, with the schema created; else DatabaseError."""
     engine = create_db_engine(url)
     try:
         with engine.begin() as conn:
             conn.execute(text("SELECT 1"))
-        metadata.create_all(engine)
+        create_schema(engine)
     except DBAPIError as exc:
         engine.dispose()
         safe = parse_database_url(url).render_as_string(hide_password=True)
