@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import time
 from pathlib import Path
 from typing import Any
 
@@ -86,12 +87,19 @@ def describe_db_error(exc: BaseException) -> str:
 
 def create_schema(engine: Engine) -> None:
     """Create missing tables; a concurrent run creating them at the same moment is fine."""
-    try:
-        metadata.create_all(engine)
-    except DBAPIError as exc:
-        if "already exists" not in str(exc):
-            raise
-        metadata.create_all(engine)  # the other run won the race: check again, create the rest
+    # create_all checks, then creates table by table: a run starting at the same moment can
+    # create a table between the two. Each such clash means one more table exists, so
+    # checking again makes progress; len(tables) + 1 rounds always suffice.
+    rounds = len(metadata.tables) + 1
+    for round_number in range(1, rounds + 1):
+        try:
+            metadata.create_all(engine)
+            return
+        except DBAPIError as exc:
+            if "already exists" not in str(exc) or round_number == rounds:
+                raise
+            log.debug("another run created a table first; checking the schema again")
+            time.sleep(0.05 * round_number)
 
 
 def connect_checked(url: str) -> Engine:

@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 import uvicorn
+from playwright.sync_api import expect
 
 from api.app import create_app
 from tests.test_api import Catalog, app_settings, build_catalog, model_vectors
@@ -128,7 +129,7 @@ def test_page_shows_an_image_its_fingerprint_and_neighbours(
     assert [text.split(".")[0] for text in shown] == ["1", "2", "3", "4"]
     distances = [float(text.split(" distance ")[1]) for text in shown]
     assert distances == pytest.approx([d for _, d in catalog.neighbours[first]], rel=5e-3)
-    assert "11 images (5 indexed)" in page.locator("#stats").inner_text()
+    expect(page.locator("#stats")).to_contain_text("11 images (5 indexed)", timeout=TIMEOUT_MS)
 
 
 def test_clicking_a_neighbour_makes_it_current_and_the_url_follows(
@@ -167,8 +168,11 @@ def test_search_by_path_lists_matches_and_opens_one(served: tuple[str, Catalog],
     assert matches.all_inner_texts() == ["odd/100%_real.jpg"]
     matches.first.click()
     page.wait_for_url(re.compile(rf"\?id={catalog.ids['odd/100%_real.jpg']}$"))
-    assert "pending" in page.locator("#current-meta").inner_text()
-    assert page.locator("#neighbours-title").inner_text() == "No similar images stored yet"
+    # The URL changes before the page has fetched the image: wait for the page to catch up.
+    expect(page.locator("#current-meta")).to_contain_text("pending", timeout=TIMEOUT_MS)
+    expect(page.locator("#neighbours-title")).to_have_text(
+        "No similar images stored yet", timeout=TIMEOUT_MS
+    )
 
 
 def test_upload_shows_the_most_similar_images(served: tuple[str, Catalog], page: Any) -> None:

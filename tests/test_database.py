@@ -1,0 +1,58 @@
+"""Database engines: URL checks, readable errors, and schema creation racing other runs."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+from sqlalchemy import inspect
+
+from sql.schema import metadata
+from tasks.database import (
+    DatabaseError,
+    connect_checked,
+    create_db_engine,
+    create_schema,
+    parse_database_url,
+)
+
+RACERS = 6
+
+
+def test_unsupported_backends_and_malformed_urls_are_refused_in_one_line() -> None:
+    with pytest.raises(DatabaseError, match="unsupported database 'postgresql'"):
+        parse_database_url("postgresql://localhost/x")
+    with pytest.raises(DatabaseError, match="malformed database URL"):
+        parse_database_url("not a url")
+
+
+def test_unreachable_mariadb_is_one_line_without_the_password() -> None:
+    with pytest.raises(DatabaseError) as caught:
+        connect_checked("mysql+pymysql://root:secret@127.0.0.1:1/nowhere")
+    message = str(caught.value)
+    assert "secret" not in message and "***" in message
+    assert "\n" not in message
+
+
+def test_runs_starting_together_all_create_the_schema(database_url: str) -> None:
+    """Several processes' first runs create the tables at once; none of them fails."""
+    barrier = threading.Barrier(RACERS)
+    errors: list[BaseException] = []
+    engines = [create_db_engine(database_url) for _ in range(RACERS)]
+
+    def race(index: int) -> None:
+        barrier.wait()
+        try:
+            create_schema(engines[index])
+        except BaseException as exc:  # noqa: BLE001 - collected and asserted below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=race, args=(i,)) for i in range(RACERS)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert errors == []
+    assert set(inspect(engines[0]).get_table_names()) == set(metadata.tables)
+    for engine in engines:
+        engine.dispose()
