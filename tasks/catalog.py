@@ -297,6 +297,19 @@ def start_run(engine: Engine, weights_id: str) -> int:
         return int(result.inserted_primary_key[0])  # type: ignore[index]
 
 
+def close_interrupted_runs(engine: Engine) -> int:
+    """Mark runs still 'running' as 'interrupted'; call only while holding the run lock.
+
+    The lock admits one run at a time, so a 'running' row left when the next run takes it is
+    a run whose process died (killed, crashed, power lost) before it could record its end.
+    """
+    with engine.begin() as conn:
+        result = conn.execute(
+            update(runs).where(runs.c.status == "running").values(status="interrupted")
+        )
+    return int(result.rowcount)
+
+
 def finish_run(engine: Engine, run_id: int, status: str, summary: Any) -> None:
     """Record how a run ended, with its summary as JSON."""
     body = json.dumps(asdict(summary) if hasattr(summary, "__dataclass_fields__") else summary)
@@ -361,6 +374,9 @@ def mark_indexed(engine: Engine, image_ids: Sequence[int]) -> None:
 def open_collection_task(database_url: str, root: str, weights_id: str, recompute: bool) -> int:
     """Bind the database to the folder and weights, and record a new run; the run's id."""
     engine = engine_for(database_url)
+    interrupted = close_interrupted_runs(engine)  # the flow holds the run lock here
+    if interrupted:
+        get_run_logger().warning("%d earlier run(s) never finished: now interrupted", interrupted)
     if open_collection(engine, Path(root), weights_id, recompute=recompute):
         get_run_logger().warning(
             "weights changed to %s: every image is extracted again", weights_id

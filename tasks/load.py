@@ -49,7 +49,7 @@ from tasks.database import (
     retry_if_transient,
 )
 from tasks.report import record_table_assets
-from tasks.stage import NEIGHBOURS_SCHEMA, feature_matrix, read_table
+from tasks.stage import NEIGHBOURS_SCHEMA, StagingError, feature_matrix, read_table
 
 log = logging.getLogger(__name__)
 
@@ -211,10 +211,11 @@ def _load_chunks_mariadb(
     """
     if not chunks:
         return
+    with load_file_errors(scratch_dir or tempfile.gettempdir()):
+        if scratch_dir is not None:
+            scratch_dir.mkdir(parents=True, exist_ok=True)
+        folder = Path(tempfile.mkdtemp(prefix="lookalike-load-", dir=scratch_dir))  # mode 0700
     loader = create_db_engine(engine.url.render_as_string(hide_password=False), local_infile=True)
-    if scratch_dir is not None:
-        scratch_dir.mkdir(parents=True, exist_ok=True)
-    folder = Path(tempfile.mkdtemp(prefix="lookalike-load-", dir=scratch_dir))  # mode 0700
     try:
         with ThreadPoolExecutor(max_workers=LOAD_CONNECTIONS, thread_name_prefix="load") as pool:
             futures = [
@@ -253,10 +254,10 @@ def write_chunk_files(
     ok = [row for row in chunk if row.error is None]
     features = gather_features(ok, paths)
     statuses, vectors = prefix.with_suffix(".status.tsv"), prefix.with_suffix(".features.tsv")
-    with statuses.open("wb") as out:
+    with load_file_errors(prefix.parent), statuses.open("wb") as out:
         for row in chunk:
             out.write(b"\t".join(_field(value) for value in _status_values(row)) + b"\n")
-    with vectors.open("wb") as out:
+    with load_file_errors(prefix.parent), vectors.open("wb") as out:
         for row, vector in zip(ok, features, strict=True):
             key = paths[row.batch].stem.encode()
             out.write(b"%d\t%s\t%s\n" % (row.image_id, key, escape_field(vector.tobytes())))
@@ -313,11 +314,21 @@ def _load_chunk_files(conn: Connection, files: ChunkFiles) -> None:
 
 
 @contextmanager
+def load_file_errors(folder: Path | str) -> Iterator[None]:
+    """A full or unwritable disk while writing LOAD DATA files: one StagingError line."""
+    try:
+        yield
+    except OSError as exc:  # a raw OSError would reach the user as a traceback
+        raise StagingError(f"cannot write load files in {folder}: {exc.strerror or exc}") from exc
+
+
+@contextmanager
 def scratch_file(folder: Path | None, prefix: str, suffix: str) -> Iterator[Path]:
     """A new private (0600) file that the loader writes and LOADs; removed afterwards."""
-    if folder is not None:
-        folder.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix=prefix, suffix=suffix, dir=folder)
+    with load_file_errors(folder or tempfile.gettempdir()):
+        if folder is not None:
+            folder.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(prefix=prefix, suffix=suffix, dir=folder)
     os.close(fd)
     try:
         yield Path(name)
@@ -454,7 +465,8 @@ def _swap_in_mariadb(
     loader = create_db_engine(database_url, local_infile=True)  # the only LOCAL INFILE engine
     try:
         with scratch_file(staging_dir, "neighbours-", ".csv") as path:
-            pacsv.write_csv(table, str(path), pacsv.WriteOptions(include_header=False))
+            with load_file_errors(staging_dir):
+                pacsv.write_csv(table, str(path), pacsv.WriteOptions(include_header=False))
             with loader.connect() as conn:
                 _create_fresh_table(conn)
                 try:
