@@ -24,7 +24,7 @@ from api.dependencies import DEPENDENCIES
 from api.errors import EXCEPTION_HANDLERS
 from api.repository import ImageRepository, StatsCache
 from api.search_index import SimilaritySearch
-from tasks.database import create_db_engine
+from tasks.database import create_reader_engine
 from tasks.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -37,7 +37,7 @@ DEFAULT_WORKER_THREADS = 5
 def create_app(settings: Settings | None = None) -> Litestar:
     """The web service for the database named by settings (None: read LOOKALIKE_* variables)."""
     settings = settings or Settings.from_env()
-    engine = create_db_engine(settings.resolved_database_url)
+    engine = create_reader_engine(settings.resolved_database_url)
     repository = ImageRepository(engine)
     state = State(
         {

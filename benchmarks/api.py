@@ -5,6 +5,7 @@ service in a subprocess as a user would (uvicorn, LOOKALIKE_DATABASE_URL), drive
 concurrent keep-alive clients, then drops the database. The last line printed is one JSON object.
 
     .venv/bin/python benchmarks/api.py [--images 100000] [--k 100] [--clients 8] [--seconds 10]
+                                       [--keep NAME]   # keep the filled database for reruns
 """
 
 from __future__ import annotations
@@ -56,23 +57,29 @@ bare_app = Litestar(route_handlers=[bare_route], debug=False)
 
 
 @contextmanager
-def scratch_database() -> Iterator[str]:
-    """A MariaDB database made for the benchmark, dropped afterwards."""
+def scratch_database(keep: str | None) -> Iterator[tuple[str, bool]]:
+    """A MariaDB database for the benchmark and whether it still needs filling.
+
+    Normally made and dropped afterwards; with --keep NAME it is kept for the next run, which
+    finds it filled and skips the few minutes of loading.
+    """
     import sqlalchemy
 
-    name = f"lookalike_bench_{uuid.uuid4().hex[:10]}"
+    name = keep or f"lookalike_bench_{uuid.uuid4().hex[:10]}"
     admin = sqlalchemy.create_engine(ADMIN_URL, isolation_level="AUTOCOMMIT")
     with admin.connect() as conn:
-        conn.exec_driver_sql(f"CREATE DATABASE `{name}` CHARACTER SET utf8mb4 COLLATE utf8mb4_bin")
+        exists = conn.exec_driver_sql("SHOW DATABASES LIKE %s", (name,)).first() is not None
+        if not exists:
+            conn.exec_driver_sql(
+                f"CREATE DATABASE `{name}` CHARACTER SET utf8mb4 COLLATE utf8mb4_bin"
+            )
+    url = sqlalchemy.engine.make_url(ADMIN_URL).set(database=name)
     try:
-        yield (
-            sqlalchemy.engine.make_url(ADMIN_URL)
-            .set(database=name)
-            .render_as_string(hide_password=False)
-        )
+        yield url.render_as_string(hide_password=False), not exists
     finally:
-        with admin.connect() as conn:
-            conn.exec_driver_sql(f"DROP DATABASE IF EXISTS `{name}`")
+        if keep is None:
+            with admin.connect() as conn:
+                conn.exec_driver_sql(f"DROP DATABASE IF EXISTS `{name}`")
         admin.dispose()
 
 
@@ -368,11 +375,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--searches", type=int, default=10)
     parser.add_argument("--no-search", action="store_true", help="skip POST /api/search")
+    parser.add_argument(
+        "--keep", metavar="NAME", help="keep the filled database NAME (reused when it exists)"
+    )
     args = parser.parse_args(argv)
 
     python_path = {"PYTHONPATH": str(REPO)}
-    with scratch_database() as url, tempfile.TemporaryDirectory() as scratch:
-        fill_database(url, args.images, args.k, Path(scratch))
+    with scratch_database(args.keep) as (url, empty), tempfile.TemporaryDirectory() as scratch:
+        if empty:
+            fill_database(url, args.images, args.k, Path(scratch))
         settle(url)
         env = {"LOOKALIKE_DATABASE_URL": url, "LOOKALIKE_DATA_DIR": scratch, **python_path}
         with (

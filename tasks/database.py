@@ -10,7 +10,13 @@ from typing import Any
 
 from sqlalchemy import Engine, create_engine, event, text
 from sqlalchemy.engine import URL, make_url
-from sqlalchemy.exc import ArgumentError, DBAPIError, NoSuchModuleError, OperationalError
+from sqlalchemy.exc import (
+    ArgumentError,
+    DBAPIError,
+    DisconnectionError,
+    NoSuchModuleError,
+    OperationalError,
+)
 
 from sql.schema import metadata
 
@@ -18,6 +24,8 @@ log = logging.getLogger(__name__)
 
 # Server gone, lost connection, can't connect, lock wait timeout, deadlock, server shutting down.
 TRANSIENT_MARIADB_CODES = {2002, 2003, 2006, 2013, 1205, 1213, 1053}
+# A pooled reader connection idle this long is pinged before reuse (the server may be gone).
+READER_PING_AFTER_S = 5.0
 
 
 class DatabaseError(RuntimeError):
@@ -57,6 +65,48 @@ def create_db_engine(url: str, *, local_infile: bool = False) -> Engine:
         )
     except NoSuchModuleError as exc:
         raise DatabaseError(f"unsupported database driver in {url!r}: {exc}") from None
+
+
+def create_reader_engine(url: str, ping_after_s: float = READER_PING_AFTER_S) -> Engine:
+    """An engine for short read-only requests (the API): one round trip per query on MariaDB.
+
+    The writer's engine pings on every checkout and rolls back on every return: two extra
+    round trips per request. Readers run in autocommit (each SELECT sees the latest committed
+    data, and there is no transaction to roll back), and ping only connections that sat idle
+    long enough for the server to have dropped or restarted.
+    """
+    parsed = parse_database_url(url)
+    if parsed.get_backend_name() == "sqlite":
+        return create_db_engine(url)
+    engine = create_engine(
+        parsed,
+        isolation_level="AUTOCOMMIT",
+        skip_autocommit_rollback=True,  # else each Connection.close() sends a ROLLBACK
+        pool_reset_on_return=None,
+        pool_recycle=3600,
+        connect_args={"local_infile": False, "charset": "utf8mb4"},
+    )
+    _ping_idle_connections(engine, ping_after_s)
+    return engine
+
+
+def _ping_idle_connections(engine: Engine, ping_after_s: float) -> None:
+    """Before reuse, ping a connection idle for ping_after_s or longer; replace it if dead."""
+
+    @event.listens_for(engine, "checkin")
+    def _on_checkin(_dbapi_connection, record):  # type: ignore[no-untyped-def]
+        record.info["idle_since"] = time.monotonic()
+
+    @event.listens_for(engine, "checkout")
+    def _on_checkout(dbapi_connection, record, _proxy):  # type: ignore[no-untyped-def]
+        idle_since = record.info.get("idle_since")
+        if idle_since is None or time.monotonic() - idle_since < ping_after_s:
+            return
+        try:
+            dbapi_connection.ping(reconnect=False)
+        except Exception as exc:  # any driver error means this connection is gone
+            # The pool discards it and checks out (or opens) another one.
+            raise DisconnectionError(f"idle connection lost: {exc}") from exc
 
 
 def _sqlite_engine(parsed: URL) -> Engine:

@@ -5,13 +5,14 @@ from __future__ import annotations
 import threading
 
 import pytest
-from sqlalchemy import inspect
+from sqlalchemy import inspect, text
 
 from sql.schema import metadata
 from tasks.database import (
     DatabaseError,
     connect_checked,
     create_db_engine,
+    create_reader_engine,
     create_schema,
     parse_database_url,
 )
@@ -56,3 +57,34 @@ def test_runs_starting_together_all_create_the_schema(database_url: str) -> None
     assert set(inspect(engines[0]).get_table_names()) == set(metadata.tables)
     for engine in engines:
         engine.dispose()
+
+
+def test_the_reader_engine_sees_each_new_commit(mariadb_url: str) -> None:
+    """Autocommit readers hold no snapshot between requests: a later write is visible."""
+    writer, reader = connect_checked(mariadb_url), create_reader_engine(mariadb_url)
+    query = text("SELECT COUNT(*) FROM runs")
+    with reader.connect() as conn:
+        before = conn.execute(query).scalar_one()
+    with writer.begin() as conn:
+        conn.execute(
+            text("INSERT INTO runs (status, started_at, weights) VALUES ('running', NOW(), 'x')")
+        )
+    with reader.connect() as conn:
+        assert conn.execute(query).scalar_one() == before + 1
+    writer.dispose()
+    reader.dispose()
+
+
+def test_the_reader_engine_replaces_a_connection_the_server_dropped(mariadb_url: str) -> None:
+    reader = create_reader_engine(mariadb_url, ping_after_s=0.0)
+    with reader.connect() as conn:
+        first_id = conn.execute(text("SELECT CONNECTION_ID()")).scalar_one()
+    admin = create_db_engine(mariadb_url)
+    with admin.connect() as conn:
+        conn.execute(text(f"KILL {int(first_id)}"))
+    admin.dispose()
+    with reader.connect() as conn:  # the ping finds the pooled connection dead: a new one
+        second_id = conn.execute(text("SELECT CONNECTION_ID()")).scalar_one()
+    assert second_id != first_id
+    assert reader.pool.checkedout() == 0
+    reader.dispose()
