@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import errno
 import io
 import logging
+import os
+import stat
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cache
@@ -101,11 +104,11 @@ def decode_image(
     JPEGs at 1/2, 1/4 or 1/8 scale (much faster, slightly different pixels).
     """
     try:
-        with Path(path).open("rb") as stream:
+        with _open_regular_file(Path(path)) as stream:
             return _decode_stream(
                 stream, size=size, max_pixels=max_pixels, reduced_scale=reduced_scale
             )
-    # Only open() can raise these: _decode_stream turns every later failure into ImageDecodeError.
+    # Only opening can raise these: _decode_stream turns every later failure into ImageDecodeError.
     except FileNotFoundError as exc:
         raise ImageDecodeError("file disappeared before extraction") from exc
     except IsADirectoryError as exc:
@@ -114,6 +117,22 @@ def decode_image(
         raise ImageDecodeError("cannot read file: permission denied") from exc
     except OSError as exc:
         raise ImageDecodeError(f"cannot read file: {exc.strerror or exc}") from exc
+
+
+def _open_regular_file(path: Path) -> IO[bytes]:
+    """The file opened for reading; a FIFO or device swapped in after discovery never blocks."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        mode = os.fstat(fd).st_mode
+        if stat.S_ISDIR(mode):
+            raise IsADirectoryError(errno.EISDIR, "is a directory", str(path))
+        if not stat.S_ISREG(mode):
+            raise ImageDecodeError("not a regular file (a pipe, socket or device)")
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
 
 
 def decode_image_bytes(

@@ -16,6 +16,8 @@ log = logging.getLogger(__name__)
 
 HASH_CHUNK = 1 << 20
 SNIFF_BYTES = 16
+# image_names.file_name is VARCHAR(768) (sql/schema.py): MariaDB refuses longer paths.
+MAX_FILE_NAME_CHARS = 768
 
 
 class DiscoveryError(RuntimeError):
@@ -61,6 +63,9 @@ class Changes:
     deleted_ids: list[int] = field(default_factory=list)
     unchanged: int = 0
     unreadable: dict[str, str] = field(default_factory=dict)  # file name -> reason
+    # Image files whose names the database cannot hold (file name as walked -> reason);
+    # they are left out of the collection, not counted as found, and logged.
+    skipped: dict[str, str] = field(default_factory=dict)
 
     @property
     def found(self) -> int:
@@ -75,14 +80,18 @@ class Changes:
 
 
 def check_root(root: Path) -> Path:
-    """The resolved root folder, or DiscoveryError when it is missing or not a folder."""
+    """The resolved root; DiscoveryError if missing, not a folder, unreadable or not UTF-8."""
     if not root.exists():
         raise DiscoveryError(f"folder not found: {root}")
     if not root.is_dir():
         raise DiscoveryError(f"not a folder: {root}")
     if not os.access(root, os.R_OK | os.X_OK):
         raise DiscoveryError(f"folder not readable: {root}")
-    return root.resolve()
+    resolved = root.resolve()
+    if not _is_utf8(str(resolved)):
+        # collection.root stores the path as text; a byte-name would fail deep inside the run.
+        raise DiscoveryError(f"folder path is not valid UTF-8: {_printable(str(resolved))}")
+    return resolved
 
 
 def walk_files(root: Path) -> Iterator[FoundFile]:
@@ -92,7 +101,11 @@ def walk_files(root: Path) -> Iterator[FoundFile]:
     stack: list[tuple[Path, str]] = [(root, "")]
     while stack:
         directory, prefix = stack.pop()
-        info = directory.stat()
+        try:
+            info = directory.stat()
+        except OSError as exc:  # removed during the walk, or a path beyond PATH_MAX
+            log.warning("skipping folder %s: %s", directory, exc.strerror or exc)
+            continue
         if (info.st_dev, info.st_ino) in seen_dirs:
             continue  # a symlink cycle or a second link to a folder already walked
         seen_dirs.add((info.st_dev, info.st_ino))
@@ -131,6 +144,29 @@ def _classify_entry(entry: os.DirEntry[str], root: Path) -> str:
     return "file" if stat.S_ISREG(st.st_mode) else "skip"
 
 
+def unstorable_reason(file_name: str) -> str | None:
+    """Why a relative path cannot be stored as image_names.file_name; None when it can."""
+    if not _is_utf8(file_name):
+        return "file name is not valid UTF-8"
+    if len(file_name) > MAX_FILE_NAME_CHARS:
+        return f"path longer than {MAX_FILE_NAME_CHARS} characters"
+    return None
+
+
+def _is_utf8(name: str) -> bool:
+    """False for names holding undecodable bytes (os.fsdecode keeps them as surrogates)."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _printable(name: str) -> str:
+    """The name with undecodable bytes shown as \\xNN, safe to print and to store."""
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
 def _inside(path: Path, root: Path) -> bool:
     """True when path is root or below it."""
     return path == root or root in path.parents
@@ -166,8 +202,11 @@ def looks_like_image(path: Path) -> bool:
 
 
 def any_image(root: Path) -> bool:
-    """True as soon as one image file is found under root (stops at the first)."""
-    return any(looks_like_image(root / found.file_name) for found in walk_files(root))
+    """True as soon as one storable image file is found under root (stops at the first)."""
+    return any(
+        unstorable_reason(found.file_name) is None and looks_like_image(root / found.file_name)
+        for found in walk_files(root)
+    )
 
 
 def find_changes(root: Path, known: Mapping[str, KnownImage]) -> Changes:
@@ -183,10 +222,22 @@ def find_changes(root: Path, known: Mapping[str, KnownImage]) -> Changes:
         path = root / found.file_name
         if previous is None and not looks_like_image(path):
             continue
+        if previous is None and _skip_unstorable(changes, found.file_name):
+            continue
         present.add(found.file_name)
         _add_hashed(changes, found, path, previous)
     changes.deleted_ids = sorted(k.image_id for name, k in known.items() if name not in present)
     return changes
+
+
+def _skip_unstorable(changes: Changes, file_name: str) -> bool:
+    """Record and log a new image whose name the database cannot hold; True if skipped."""
+    reason = unstorable_reason(file_name)
+    if reason is None:
+        return False
+    changes.skipped[file_name] = reason
+    log.warning("skipping image %s: %s", _printable(file_name), reason)
+    return True
 
 
 def _add_hashed(

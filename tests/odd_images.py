@@ -26,6 +26,34 @@ BOMB_SIZE = (40000, 40000)  # bomb.png header
 
 _PLAIN_SIZE = (48, 32)
 
+# Names a user's camera, script or colleague may produce; every one must survive unchanged.
+HOSTILE_NAMES = (
+    "with space.jpg",
+    "  leading spaces.jpg",
+    "trailing space.jpg ",
+    "trailing space.jpg",  # a different file from the one above (MariaDB: a NO PAD collation)
+    "case.jpg",
+    "CASE.jpg",  # and a different one from this
+    "it's.jpg",
+    'say "cheese".jpg',
+    "back\\slash.jpg",
+    "new\nline.jpg",
+    "tab\there.jpg",
+    "carriage\rreturn.jpg",
+    "x'; DROP TABLE image_names; --.jpg",
+    "1' OR '1'='1.jpg",
+    "100%_off.jpg",
+    "semi;colon`tick`$(id).jpg",
+    "-starts-with-dash.jpg",
+    ".hidden.jpg",
+    "..double-dot.jpg",
+    "ünïcödé ñame.jpg",
+    "日本語の写真.jpg",
+    "emoji 😀📷.jpg",
+    "UPPER.JPEG",
+    "no_suffix_jpeg",  # found by its magic bytes
+)
+
 
 def write_odd_images(folder: Path) -> dict[str, str]:
     """Write every odd case into folder; return {relative POSIX name: "ok" | "failed"}.
@@ -55,6 +83,11 @@ def write_photos(
         _vary_photo(photo, rng, size).save(path, "JPEG", quality=88)
         paths.append(path)
     return paths
+
+
+def small_jpeg(colour: tuple[int, int, int] = (200, 30, 40)) -> bytes:
+    """A 24x16 JPEG of one colour."""
+    return _encode(Image.new("RGB", (24, 16), colour), "JPEG", quality=90)
 
 
 @cache
