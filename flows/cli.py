@@ -11,6 +11,8 @@ import time
 from collections.abc import Sequence
 from typing import Any, TextIO
 
+from tasks.settings import TASK_RUNNERS, Settings, SettingsError
+
 log = logging.getLogger("lookalike")
 
 RANDOM_WEIGHTS_NOTE = (
@@ -40,24 +42,14 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="allow other weights than the database's: re-extract everything",
     )
-    process.add_argument(
-        "--task-runner",
-        choices=("local", "dask"),
-        default="local",
-        help="where extraction runs: local (default, a thread here) or dask",
-    )
-    process.add_argument(
-        "--dask-address",
-        metavar="ADDRESS",
-        help="scheduler of an existing Dask cluster, e.g. tcp://HOST:8786 "
-        "(default with dask: a temporary local cluster)",
-    )
+    _add_runner_options(process)
     _add_lock_timeout(process)
     process.add_argument("--json", action="store_true", help="print the summary as one JSON line")
 
     neighbours = commands.add_parser("neighbours", help="recompute neighbours from stored features")
     _add_db_options(neighbours)
     neighbours.add_argument("--k", type=int, help="neighbours per image (default 100)")
+    _add_runner_options(neighbours)
     _add_lock_timeout(neighbours)
     neighbours.add_argument(
         "--json", action="store_true", help="print the summary as one JSON line"
@@ -83,13 +75,30 @@ def _add_db_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_runner_options(parser: argparse.ArgumentParser) -> None:
+    """Where extraction shards and kNN row blocks run."""
+    parser.add_argument(
+        "--task-runner",
+        choices=TASK_RUNNERS,
+        help="where extraction and full kNN passes run: local (default, here) or dask "
+        "(env LOOKALIKE_TASK_RUNNER)",
+    )
+    parser.add_argument(
+        "--dask-address",
+        metavar="ADDRESS",
+        help="scheduler of an existing Dask cluster, e.g. tcp://HOST:8786; without it, dask "
+        "starts a temporary local cluster (env LOOKALIKE_DASK_ADDRESS)",
+    )
+
+
 def _add_lock_timeout(parser: argparse.ArgumentParser) -> None:
     """How long a run waits for another run on the same database."""
     parser.add_argument(
         "--lock-timeout",
         type=float,
         metavar="SECONDS",
-        help="wait this long for another run on the same database to finish (default 3600)",
+        help="wait this long for another run on the same database to finish "
+        "(default 3600; env LOOKALIKE_LOCK_TIMEOUT)",
     )
 
 
@@ -126,17 +135,21 @@ def quiet_prefect_console(verbose: bool) -> None:
 
 
 def run_process(args: argparse.Namespace) -> dict[str, Any]:
-    """Run the process-images flow with the command's options."""
-    from flows.process import check_inputs, process_images, resolve_settings
+    """Run the process-images flow with the command's options (None: the environment's)."""
+    settings = Settings.from_env(  # bad settings fail here, before Prefect is imported
+        batch_size=args.batch_size,
+        k=args.k,
+        weights=args.weights,
+        database_url=args.database_url,
+        **runner_options(args),
+    )
+    from flows.process import check_inputs, process_images
     from flows.runners import build_task_runner
     from tasks.progress import set_progress_hook
 
-    settings = resolve_settings(
-        batch_size=args.batch_size, k=args.k, weights=args.weights, database_url=args.database_url
-    )
     check_inputs(args.root, settings, args.recompute)  # one clear line before Prefect starts
-    build_task_runner(args.task_runner, args.dask_address)
-    tell_if_waiting(settings.resolved_database_url, args.lock_timeout)
+    build_task_runner(settings.task_runner, settings.dask_address)
+    tell_if_waiting(settings.resolved_database_url, settings.lock_timeout)
     if not args.json:
         set_progress_hook(ProgressBar(sys.stderr))
     return process_images(
@@ -146,18 +159,35 @@ def run_process(args: argparse.Namespace) -> dict[str, Any]:
         weights=args.weights,
         database_url=args.database_url,
         recompute=args.recompute,
-        task_runner=args.task_runner,
-        dask_address=args.dask_address,
-        lock_timeout=args.lock_timeout,
+        **runner_options(args),
     )
 
 
-def tell_if_waiting(database_url: str, lock_timeout: float | None) -> None:
+def runner_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The task runner, Dask address and lock timeout options (None where not given)."""
+    return {
+        "task_runner": args.task_runner,
+        "dask_address": args.dask_address,
+        "lock_timeout": args.lock_timeout,
+    }
+
+
+def run_neighbours(args: argparse.Namespace) -> dict[str, Any]:
+    """Run the rebuild-neighbours flow with the command's options (None: the environment's)."""
+    settings = Settings.from_env(database_url=args.database_url, k=args.k, **runner_options(args))
+    from flows.neighbours import rebuild_neighbours
+    from flows.runners import build_task_runner
+
+    build_task_runner(settings.task_runner, settings.dask_address)
+    tell_if_waiting(settings.resolved_database_url, settings.lock_timeout)
+    return rebuild_neighbours(k=args.k, database_url=args.database_url, **runner_options(args))
+
+
+def tell_if_waiting(database_url: str, timeout: float) -> None:
     """Say on stderr why a run seems to hang: another run holds the database's run lock."""
-    from tasks.lock import DEFAULT_LOCK_TIMEOUT, is_run_lock_busy
+    from tasks.lock import is_run_lock_busy
 
     if is_run_lock_busy(database_url):
-        timeout = DEFAULT_LOCK_TIMEOUT if lock_timeout is None else lock_timeout
         print(
             f"lookalike: another run is using this database; waiting up to {timeout:g} s",
             file=sys.stderr,
@@ -172,7 +202,10 @@ def print_process_summary(summary: dict[str, Any]) -> None:
         "  found {found}, new {new}, changed {changed}, deleted {deleted}, "
         "extracted {extracted}, failed {failed}, cached batches {cached_batches}".format(**summary)
     )
-    print(f"  neighbours: {summary['neighbour_rows']} rows ({summary['neighbour_mode']})")
+    print(
+        f"  neighbours: {summary['neighbour_rows']} rows ({summary['neighbour_mode']}, "
+        f"{summary['neighbour_tasks']} kNN tasks on the {summary['task_runner']} runner)"
+    )
     print(
         f"  time {summary['seconds']:.1f} s, extraction {summary['images_per_second']:.1f} images/s"
     )
@@ -201,23 +234,13 @@ def dispatch(args: argparse.Namespace) -> int:
     """Run the chosen command."""
     if args.command == "serve":
         from api.app import run_server
-        from tasks.settings import Settings
 
         run_server(
             Settings.from_env(database_url=args.database_url, host=args.host, port=args.port)
         )
         return 0
     if args.command == "neighbours":
-        from flows.neighbours import rebuild_neighbours
-        from tasks.settings import Settings
-
-        tell_if_waiting(
-            Settings.from_env(database_url=args.database_url).resolved_database_url,
-            args.lock_timeout,
-        )
-        summary = rebuild_neighbours(
-            k=args.k, database_url=args.database_url, lock_timeout=args.lock_timeout
-        )
+        summary = run_neighbours(args)
         print(json.dumps(summary) if args.json else f"neighbours rebuilt: {summary}")
         return 0
     summary = run_process(args)
@@ -232,6 +255,8 @@ def dispatch(args: argparse.Namespace) -> int:
 
 def is_user_error(exc: BaseException) -> bool:
     """Errors caused by input or environment, reported in one line without a traceback."""
+    if isinstance(exc, SettingsError):  # decided without importing Prefect and the tasks
+        return True
     from tasks.errors import USER_ERRORS
 
     return isinstance(exc, USER_ERRORS)

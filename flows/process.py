@@ -13,7 +13,8 @@ from prefect.futures import PrefectFuture
 from prefect.runtime import flow_run
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 
-from flows.runners import build_task_runner, open_task_runner
+from flows.neighbours import compute_lists, load_lists
+from flows.runners import TaskRunnerSession, build_task_runner
 from tasks.catalog import (
     ChangeCounts,
     NoImagesError,
@@ -35,9 +36,8 @@ from tasks.extract import (
     shard_is_staged,
     weights_identity,
 )
-from tasks.load import FeatureLoadCounts, load_features_task, load_neighbours_task
-from tasks.lock import DEFAULT_LOCK_TIMEOUT, hold_run_lock
-from tasks.neighbours import compute_neighbours_task
+from tasks.load import FeatureLoadCounts, load_features_task
+from tasks.lock import hold_run_lock
 from tasks.report import (
     ExtractionProgress,
     count_image_reads,
@@ -73,6 +73,7 @@ class RunSummary:
     tensorflow_imported: bool  # in the flow's process, by the end of the run
     neighbour_mode: str
     neighbour_rows: int
+    neighbour_tasks: int  # kNN tasks run: 0 lists current, 1 local engine, else Dask row blocks
     seconds: float
     extract_seconds: float
     images_per_second: float
@@ -91,8 +92,6 @@ class RunPlan:
     staging: str
     settings: Settings
     recompute: bool
-    task_runner: str
-    dask_address: str | None
 
 
 @dataclass(frozen=True)
@@ -106,11 +105,6 @@ class Extraction:
     model_calls: int
     bytes_read: int
     seconds: float
-
-
-def resolve_settings(**overrides: Any) -> Settings:
-    """Environment settings with the flow's parameters on top."""
-    return Settings.from_env().with_overrides(**overrides)
 
 
 def check_inputs(root: str, settings: Settings, recompute: bool = False) -> tuple[str, str]:
@@ -135,22 +129,30 @@ def process_images(
     weights: str | None = None,
     database_url: str | None = None,
     recompute: bool = False,
-    task_runner: str = "local",
+    task_runner: str | None = None,
     dask_address: str | None = None,
     lock_timeout: float | None = None,
 ) -> dict[str, Any]:
     """Bring the database up to date with the image folder, then the neighbour lists.
 
+    Parameters left out (None) take the LOOKALIKE_* settings of the flow's environment.
     Runs against one database never overlap: the second waits for the run lock up to
-    lock_timeout seconds (default one hour) and then fails. Extraction shards run on
-    task_runner: "local" (a thread here) or "dask" (the cluster at dask_address).
+    lock_timeout seconds (default one hour) and then fails. Extraction shards and the row
+    blocks of a full kNN pass run on task_runner: "local" (a thread here) or "dask" (the
+    cluster at dask_address, a temporary local one without).
     """
     started = time.perf_counter()
     logger = get_run_logger()
-    settings = resolve_settings(
-        batch_size=batch_size, k=k, weights=weights, database_url=database_url
+    settings = Settings.from_env(
+        batch_size=batch_size,
+        k=k,
+        weights=weights,
+        database_url=database_url,
+        task_runner=task_runner,
+        dask_address=dask_address,
+        lock_timeout=lock_timeout,
     )
-    build_task_runner(task_runner, dask_address)  # a bad choice fails before any work
+    build_task_runner(settings.task_runner, settings.dask_address)  # fails before any work
     with count_image_reads(root) as check_reads:
         folder, weights_id = check_inputs(root, settings, recompute)
     plan = RunPlan(
@@ -160,12 +162,9 @@ def process_images(
         staging=str(settings.resolved_staging_dir.resolve()),
         settings=settings,
         recompute=recompute,
-        task_runner=task_runner,
-        dask_address=dask_address,
     )
     logger.info("processing %s with weights %s", folder, weights_id)
-    timeout = DEFAULT_LOCK_TIMEOUT if lock_timeout is None else lock_timeout
-    with hold_run_lock(plan.database_url, timeout, on_wait=logger.warning) as waited:
+    with hold_run_lock(plan.database_url, settings.lock_timeout, on_wait=logger.warning) as waited:
         summary = run_locked(plan, started, waited, check_reads.bytes)
     logger.info("run summary: %s", asdict(summary))
     return asdict(summary)
@@ -190,40 +189,50 @@ def run_locked(plan: RunPlan, started: float, lock_wait: float, bytes_read: int)
 def update_database(plan: RunPlan, started: float, lock_wait: float, bytes_read: int) -> RunSummary:
     """Sync the catalog, extract and load what is pending, bring the neighbour lists up to date."""
     db = plan.database_url
+    settings = plan.settings
     with count_image_reads(plan.folder) as sync_reads:
         counts = sync_catalog_task(db, plan.folder)
-    batches = plan_batches_task(db, plan.settings.batch_size, plan.weights_id)
-    extraction = extract_features(batches, plan)
-    loaded = FeatureLoadCounts(ok=0, failed=0)
-    if extraction.paths:
-        loaded = load_features_task.with_options(
-            assets=[table_asset(db, "image_names"), table_asset(db, "image_features")],
-            asset_deps=[staging_asset(plan.staging)],
-        )(db, extraction.paths)
+    batches = plan_batches_task(
+        db, settings.batch_size, plan.weights_id, settings.reduced_scale_decode
+    )
+    # Started on first use: an unchanged re-run starts no Dask client or cluster.
+    with TaskRunnerSession(settings.task_runner, settings.dask_address) as session:
+        extraction = extract_features(batches, plan, session)
+        loaded = load_extracted(plan, extraction)
+        neighbours = refresh_neighbours(db, plan.staging, settings.k, session)
     return build_summary(
         plan,
         counts,
         extraction,
         loaded,
-        refresh_neighbours(db, plan.staging, plan.settings.k),
+        neighbours,
         started=started,
         lock_wait=lock_wait,
         bytes_read=bytes_read + sync_reads.bytes + extraction.bytes_read,
     )
 
 
-def refresh_neighbours(db: str, staging: str, k: int) -> tuple[str, int]:
-    """Bring the neighbour lists up to date: (mode, rows); nothing is done when they are."""
+def load_extracted(plan: RunPlan, extraction: Extraction) -> FeatureLoadCounts:
+    """Load the staged features of this run's batches into the database."""
+    if not extraction.paths:
+        return FeatureLoadCounts(ok=0, failed=0)
+    db = plan.database_url
+    return load_features_task.with_options(
+        assets=[table_asset(db, "image_names"), table_asset(db, "image_features")],
+        asset_deps=[staging_asset(plan.staging)],
+    )(db, extraction.paths)
+
+
+def refresh_neighbours(
+    db: str, staging: str, k: int, session: TaskRunnerSession
+) -> tuple[str, int, int]:
+    """Bring the neighbour lists up to date: (mode, rows, kNN tasks); nothing when they are."""
     current = neighbour_rows_if_current(db, k)
     if current is not None:
         get_run_logger().info("neighbour lists are up to date (%d rows): nothing to do", current)
-        return "unchanged", current
-    plan = compute_neighbours_task(db, staging, k)
-    rows = load_neighbours_task.with_options(
-        assets=[table_asset(db, "image_neighbours")],
-        asset_deps=[table_asset(db, "image_features")],
-    )(db, str(plan.staged), staging, plan.refreshed_ids)
-    return plan.mode, rows
+        return "unchanged", current, 0
+    computed = compute_lists(db, staging, k, session)
+    return computed.plan.mode, load_lists(db, staging, computed.plan), computed.tasks
 
 
 def neighbour_rows_if_current(db: str, k: int) -> int | None:
@@ -242,7 +251,7 @@ def build_summary(
     counts: ChangeCounts,
     extraction: Extraction,
     loaded: FeatureLoadCounts,
-    neighbours: tuple[str, int],
+    neighbours: tuple[str, int, int],
     *,
     started: float,
     lock_wait: float,
@@ -268,16 +277,17 @@ def build_summary(
         tensorflow_imported="tensorflow" in sys.modules,
         neighbour_mode=neighbours[0],
         neighbour_rows=neighbours[1],
+        neighbour_tasks=neighbours[2],
         seconds=round(time.perf_counter() - started, 3),
         extract_seconds=round(seconds, 3),
         images_per_second=round(extraction.extracted / seconds, 2) if seconds > 0 else 0.0,
         lock_wait_seconds=round(lock_wait, 3),
-        task_runner=plan.task_runner,
+        task_runner=plan.settings.task_runner,
         flow_run_id=str(flow_run.get_id() or ""),
     )
 
 
-def extract_features(batches: list[Batch], plan: RunPlan) -> Extraction:
+def extract_features(batches: list[Batch], plan: RunPlan, session: TaskRunnerSession) -> Extraction:
     """Submit shards of batches as cached extraction tasks on the chosen task runner."""
     started = time.perf_counter()
     staging = Path(plan.staging)
@@ -289,7 +299,7 @@ def extract_features(batches: list[Batch], plan: RunPlan) -> Extraction:
         sum(len(b.images) for b in shard if not shard_is_staged([b], staging)) for shard in shards
     ]
     cached_batches = sum(1 for batch in batches if shard_is_staged([batch], staging))
-    results = run_shards(shards, todo, plan) if shards else []
+    results = run_shards(shards, todo, plan, session) if shards else []
     return Extraction(
         paths=[str(feature_batch_path(staging, batch.key)) for batch in batches],
         extracted=sum(todo),
@@ -301,16 +311,18 @@ def extract_features(batches: list[Batch], plan: RunPlan) -> Extraction:
     )
 
 
-def run_shards(shards: list[list[Batch]], todo: list[int], plan: RunPlan) -> list[ShardResult]:
+def run_shards(
+    shards: list[list[Batch]], todo: list[int], plan: RunPlan, session: TaskRunnerSession
+) -> list[ShardResult]:
     """Run every shard on the task runner while a progress artifact follows them."""
     progress = ExtractionProgress(sum(todo))
     try:
-        with open_task_runner(plan.task_runner, plan.dask_address) as runner:
-            futures = [submit_shard(runner, shard, plan, progress) for shard in shards]
-            results = [
-                collect_shard(future, progress, images)
-                for future, images in zip(futures, todo, strict=True)
-            ]
+        runner = session.runner()
+        futures = [submit_shard(runner, shard, plan, progress) for shard in shards]
+        results = [
+            collect_shard(future, progress, images)
+            for future, images in zip(futures, todo, strict=True)
+        ]
     except BaseException:
         progress.close(completed=False)
         raise

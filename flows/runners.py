@@ -1,16 +1,16 @@
-"""Task runners for the extraction step: threads in this process, or a Dask cluster."""
+"""Task runners for extraction shards and kNN row blocks: threads here, or a Dask cluster."""
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from types import TracebackType
 from typing import Any
 
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 
-from tasks.settings import SettingsError
+from tasks.settings import TASK_RUNNERS, SettingsError
 
-TASK_RUNNERS = ("local", "dask")
 # Without an address: a temporary cluster on this machine, one model per worker process.
 LOCAL_DASK_CLUSTER = {"n_workers": 2, "processes": True, "threads_per_worker": 1}
 
@@ -20,7 +20,7 @@ class TaskRunnerError(SettingsError):
 
 
 def build_task_runner(kind: str, dask_address: str | None = None) -> TaskRunner[Any]:
-    """The runner extraction shards are submitted to.
+    """The runner extraction shards and kNN row blocks are submitted to.
 
     local: one thread in the flow's process (the model uses every core by itself).
     dask: prefect-dask's DaskTaskRunner on the scheduler at dask_address, or on a temporary
@@ -61,3 +61,43 @@ def _connect_dask(runner: Any, address: str | None) -> None:
     except (OSError, TimeoutError) as exc:
         where = address or "a local cluster"
         raise TaskRunnerError(f"cannot reach the Dask scheduler at {where}: {exc}") from None
+
+
+def runner_threads(runner: TaskRunner[Any]) -> int:
+    """Tasks the runner runs at once: the Dask cluster's worker threads, else 1."""
+    client = getattr(runner, "client", None)  # DaskTaskRunner's, connected by open_task_runner
+    if client is None:
+        return 1
+    return max(1, sum(client.nthreads().values()))
+
+
+class TaskRunnerSession:
+    """The run's task runner, started on first use and shut down when the session ends.
+
+    A run that has nothing to extract and lists that are current never starts a Dask
+    client (or a temporary local cluster); a run that needs it for extraction and for the
+    kNN row blocks starts it once.
+    """
+
+    def __init__(self, kind: str, dask_address: str | None = None) -> None:
+        self.kind = kind
+        self.dask_address = dask_address or None
+        self._stack = contextlib.ExitStack()
+        self._runner: TaskRunner[Any] | None = None
+
+    def runner(self) -> TaskRunner[Any]:
+        """The started runner."""
+        if self._runner is None:
+            self._runner = self._stack.enter_context(open_task_runner(self.kind, self.dask_address))
+        return self._runner
+
+    def __enter__(self) -> TaskRunnerSession:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self._stack.__exit__(exc_type, exc, traceback)  # the runner sees how the run ended

@@ -37,6 +37,9 @@ from tasks.stage import feature_batch_path, read_table, write_feature_batch
 log = logging.getLogger(__name__)
 
 RANDOM_INIT_SEED = 0
+# Part of the identity of weights "none": features from an older random init (Keras's own
+# initialisers, which differed between processes) must never share a cache key with these.
+RANDOM_INIT_SCHEME = "numpy he-uniform"
 # Batches decoded ahead of the model. Pixels held at once: (PREFETCH_BATCHES + 1) batches,
 # about 50 MB at batch size 64, however many images a run has.
 PREFETCH_BATCHES = 2
@@ -66,7 +69,7 @@ def weights_identity(weights: str) -> str:
     if weights == "imagenet":
         return "imagenet"
     if weights == "none":
-        return f"none (random init, seed {RANDOM_INIT_SEED})"
+        return f"none (random init, seed {RANDOM_INIT_SEED}, {RANDOM_INIT_SCHEME})"
     path = Path(weights)
     if not path.is_file():
         raise WeightsError(
@@ -141,14 +144,14 @@ class FeatureModel:
         self.batch_size = batch_size
         self.on_gpu = bool(tf.config.list_physical_devices("GPU"))
         _configure_devices(tf, keras, self.on_gpu)
-        if weights == "none":
-            keras.utils.set_random_seed(RANDOM_INIT_SEED)
         self.model = keras.applications.InceptionV3(
             include_top=False,
             pooling="avg",
             input_shape=(INPUT_SIZE, INPUT_SIZE, 3),
             weights=None if weights == "none" else weights,
         )
+        if weights == "none":
+            seed_weights(self.model, RANDOM_INIT_SEED)
         spec = tf.TensorSpec([batch_size, INPUT_SIZE, INPUT_SIZE, 3], tf.uint8)
         self._forward = tf.function(self._call, input_signature=[spec], jit_compile=self.on_gpu)
 
@@ -168,6 +171,32 @@ class FeatureModel:
             padded[: len(chunk)] = chunk
             out[start : start + len(chunk)] = self._forward(padded).numpy()[: len(chunk)]
         return out
+
+
+def seed_weights(model: Any, seed: int) -> None:
+    """Set every weight from numpy's seeded generator: the same model in any process or machine.
+
+    Keras's own initialisers draw from TensorFlow's random state, which differs between
+    processes (e.g. Dask workers); numpy's PCG64 stream does not. Variables are filled in
+    model.weights order. Kernels are He-uniform (limit sqrt(6 / fan_in)), which keeps the
+    activations of the 94 ReLU layers near unit scale (Glorot shrinks them about 1000-fold);
+    batch normalisation is the identity (gamma 1, beta 0, mean 0, variance 1), biases are 0.
+    """
+    rng = np.random.default_rng(seed)
+    for variable in model.weights:
+        shape = tuple(int(size) for size in variable.shape)
+        variable.assign(_initial_value(variable.path.rsplit("/", 1)[-1], shape, rng))
+
+
+def _initial_value(name: str, shape: tuple[int, ...], rng: np.random.Generator) -> np.ndarray:
+    """The seeded value of one variable, from its name and shape."""
+    if name in ("gamma", "moving_variance"):
+        return np.ones(shape, dtype=np.float32)
+    if name == "kernel":
+        fan_in = int(np.prod(shape[:-1]))  # receptive field x input channels
+        limit = np.sqrt(6.0 / fan_in)
+        return rng.uniform(-limit, limit, shape).astype(np.float32)
+    return np.zeros(shape, dtype=np.float32)  # beta, moving_mean, bias
 
 
 def _configure_devices(tf: Any, keras: Any, on_gpu: bool) -> None:
@@ -350,12 +379,18 @@ class StagedShardPolicy(CachePolicy):
     retry_condition_fn=retry_if_transient,
     cache_policy=NO_CACHE,
 )
-def plan_batches_task(database_url: str, batch_size: int, weights_id: str) -> list[Batch]:
-    """Cut the pending images into content-addressed batches."""
-    batches = plan_batches(list_pending(engine_for(database_url)), batch_size, weights_id)
-    images = sum(len(batch.images) for batch in batches)
+def plan_batches_task(
+    database_url: str, batch_size: int, weights_id: str, reduced_scale: bool = False
+) -> list[Batch]:
+    """Cut the pending images into content-addressed batches (reduced_scale: big JPEGs faster)."""
+    pending = list_pending(engine_for(database_url))
+    batches = plan_batches(pending, batch_size, weights_id, reduced_scale=reduced_scale)
     get_run_logger().info(
-        "%d pending images in %d batches of up to %d", images, len(batches), batch_size
+        "%d pending images in %d batches of up to %d%s",
+        len(pending),
+        len(batches),
+        batch_size,
+        ", big JPEGs decoded at reduced scale" if reduced_scale else "",
     )
     return batches
 

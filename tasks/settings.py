@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 ENV_PREFIX = "LOOKALIKE_"
+TASK_RUNNERS = ("local", "dask")
 
 
 class SettingsError(ValueError):
@@ -36,16 +37,25 @@ class Settings:
     upload_limit_mb: int = 20
     cors_origins: str = ""  # comma separated; empty: CORS closed
     thumbnail_dir: Path | None = None  # None: data_dir / "thumbnails"
+    task_runner: str = "local"  # local | dask: where extraction shards and kNN row blocks run
+    dask_address: str = ""  # scheduler of a Dask cluster; empty with dask: a temporary local one
+    lock_timeout: float = 3600.0  # seconds a run waits for another run on the same database
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None, **overrides: Any) -> Settings:
-        """Read settings from the environment; keyword overrides that are not None win."""
+        """Read settings from the environment; keyword overrides that are not None win.
+
+        An explicit task_runner="local" also sets aside LOOKALIKE_DASK_ADDRESS, so that
+        `--task-runner local` works where the environment names a cluster.
+        """
         env = os.environ if environ is None else environ
         values: dict[str, Any] = {}
         for field in fields(cls):
             raw = env.get(ENV_PREFIX + field.name.upper())
             if raw is not None and raw != "":
                 values[field.name] = _parse(field.name, str(field.type), raw)
+        if overrides.get("task_runner") == "local" and overrides.get("dask_address") is None:
+            values.pop("dask_address", None)
         values.update({key: value for key, value in overrides.items() if value is not None})
         settings = cls(**values)
         settings.validate()
@@ -59,6 +69,23 @@ class Settings:
             raise SettingsError(f"k must be at least 1, got {self.k}")
         if self.decode_workers < 0:
             raise SettingsError(f"decode workers must be 0 or more, got {self.decode_workers}")
+        self._validate_runner()
+        if not 0 <= self.lock_timeout < float("inf"):
+            raise SettingsError(f"the lock timeout must be 0 s or more, got {self.lock_timeout:g}")
+
+    def _validate_runner(self) -> None:
+        """The task runner is known, and a Dask address comes with the dask runner."""
+        if self.task_runner not in TASK_RUNNERS:
+            raise SettingsError(
+                f"task runner must be one of {', '.join(TASK_RUNNERS)}, not {self.task_runner!r}"
+            )
+        if self.dask_address and self.task_runner != "dask":
+            raise SettingsError(
+                "a Dask address needs the dask task runner "
+                "(--task-runner dask or LOOKALIKE_TASK_RUNNER=dask)"
+            )
+        if any(char.isspace() for char in self.dask_address):
+            raise SettingsError(f"Dask address must not contain spaces: {self.dask_address!r}")
 
     @property
     def resolved_database_url(self) -> str:
@@ -86,12 +113,14 @@ class Settings:
 
 def _parse(name: str, type_name: str, raw: str) -> Any:
     """Convert one environment string to the field's type."""
-    if "int" in type_name:
+    if type_name in ("int", "float"):
+        kind = int if type_name == "int" else float
         try:
-            return int(raw)
+            return kind(raw)
         except ValueError:
+            article = "an integer" if kind is int else "a number"
             raise SettingsError(
-                f"{ENV_PREFIX}{name.upper()} must be an integer, got {raw!r}"
+                f"{ENV_PREFIX}{name.upper()} must be {article}, got {raw!r}"
             ) from None
     if "Path" in type_name:
         return Path(raw)

@@ -10,6 +10,10 @@ from pathlib import Path
 
 import pytest
 
+from tasks.catalog import PendingImage
+from tasks.discover import hash_file
+from tasks.extract import batch_key, weights_identity
+from tasks.stage import feature_batch_path
 from tests.odd_images import write_photos
 
 
@@ -79,8 +83,48 @@ def test_bad_input_is_one_line_without_traceback(
     assert len(errors) == 1 and message in errors[0], result.stderr
 
 
+@pytest.mark.parametrize(
+    ("env", "args", "message"),
+    [
+        (
+            {"LOOKALIKE_TASK_RUNNER": "ray"},
+            [],
+            "task runner must be one of local, dask, not 'ray'",
+        ),
+        ({"LOOKALIKE_LOCK_TIMEOUT": "soon"}, [], "LOOKALIKE_LOCK_TIMEOUT must be a number"),
+        ({"LOOKALIKE_LOCK_TIMEOUT": "-1"}, [], "the lock timeout must be 0 s or more, got -1"),
+        (
+            {"LOOKALIKE_DASK_ADDRESS": "tcp://127.0.0.1:8786"},
+            [],
+            "a Dask address needs the dask task runner",
+        ),
+        # The options win over the environment: the folder is what fails.
+        (
+            {"LOOKALIKE_TASK_RUNNER": "ray", "LOOKALIKE_LOCK_TIMEOUT": "-1"},
+            ["--task-runner", "local", "--lock-timeout", "5"],
+            "folder not found: /no/such/folder",
+        ),
+    ],
+)
+def test_bad_settings_from_the_environment_are_one_line(
+    env: dict[str, str], args: list[str], message: str, cli_env: dict[str, str]
+) -> None:
+    result = lookalike("process", "/no/such/folder", *args, env={**cli_env, **env})
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr + result.stdout
+    errors = [line for line in result.stderr.splitlines() if line.startswith("lookalike: error:")]
+    assert len(errors) == 1 and message in errors[0], result.stderr
+
+
+def staged_batch_files(staging: Path) -> set[Path]:
+    """The feature batches staged under a staging folder."""
+    return set((staging / "features").rglob("*.arrow"))
+
+
 def test_process_json_summary_is_the_last_line(cli_env: dict[str, str], tmp_path: Path) -> None:
-    write_photos(tmp_path / "images", 3)
+    photos = write_photos(tmp_path / "images", 3)
+    # Read from the environment and handed to the batch planner: its own cache key.
+    cli_env["LOOKALIKE_REDUCED_SCALE_DECODE"] = "true"
     result = lookalike(
         "process",
         str(tmp_path / "images"),
@@ -102,5 +146,10 @@ def test_process_json_summary_is_the_last_line(cli_env: dict[str, str], tmp_path
         0,
     )
     assert summary["neighbour_rows"] == 6
+    assert (summary["task_runner"], summary["neighbour_tasks"]) == ("local", 1)
     assert summary["weights"].startswith("none")
+    pending = [PendingImage(i + 1, p.name, hash_file(p)) for i, p in enumerate(sorted(photos))]
+    key = batch_key(pending, weights_identity("none"), reduced_scale=True)
+    staging = Path(cli_env["LOOKALIKE_DATA_DIR"]) / "staging"
+    assert staged_batch_files(staging) == {feature_batch_path(staging, key)}
     assert "not ImageNet" in result.stderr  # random weights are never used silently

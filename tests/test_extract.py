@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from tasks.catalog import PendingImage
-from tasks.decode import INPUT_SIZE
+from tasks.decode import INPUT_SIZE, decode_image
 from tasks.discover import hash_file
 from tasks.extract import (
     WeightsError,
@@ -36,7 +38,7 @@ def pending_for(root: Path) -> list[PendingImage]:
 
 def test_weights_identity_names_each_kind(tmp_path: Path) -> None:
     assert weights_identity("imagenet") == "imagenet"
-    assert weights_identity("none").startswith("none (random init, seed 0)")
+    assert weights_identity("none") == "none (random init, seed 0, numpy he-uniform)"
     with pytest.raises(WeightsError, match="not found"):
         weights_identity(str(tmp_path / "missing.h5"))
     other = tmp_path / "weights.bin"
@@ -72,6 +74,41 @@ def test_random_init_model_is_seeded_and_batch_independent() -> None:
     load_feature_model.cache_clear()
     again = load_feature_model("none", BATCH).embed(pixels)
     np.testing.assert_array_equal(again, features)
+
+
+# Features of one image with weights "none", in a fresh Python process.
+EMBED_IN_A_NEW_PROCESS = """
+import sys
+import numpy as np
+from tasks.decode import decode_image
+from tasks.extract import load_feature_model
+pixels = decode_image(sys.argv[1]).pixels[None]
+np.save(sys.argv[2], load_feature_model("none", 1).embed(pixels))
+"""
+
+
+@pytest.mark.slow
+def test_random_init_gives_the_same_features_in_separate_processes(tmp_path: Path) -> None:
+    (photo,) = write_photos(tmp_path, 1)
+    outputs = [tmp_path / f"features-{i}.npy" for i in range(2)]
+    processes = [
+        subprocess.Popen(
+            [sys.executable, "-c", EMBED_IN_A_NEW_PROCESS, str(photo), str(out)],
+            cwd=Path(__file__).resolve().parents[1],
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for out in outputs
+    ]
+    for process in processes:
+        _, stderr = process.communicate(timeout=300)
+        assert process.returncode == 0, stderr
+    first, second = (np.load(out) for out in outputs)
+    assert first.shape == (1, 2048) and np.isfinite(first).all()
+    assert 1.0 < float(np.linalg.norm(first)) < 1e4  # He-uniform keeps activations near unit scale
+    np.testing.assert_array_equal(second, first)
+    here = load_feature_model("none", BATCH).embed(decode_image(photo).pixels[None])
+    np.testing.assert_allclose(here, first, rtol=1e-5, atol=1e-6)  # other batch size, same model
 
 
 def test_extract_stages_features_and_failures(tmp_path: Path) -> None:
