@@ -21,7 +21,7 @@ from api.controllers.pages import index_page, static_files
 from api.controllers.search import search_by_upload
 from api.controllers.stats import get_stats
 from api.dependencies import DEPENDENCIES
-from api.errors import EXCEPTION_HANDLERS
+from api.errors import EXCEPTION_HANDLERS, reject_nul_in_path
 from api.repository import ImageRepository, StatsCache
 from api.search_index import SimilaritySearch
 from tasks.database import create_reader_engine
@@ -59,6 +59,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
         ],
         dependencies=DEPENDENCIES,
         exception_handlers=EXCEPTION_HANDLERS,
+        before_request=reject_nul_in_path,
         state=state,
         cors_config=cors_config(settings.cors_origins),
         openapi_config=OpenAPIConfig(title="lookalike", version=API_VERSION, path="/schema"),

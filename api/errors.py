@@ -88,6 +88,26 @@ def handle_database_error(
     return Response(error_body(503, "database unavailable"), status_code=503)
 
 
+def handle_undecodable_text(
+    request: Request[Any, Any, Any], exc: UnicodeDecodeError
+) -> Response[dict[str, Any]]:
+    """400: a form field or parameter that should be text is not UTF-8.
+
+    Litestar reads a multipart part without a file name (filename="") as a text field, so a
+    photo sent that way fails to decode here rather than in our handlers.
+    """
+    log.warning("undecodable text in %s %s: %s", request.method, request.url.path, exc)
+    detail = "request data that should be text is not UTF-8 (send images as file parts)"
+    return Response(error_body(400, detail), status_code=400)
+
+
+def reject_nul_in_path(request: Request[Any, Any, Any]) -> Response[dict[str, Any]] | None:
+    """404 for a path holding a NUL byte: no route or file has one, and os.stat would raise."""
+    if "\x00" in request.scope["path"]:
+        return Response(error_body(404, "Not Found"), status_code=404)
+    return None
+
+
 def handle_unexpected_error(
     request: Request[Any, Any, Any], exc: Exception
 ) -> Response[dict[str, Any]]:
@@ -99,6 +119,7 @@ def handle_unexpected_error(
 EXCEPTION_HANDLERS: ExceptionHandlersMap = {
     ApiError: handle_api_error,  # type: ignore[dict-item]
     SQLAlchemyError: handle_database_error,  # type: ignore[dict-item]
+    UnicodeDecodeError: handle_undecodable_text,  # type: ignore[dict-item]
     # Litestar uses a 500 handler for every exception that is not one of its HTTPExceptions;
     # those (validation 400, unknown route 404, body too large 413) keep its default answer.
     HTTP_500_INTERNAL_SERVER_ERROR: handle_unexpected_error,

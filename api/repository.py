@@ -75,6 +75,9 @@ class ImageRepository:
     def list_images(self, offset: int, limit: int, query: str | None) -> ImagePage:
         """A page of images in id order, optionally those whose path contains ``query``."""
         condition = None
+        if query and "\x00" in query:
+            # No stored name holds a NUL, and SQLite's LIKE would stop matching at one.
+            return ImagePage(total=0, offset=offset, limit=limit, items=[])
         if query:
             # Case-insensitive substring; autoescape makes % and _ in the query literal.
             condition = func.lower(image_names.c.file_name).contains(query.lower(), autoescape=True)

@@ -7,7 +7,6 @@ from outside the collection folder or the page's static folder.
 from __future__ import annotations
 
 import asyncio
-import logging
 import os
 import uuid
 from collections.abc import Iterator
@@ -61,24 +60,6 @@ OPERATIONS = (
     ("POST", "/api/search"),
     ("GET", "/api/stats"),
     ("GET", "/health"),
-)
-# Known server errors (see the fault report): the tests stay red-free until they are fixed,
-# then the strict xfail turns red so that the mark is removed.
-K_OVERFLOW = (
-    "api/controllers/images.py get_neighbours: k has no upper bound, a k past 2**63 reaches "
-    "SQLite's LIMIT and raises OverflowError (500); MariaDB answers 400"
-)
-STATIC_NUL = (
-    "api/controllers/pages.py static_files: a NUL in the path reaches os.stat in Litestar's "
-    "static file handler, ValueError -> 500"
-)
-UPLOAD_WITHOUT_NAME = (
-    'litestar/_multipart.py via api/controllers/search.py: a part with filename="" is read '
-    "as a text field and decoded as UTF-8; binary content raises UnicodeDecodeError -> 500"
-)
-QUERY_NUL = (
-    "api/repository.py list_images: SQLite's LIKE stops at a NUL in the pattern, so q='\\x00' "
-    "matches every name and q='jpg\\x00' every name ending in jpg"
 )
 
 
@@ -143,12 +124,6 @@ def served(database_url: str, tmp_path: Path) -> Iterator[tuple[Catalog, Litesta
         yield catalog, app, client
 
 
-def xfail_on_sqlite(request: pytest.FixtureRequest, url: str, reason: str) -> None:
-    """Mark this run as a known failure when it runs on SQLite (MariaDB behaves)."""
-    if url.startswith("sqlite"):
-        request.applymarker(pytest.mark.xfail(strict=True, reason=reason))
-
-
 # --- path traversal ---------------------------------------------------------------------------
 
 TRAVERSALS = (
@@ -200,14 +175,9 @@ def test_path_traversal_never_leaves_the_allowed_folders(
 @pytest.mark.parametrize(
     "raw", [b"/static/%00", b"/static/app.js%00.html", b"/static/a%00/../app.js"]
 )
-@pytest.mark.xfail(strict=True, reason=STATIC_NUL)
 def test_a_nul_byte_in_a_static_path_is_a_4xx(tmp_path: Path, raw: bytes) -> None:
     app = create_app(app_settings(f"sqlite:///{tmp_path / 'unused.sqlite'}", tmp_path))
-    logging.getLogger("api.errors").disabled = True  # the 500's traceback is expected noise
-    try:
-        status, body = raw_get(app, raw)
-    finally:
-        logging.getLogger("api.errors").disabled = False
+    status, body = raw_get(app, raw)
     assert 400 <= status < 500 and body.startswith(b'{"status_code":4')
 
 
@@ -254,9 +224,8 @@ def test_sql_in_q_is_a_literal_substring(
 
 
 def test_a_nul_in_q_matches_no_name(
-    served: tuple[Catalog, Litestar, TestClient], database_url: str, request: pytest.FixtureRequest
+    served: tuple[Catalog, Litestar, TestClient],
 ) -> None:
-    xfail_on_sqlite(request, database_url, QUERY_NUL)
     _, _, client = served
     for q in ("\x00", "jpg\x00", "\x00photos"):
         assert client.get("/api/images", params={"q": q}).json()["total"] == 0, repr(q)
@@ -381,17 +350,10 @@ def test_malformed_k_for_neighbours(shared: tuple[Catalog, Litestar, TestClient]
 )
 def test_a_huge_k_for_neighbours_is_a_400(
     served: tuple[Catalog, Litestar, TestClient],
-    database_url: str,
-    request: pytest.FixtureRequest,
     k: str,
 ) -> None:
-    xfail_on_sqlite(request, database_url, K_OVERFLOW)
     catalog, _, client = served
-    logging.getLogger("api.errors").disabled = True  # the 500's traceback is expected noise
-    try:
-        response = client.get(f"/api/images/{catalog.ok_ids[0]}/neighbours", params={"k": k})
-    finally:
-        logging.getLogger("api.errors").disabled = False
+    response = client.get(f"/api/images/{catalog.ok_ids[0]}/neighbours", params={"k": k})
     assert_json_error(response, 400)
 
 
@@ -480,17 +442,12 @@ def test_upload_names_and_declared_types_are_ignored(
     assert_json_error(as_text_field, 400)
 
 
-@pytest.mark.xfail(strict=True, reason=UPLOAD_WITHOUT_NAME)
 def test_an_upload_part_without_a_file_name_is_a_4xx(
     shared: tuple[Catalog, Litestar, TestClient],
 ) -> None:
     catalog, _, client = shared
     photo = (catalog.root / "photos/photo_000_00000.jpg").read_bytes()
-    logging.getLogger("api.errors").disabled = True  # the 500's traceback is expected noise
-    try:
-        response = client.post("/api/search", files={"file": ("", photo, "image/jpeg")})
-    finally:
-        logging.getLogger("api.errors").disabled = False
+    response = client.post("/api/search", files={"file": ("", photo, "image/jpeg")})
     assert_json_error(response, 400, 422)
 
 

@@ -19,7 +19,7 @@ from api.media import (
     resolve_image_path,
     thumbnail_path,
 )
-from api.repository import ImageRepository
+from api.repository import MAX_RANK, ImageRepository
 from api.schemas import Features, ImageDetail, ImagePage, Neighbour
 from tasks.settings import Settings
 
@@ -56,7 +56,9 @@ class ImageController(Controller):
         self,
         repository: ImageRepository,
         image_id: ImageId,
-        k: Annotated[int | None, Parameter(description="1..stored k; default up to 20")] = None,
+        k: Annotated[
+            int | None, Parameter(le=MAX_RANK, description="1..stored k; default up to 20")
+        ] = None,
     ) -> list[Neighbour]:
         """The most similar images, closest first."""
         if k is not None and k < 1:
