@@ -116,6 +116,8 @@ def publish_run_summary(summary: Mapping[str, Any]) -> UUID:
         ("model calls", summary["model_calls"]),
         ("image bytes read", summary["bytes_read"]),
         (f"neighbour rows ({summary['neighbour_mode']})", summary["neighbour_rows"]),
+        ("neighbour tasks", summary["neighbour_tasks"]),
+        ("task runner", summary["task_runner"]),
         ("run lock wait (s)", summary["lock_wait_seconds"]),
         ("extraction time (s)", summary["extract_seconds"]),
         ("total time (s)", summary["seconds"]),
