@@ -20,11 +20,12 @@ from api.controllers.legacy import LegacyController
 from api.controllers.pages import index_page, static_files
 from api.controllers.search import search_by_upload
 from api.controllers.stats import get_stats
-from api.dependencies import DEPENDENCIES
+from api.dependencies import Services, build_dependencies
 from api.errors import EXCEPTION_HANDLERS, reject_nul_in_path
+from api.neighbour_cache import NeighbourCache
 from api.repository import ImageRepository, StatsCache
 from api.search_index import SimilaritySearch
-from tasks.database import create_reader_engine
+from tasks.database import create_reader_engine, is_mariadb
 from tasks.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -39,13 +40,13 @@ def create_app(settings: Settings | None = None) -> Litestar:
     settings = settings or Settings.from_env()
     engine = create_reader_engine(settings.resolved_database_url)
     repository = ImageRepository(engine)
-    state = State(
-        {
-            "settings": settings,
-            "repository": repository,
-            "search": SimilaritySearch(repository, settings),
-            "stats": StatsCache(repository),
-        }
+    neighbours = NeighbourCache(repository) if uses_neighbour_cache(settings, engine) else None
+    services = Services(
+        settings=settings,
+        repository=repository,
+        search=SimilaritySearch(repository, settings),
+        stats=StatsCache(repository),
+        neighbour_cache=neighbours,
     )
     return Litestar(
         route_handlers=[
@@ -57,18 +58,28 @@ def create_app(settings: Settings | None = None) -> Litestar:
             index_page,
             static_files,
         ],
-        dependencies=DEPENDENCIES,
+        dependencies=build_dependencies(services),
         exception_handlers=EXCEPTION_HANDLERS,
         before_request=reject_nul_in_path,
-        state=state,
+        state=State(vars(services)),  # the same objects, for tests and tools
         cors_config=cors_config(settings.cors_origins),
         openapi_config=OpenAPIConfig(title="lookalike", version=API_VERSION, path="/schema"),
         request_max_body_size=settings.upload_limit_mb * 1024 * 1024 + MULTIPART_OVERHEAD_BYTES,
         response_headers=[ResponseHeader(name="X-Content-Type-Options", value="nosniff")],
-        on_startup=[run_handlers_on(worker_threads_for(engine))],
-        on_shutdown=[lambda: engine.dispose()],
+        on_startup=[run_handlers_on(worker_threads_for(engine)), *cache_hooks(neighbours, "start")],
+        on_shutdown=[*cache_hooks(neighbours, "stop"), lambda: engine.dispose()],
         debug=False,
     )
+
+
+def uses_neighbour_cache(settings: Settings, engine: Engine) -> bool:
+    """Lists in memory on MariaDB when enabled; SQLite answers in-process fast enough."""
+    return settings.neighbour_cache and is_mariadb(engine)
+
+
+def cache_hooks(cache: NeighbourCache | None, action: str) -> list[Callable[[], None]]:
+    """The cache's start or stop as a startup/shutdown hook (none without a cache)."""
+    return [] if cache is None else [getattr(cache, action)]
 
 
 def worker_threads_for(engine: Engine) -> int:

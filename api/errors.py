@@ -101,8 +101,11 @@ def handle_undecodable_text(
     return Response(error_body(400, detail), status_code=400)
 
 
-def reject_nul_in_path(request: Request[Any, Any, Any]) -> Response[dict[str, Any]] | None:
-    """404 for a path holding a NUL byte: no route or file has one, and os.stat would raise."""
+async def reject_nul_in_path(request: Request[Any, Any, Any]) -> Response[dict[str, Any]] | None:
+    """404 for a path holding a NUL byte: no route or file has one, and os.stat would raise.
+
+    Async on purpose: Litestar runs a sync before_request hook in a worker thread.
+    """
     if "\x00" in request.scope["path"]:
         return Response(error_body(404, "Not Found"), status_code=404)
     return None

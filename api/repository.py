@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from datetime import datetime
 
 import numpy as np
-from sqlalchemy import Connection, Engine, bindparam, func, select
+from sqlalchemy import Connection, Engine, bindparam, func, select, text
 
 from api.errors import BadRequestError, CorruptFeaturesError, ImageNotFoundError
 from api.schemas import ImageDetail, ImagePage, ImageSummary, Neighbour, Stats
@@ -29,6 +29,9 @@ DEFAULT_NEIGHBOURS = 20
 MATRIX_FETCH_ROWS = 2000
 MAX_RANK = 32767  # rank is a SMALLINT
 STATS_TTL_S = 30.0
+
+# What identifies a state of the tables: runs count, last run id and end, neighbour table birth.
+RunMarker = tuple[int, int | None, datetime | None, datetime | None]
 
 
 @dataclass(frozen=True)
@@ -198,6 +201,19 @@ class ImageRepository:
                 select(func.max(runs.c.finished_at)).where(runs.c.status == "completed")
             ).scalar_one()
 
+    def latest_run_marker(self) -> RunMarker:
+        """Changes whenever a run starts or ends, or the neighbour table is swapped (MariaDB).
+
+        The runs part catches every run's in-place changes; the table's creation time catches
+        a swap by a run that was killed before it could record its end.
+        """
+        with self.engine.connect() as conn:
+            count, last_id, last_finished = conn.execute(
+                select(func.count(), func.max(runs.c.id), func.max(runs.c.finished_at))
+            ).one()
+            created = conn.execute(_NEIGHBOUR_TABLE_CREATED).scalar()
+        return (int(count), last_id, last_finished, created)
+
     def get_stats(self) -> Stats:
         """Counts by status, neighbour rows, model, weights and the last completed run."""
         with self.engine.connect() as conn:
@@ -300,6 +316,11 @@ def _image_exists(conn: Connection, image_id: int) -> bool:
     found = conn.execute(select(image_names.c.id).where(image_names.c.id == image_id)).first()
     return found is not None
 
+
+_NEIGHBOUR_TABLE_CREATED = text(
+    "SELECT CREATE_TIME FROM information_schema.TABLES "
+    "WHERE TABLE_SCHEMA = DATABASE() AND TABLE_NAME = 'image_neighbours'"
+)
 
 # Built once: the hot path then skips statement construction and SQLAlchemy's cache-key walk.
 _NEIGHBOURS = (

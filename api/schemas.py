@@ -77,6 +77,7 @@ class Health(msgspec.Struct, omit_defaults=True):
 
     status: str
     detail: str | None = None
+    neighbour_cache: str | None = None  # "loading" or "N lists", where the cache is on
 
 
 class LegacyNeighbour(msgspec.Struct):

@@ -273,6 +273,19 @@ def measure(
     }
 
 
+def wait_for_neighbour_cache(port: int, timeout_s: float = 600.0) -> None:
+    """Wait until /health says the neighbour lists are in memory (the service's steady state)."""
+    started = time.monotonic()
+    while time.monotonic() - started < timeout_s:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=10) as response:
+            cache = json.loads(response.read()).get("neighbour_cache")
+        if cache != "loading":
+            print(f"neighbour cache: {cache} after {time.monotonic() - started:.1f} s", flush=True)
+            return
+        time.sleep(0.5)
+    raise RuntimeError("the neighbour cache did not load")
+
+
 def timed_get(port: int, path: str) -> float:
     """Seconds one GET takes."""
     started = time.perf_counter()
@@ -390,6 +403,7 @@ def main(argv: list[str] | None = None) -> int:
             served("benchmarks.api:bare_app", python_path, factory=False) as bare_port,
             served("api.app:create_app", env, factory=True) as port,
         ):
+            wait_for_neighbour_cache(port)
             ids = random.Random(3)
             routes = {
                 "bare": (bare_port, lambda: "/bare"),

@@ -37,6 +37,7 @@ class Settings:
     upload_limit_mb: int = 20
     cors_origins: str = ""  # comma separated; empty: CORS closed
     thumbnail_dir: Path | None = None  # None: data_dir / "thumbnails"
+    neighbour_cache: bool = True  # API on MariaDB: every neighbour list in memory (12 B x n x k)
     task_runner: str = "local"  # local | dask: where extraction shards and kNN row blocks run
     dask_address: str = ""  # scheduler of a Dask cluster; empty with dask: a temporary local one
     lock_timeout: float = 3600.0  # seconds a run waits for another run on the same database

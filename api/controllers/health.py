@@ -7,6 +7,7 @@ import logging
 from litestar import Response, get
 from sqlalchemy.exc import SQLAlchemyError
 
+from api.neighbour_cache import NeighbourCache
 from api.repository import ImageRepository
 from api.schemas import Health
 
@@ -14,7 +15,9 @@ log = logging.getLogger(__name__)
 
 
 @get("/health", sync_to_thread=True, tags=["service"])
-def health(repository: ImageRepository) -> Response[Health]:
+def health(
+    repository: ImageRepository, neighbour_cache: NeighbourCache | None
+) -> Response[Health]:
     """Whether the service can read its database."""
     try:
         repository.ping()
@@ -22,4 +25,5 @@ def health(repository: ImageRepository) -> Response[Health]:
         log.warning("health check failed: %s", exc)
         unavailable = Health(status="unavailable", detail="database unavailable")
         return Response(unavailable, status_code=503)
-    return Response(Health(status="ok"), status_code=200)
+    cache = None if neighbour_cache is None else neighbour_cache.describe()
+    return Response(Health(status="ok", neighbour_cache=cache), status_code=200)

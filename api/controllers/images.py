@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Annotated
 
 from litestar import Controller, Response, get
+from litestar.concurrency import sync_to_thread
 from litestar.params import Parameter
 from litestar.response import File
 
@@ -19,6 +20,7 @@ from api.media import (
     resolve_image_path,
     thumbnail_path,
 )
+from api.neighbour_cache import NeighbourCache
 from api.repository import MAX_RANK, ImageRepository
 from api.schemas import Features, ImageDetail, ImagePage, Neighbour
 from tasks.settings import Settings
@@ -51,10 +53,11 @@ class ImageController(Controller):
         """One image with its metadata."""
         return repository.get_image(image_id)
 
-    @get("/{image_id:int}/neighbours", sync_to_thread=True)
-    def get_neighbours(
+    @get("/{image_id:int}/neighbours")
+    async def get_neighbours(
         self,
         repository: ImageRepository,
+        neighbour_cache: NeighbourCache | None,
         image_id: ImageId,
         k: Annotated[
             int | None, Parameter(le=MAX_RANK, description="1..stored k; default up to 20")
@@ -63,7 +66,11 @@ class ImageController(Controller):
         """The most similar images, closest first."""
         if k is not None and k < 1:
             raise BadRequestError(f"k must be at least 1, got {k}")
-        return repository.get_neighbours(image_id, k)
+        # From memory when the cache holds this image's current list: no thread, no query.
+        cached = None if neighbour_cache is None else neighbour_cache.lookup(image_id, k)
+        if cached is not None:
+            return cached
+        return await sync_to_thread(repository.get_neighbours, image_id, k)
 
     @get("/{image_id:int}/features", sync_to_thread=True)
     def get_features(self, repository: ImageRepository, image_id: ImageId) -> Features:

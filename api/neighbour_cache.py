@@ -1,0 +1,145 @@
+"""Every stored neighbour list in memory (MariaDB), reloaded in the background after each run.
+
+The neighbour table only changes inside a run, and every run that changes it ends by marking
+itself completed. So the service loads all lists once, answers /neighbours from memory, and
+watches the runs table: when a newer run has completed, requests go back to the database
+until the new lists are loaded. A request never sees lists older than the database's.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass
+
+import numpy as np
+from sqlalchemy import Engine, text
+
+from api.errors import BadRequestError
+from api.repository import DEFAULT_NEIGHBOURS, ImageRepository, RunMarker
+from api.schemas import Neighbour
+
+log = logging.getLogger(__name__)
+
+POLL_SECONDS = 2.0
+# One row per image: its neighbour ids and distances in rank order, as text. The distances
+# come back as the same text a plain SELECT gives, so both paths answer the same floats.
+_ALL_LISTS = text(
+    "SELECT image_id, GROUP_CONCAT(neighbour_id ORDER BY `rank` SEPARATOR ','), "
+    "GROUP_CONCAT(distance ORDER BY `rank` SEPARATOR ',') "
+    "FROM image_neighbours GROUP BY image_id"
+)
+GROUP_CONCAT_LIMIT = 1 << 24  # bytes per list; 32767 ranks of ~20 characters fit
+
+
+@dataclass(frozen=True)
+class NeighbourLists:
+    """All lists of one completed state: image id -> slice of the flat arrays."""
+
+    marker: RunMarker
+    spans: dict[int, tuple[int, int]]
+    neighbour_ids: np.ndarray  # int32, every list one after the other
+    distances: np.ndarray  # float64: the exact values the database path returns
+    names: dict[int, str]
+
+
+class NeighbourCache:
+    """Answers neighbour requests from memory while its lists match the last completed run."""
+
+    def __init__(self, repository: ImageRepository, poll_seconds: float = POLL_SECONDS) -> None:
+        self.repository = repository
+        self.poll_seconds = poll_seconds
+        self._lists: NeighbourLists | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def lookup(self, image_id: int, k: int | None) -> list[Neighbour] | None:
+        """The k nearest neighbours from memory; None when the database must answer."""
+        lists = self._lists
+        span = None if lists is None else lists.spans.get(image_id)
+        if lists is None or span is None:
+            return None  # not loaded, being reloaded, or no lists for this id: ask the database
+        start, stop = span
+        stored = stop - start
+        if k is None:
+            k = min(DEFAULT_NEIGHBOURS, stored)
+        elif k > stored:
+            raise BadRequestError(f"k must be between 1 and {stored} for image {image_id}")
+        ids = lists.neighbour_ids[start : start + k].tolist()
+        distances = lists.distances[start : start + k].tolist()
+        names = lists.names
+        return [
+            Neighbour(id=neighbour, file_name=names[neighbour], rank=rank, distance=distance)
+            for rank, (neighbour, distance) in enumerate(zip(ids, distances, strict=True), 1)
+        ]
+
+    def describe(self) -> str:
+        """'N lists' when answering from memory, else 'loading'."""
+        lists = self._lists
+        return "loading" if lists is None else f"{len(lists.spans)} lists"
+
+    def start(self) -> None:
+        """Load the lists and keep them current, in a background thread."""
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._watch, name="neighbour-cache", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop watching (the app is shutting down)."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+
+    def wait_until_loaded(self, timeout: float) -> bool:
+        """True once lists are loaded, False after timeout seconds (for tests and benchmarks)."""
+        deadline = time.monotonic() + timeout
+        while self._lists is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return self._lists is not None
+
+    def _watch(self) -> None:
+        """Poll the runs table; reload the lists whenever a newer run has completed."""
+        while not self._stop.is_set():
+            try:
+                self.refresh()
+            except Exception:  # the database may be down: the request path reports that
+                log.warning("neighbour cache refresh failed; answering from the database")
+                log.debug("neighbour cache refresh failure", exc_info=True)
+                self._lists = None
+            self._stop.wait(self.poll_seconds)
+
+    def refresh(self) -> None:
+        """Reload the lists if a run completed since they were loaded."""
+        marker = self.repository.latest_run_marker()
+        if self._lists is not None and self._lists.marker == marker:
+            return
+        self._lists = None  # from now until the reload ends, the database answers
+        lists = load_lists(self.repository.engine, marker)
+        if self.repository.latest_run_marker() == marker:  # no run completed meanwhile
+            self._lists = lists
+            log.info("neighbour cache: %d lists in memory", len(lists.spans))
+
+
+def load_lists(engine: Engine, marker: RunMarker) -> NeighbourLists:
+    """Every image's neighbour list and every file name, read in two queries."""
+    spans: dict[int, tuple[int, int]] = {}
+    id_parts: list[np.ndarray] = []
+    distance_parts: list[np.ndarray] = []
+    filled = 0
+    with engine.connect() as conn:
+        conn.exec_driver_sql(f"SET SESSION group_concat_max_len = {GROUP_CONCAT_LIMIT}")
+        for image_id, ids_text, distances_text in conn.execute(_ALL_LISTS):
+            id_parts.append(np.array(ids_text.split(","), dtype=np.int32))
+            distance_parts.append(np.array(distances_text.split(","), dtype=np.float64))
+            spans[int(image_id)] = (filled, filled + len(id_parts[-1]))
+            filled += len(id_parts[-1])
+        rows = conn.execute(text("SELECT id, file_name FROM image_names")).tuples()
+        names: dict[int, str] = {int(image_id): name for image_id, name in rows}
+    return NeighbourLists(
+        marker,
+        spans,
+        np.concatenate(id_parts) if id_parts else np.empty(0, np.int32),
+        np.concatenate(distance_parts) if distance_parts else np.empty(0, np.float64),
+        names,
+    )
