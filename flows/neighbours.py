@@ -29,7 +29,7 @@ from tasks.knn_blocks import (
     stage_knn_features_task,
 )
 from tasks.load import load_neighbours_task
-from tasks.lock import hold_run_lock
+from tasks.lock import confirm_run_lock, hold_run_lock
 from tasks.neighbours import NeighbourPlan, compute_neighbours_task
 from tasks.report import publish_neighbour_summary, table_asset
 from tasks.settings import Settings
@@ -91,6 +91,7 @@ def fan_out_full_pass(db: str, staging: str, k: int, session: TaskRunnerSession)
 
 def load_lists(db: str, staging: str, plan: NeighbourPlan) -> int:
     """Swap the staged lists in as the neighbour table: its row count."""
+    confirm_run_lock(db)  # the lock may have gone with a dropped connection: never write without
     return load_neighbours_task.with_options(
         assets=[table_asset(db, "image_neighbours")],
         asset_deps=[table_asset(db, "image_features")],

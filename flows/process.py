@@ -37,7 +37,7 @@ from tasks.extract import (
     weights_identity,
 )
 from tasks.load import FeatureLoadCounts, load_features_task
-from tasks.lock import hold_run_lock
+from tasks.lock import confirm_run_lock, hold_run_lock
 from tasks.report import (
     ExtractionProgress,
     count_image_reads,
@@ -217,6 +217,7 @@ def load_extracted(plan: RunPlan, extraction: Extraction) -> FeatureLoadCounts:
     if not extraction.paths:
         return FeatureLoadCounts(ok=0, failed=0)
     db = plan.database_url
+    confirm_run_lock(db)  # the lock may have gone with a dropped connection: never write without
     return load_features_task.with_options(
         assets=[table_asset(db, "image_names"), table_asset(db, "image_features")],
         asset_deps=[staging_asset(plan.staging)],

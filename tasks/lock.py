@@ -9,6 +9,7 @@ import logging
 import os
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 from sqlalchemy import Connection, Engine, text
@@ -127,6 +128,19 @@ def _try_flock(fd: int) -> bool:
     return True
 
 
+@dataclass
+class _HeldLock:
+    """A MariaDB run lock this process holds: its name and the connection holding it."""
+
+    name: str
+    engine: Engine
+    conn: Connection
+
+
+# MariaDB run locks held by this process, by database URL (see confirm_run_lock).
+_HELD: dict[str, _HeldLock] = {}
+
+
 @contextlib.contextmanager
 def _hold_mariadb_lock(
     database_url: str, parsed: URL, timeout: float, notice: WaitNotice
@@ -137,12 +151,50 @@ def _hold_mariadb_lock(
     try:
         conn = _lock_connection(engine, parsed)
         waited = _acquire_mariadb_lock(conn, name, timeout, notice, _describe(parsed))
+        held = _HELD[database_url] = _HeldLock(name, engine, conn)
         try:
             yield waited
         finally:
-            _release_mariadb_lock(conn, name)
+            _HELD.pop(database_url, None)
+            _release_mariadb_lock(held.conn, name)
     finally:
         engine.dispose()
+
+
+def confirm_run_lock(database_url: str) -> None:
+    """Before writing: make sure this process still holds the run lock; RunLockError if not.
+
+    A MariaDB lock belongs to its connection, so a server restart or a dropped connection
+    releases it silently and another run could start. Here a lost lock is taken again when
+    it is free (the run goes on) and refused when another run has it. SQLite's file lock
+    cannot be lost this way.
+    """
+    held = _HELD.get(database_url)
+    if held is None:
+        return
+    try:
+        owner = held.conn.execute(
+            text("SELECT IS_USED_LOCK(:n) = CONNECTION_ID()"), {"n": held.name}
+        )
+        if owner.scalar():
+            return
+    except DBAPIError as exc:
+        log.warning("run lock connection lost (%s); taking the lock again", describe_db_error(exc))
+    _retake_lock(held, parse_database_url(database_url))
+
+
+def _retake_lock(held: _HeldLock, parsed: URL) -> None:
+    """Take a lost lock again on a new connection, without waiting."""
+    with contextlib.suppress(DBAPIError):
+        held.conn.close()
+    held.conn = _lock_connection(held.engine, parsed)
+    database = _describe(parsed)
+    if not _get_lock(held.conn, held.name, 0):
+        raise RunLockError(
+            f"this run lost the run lock of {database} (its connection dropped) and another "
+            "run holds it now; stopped before writing: run again when that run has finished"
+        )
+    log.warning("run lock of %s taken again after its connection was lost", database)
 
 
 def _lock_connection(engine: Engine, parsed: URL) -> Connection:
