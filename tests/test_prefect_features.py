@@ -278,8 +278,8 @@ def test_a_run_waiting_for_the_lock_fails_in_one_line(  # type: ignore[no-untype
     engine.dispose()
 
 
-def running_process_images() -> int:
-    """Flow runs of process-images in the Running state on the test API."""
+def running_process_images() -> list[UUID]:
+    """Ids of the process-images flow runs in the Running state on the test API."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import (
         FlowFilter,
@@ -291,14 +291,29 @@ def running_process_images() -> int:
     from prefect.client.schemas.objects import StateType
 
     with get_client(sync_client=True) as client:
-        return len(
-            client.read_flow_runs(
-                flow_filter=FlowFilter(name=FlowFilterName(any_=["process-images"])),
-                flow_run_filter=FlowRunFilter(
-                    state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.RUNNING]))
-                ),
-            )
+        runs = client.read_flow_runs(
+            flow_filter=FlowFilter(name=FlowFilterName(any_=["process-images"])),
+            flow_run_filter=FlowRunFilter(
+                state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.RUNNING]))
+            ),
         )
+    return [run.id for run in runs]
+
+
+def runs_waiting_for_the_lock() -> int:
+    """Running process-images flow runs that have logged that they wait for the run lock."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+
+    running = running_process_images()
+    if not running:
+        return 0
+    with get_client(sync_client=True) as client:
+        logs = client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=running)))
+    return len({log.flow_run_id for log in logs if LOCK_WAIT_LOG in log.message})
+
+
+LOCK_WAIT_LOG = "another run holds the run lock of"  # the flow's warning while it waits
 
 
 def wait_until(condition: Any, timeout: float) -> bool:
@@ -338,10 +353,11 @@ def test_two_concurrent_cli_runs_never_interleave(  # type: ignore[no-untyped-de
                     processes.append(
                         subprocess.Popen(command, env=env, stdout=stdout, stderr=stderr)
                     )
-            # Both flows are running, and stuck at the lock this test holds.
-            both_running = wait_until(lambda: running_process_images() >= 2, timeout=300)
-            assert both_running, " | ".join(err.read_text() for _, err in logs)
-            time.sleep(2)
+
+            # Both flows are running and have reached the lock this test holds: each flow
+            # logs that it waits (a running flow alone may still be on its way there).
+            both_waiting = wait_until(lambda: runs_waiting_for_the_lock() == 2, timeout=300)
+            assert both_waiting, " | ".join(err.read_text() for _, err in logs)
             assert [p.poll() for p in processes] == [None, None]
         for process, (_, err) in zip(processes, logs, strict=True):
             assert process.wait(timeout=300) == 0, err.read_text()
