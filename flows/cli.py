@@ -202,9 +202,10 @@ def print_process_summary(summary: dict[str, Any]) -> None:
         "  found {found}, new {new}, changed {changed}, deleted {deleted}, "
         "extracted {extracted}, failed {failed}, cached batches {cached_batches}".format(**summary)
     )
+    tasks = summary["neighbour_tasks"]
     print(
         f"  neighbours: {summary['neighbour_rows']} rows ({summary['neighbour_mode']}, "
-        f"{summary['neighbour_tasks']} kNN tasks on the {summary['task_runner']} runner)"
+        f"{tasks} kNN task{'' if tasks == 1 else 's'} on the {summary['task_runner']} runner)"
     )
     print(
         f"  time {summary['seconds']:.1f} s, extraction {summary['images_per_second']:.1f} images/s"
