@@ -75,6 +75,8 @@ def write_knn_features(path: Path, ids: np.ndarray, features: np.ndarray) -> Pat
 
 def read_row_block(path: Path, width: int) -> NeighbourLists:
     """A staged row block (one row per image and rank) back as NeighbourLists."""
+    if width < 1:  # empty lists leave no rows to carry the image ids: never fanned out
+        raise ValueError(f"row blocks need lists of at least one neighbour, got width {width}")
     table = read_table(path)
     rows = table.num_rows // width
     return NeighbourLists(

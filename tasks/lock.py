@@ -17,9 +17,9 @@ from sqlalchemy.engine import URL
 from sqlalchemy.exc import DBAPIError
 
 from tasks.database import DatabaseError, create_db_engine, describe_db_error, parse_database_url
-from tasks.settings import SettingsError
+from tasks.settings import Settings, SettingsError
 
-DEFAULT_LOCK_TIMEOUT = 3600.0  # a nightly run may take a while; a second run waits up to an hour
+DEFAULT_LOCK_TIMEOUT = Settings().lock_timeout  # one source of the default: the settings
 POLL_SECONDS = 0.25
 MARIADB_LOCK_NAME_LIMIT = 64  # GET_LOCK names longer than this are an error
 
