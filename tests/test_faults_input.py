@@ -11,11 +11,9 @@ import io
 import logging
 import os
 import shutil
-import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TypeVar
 
 import numpy as np
 import pytest
@@ -38,34 +36,15 @@ from tasks.discover import (
 )
 from tasks.knn import knn_all, knn_row_block, merge_row_blocks
 from tests.odd_images import BLUE, HOSTILE_NAMES, RED, small_jpeg, write_odd_images
+from tests.test_discover import within
 from tests.test_knn import assert_same_lists, brute_force
 
 pytestmark = pytest.mark.faults
 
-T = TypeVar("T")
 DECODE_BOUND_S = 5.0  # wall time one decode may take, whatever the bytes
 NOT_AN_IMAGE = "not an image (unrecognised content)"
 NOT_UTF8 = "file name is not valid UTF-8"
 TOO_LONG = f"path longer than {MAX_FILE_NAME_CHARS} characters"
-
-
-def within(seconds: float, call: Callable[[], T]) -> T:
-    """call() in a daemon thread; fail instead of hanging when it does not return in time."""
-    outcome: dict[str, object] = {}
-
-    def target() -> None:
-        try:
-            outcome["value"] = call()
-        except BaseException as exc:  # handed to the test thread below
-            outcome["error"] = exc
-
-    thread = threading.Thread(target=target, daemon=True)
-    thread.start()
-    thread.join(seconds)
-    assert not thread.is_alive(), f"still running after {seconds}s"
-    if "error" in outcome:
-        raise outcome["error"]  # type: ignore[misc]
-    return outcome["value"]  # type: ignore[return-value]
 
 
 def encode(image: Image.Image, fmt: str, **options: object) -> bytes:
