@@ -22,7 +22,7 @@ from api.controllers.search import search_by_upload
 from api.controllers.stats import get_stats
 from api.dependencies import Services, build_dependencies
 from api.errors import EXCEPTION_HANDLERS, reject_nul_in_path
-from api.neighbour_cache import NeighbourCache
+from api.neighbour_cache import NeighbourCache, NeighbourLookup
 from api.repository import ImageRepository, StatsCache
 from api.search_index import SimilaritySearch
 from tasks.database import create_reader_engine, is_mariadb
@@ -47,6 +47,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
         search=SimilaritySearch(repository, settings),
         stats=StatsCache(repository),
         neighbour_cache=neighbours,
+        neighbours=NeighbourLookup(repository, neighbours),
     )
     return Litestar(
         route_handlers=[

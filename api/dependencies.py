@@ -8,10 +8,12 @@ from typing import Any
 
 from litestar.di import Provide
 
-from api.neighbour_cache import NeighbourCache
+from api.neighbour_cache import NeighbourCache, NeighbourLookup
 from api.repository import ImageRepository, StatsCache
 from api.search_index import SimilaritySearch
 from tasks.settings import Settings
+
+SERVICE_NAMES = ("settings", "repository", "search", "stats", "neighbour_cache", "neighbours")
 
 
 @dataclass(frozen=True)
@@ -23,6 +25,7 @@ class Services:
     search: SimilaritySearch
     stats: StatsCache
     neighbour_cache: NeighbourCache | None
+    neighbours: NeighbourLookup
 
 
 def build_dependencies(services: Services) -> dict[str, Provide]:
@@ -34,7 +37,7 @@ def build_dependencies(services: Services) -> dict[str, Provide]:
     """
     return {
         name: Provide(_returning(getattr(services, name)), sync_to_thread=False)
-        for name in ("settings", "repository", "search", "stats", "neighbour_cache")
+        for name in SERVICE_NAMES
     }
 
 

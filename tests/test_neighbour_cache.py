@@ -101,3 +101,20 @@ def test_the_service_answers_from_memory_once_loaded(catalog: Catalog, tmp_path:
 def test_the_cache_can_be_turned_off(catalog: Catalog, tmp_path: Path) -> None:
     app = create_app(app_settings(catalog.url, tmp_path, neighbour_cache=False))
     assert app.state.neighbour_cache is None
+
+
+def test_the_neighbours_route_resolves_a_single_dependency(
+    catalog: Catalog, tmp_path: Path
+) -> None:
+    """Two or more dependencies make Litestar spawn an anyio task group on every request."""
+    from litestar.routes import HTTPRoute
+
+    app = create_app(app_settings(catalog.url, tmp_path))
+    route = next(
+        r
+        for r in app.routes
+        if isinstance(r, HTTPRoute) and r.path == "/api/images/{image_id:int}/neighbours"
+    )
+    _, kwargs_model = route.route_handler_map["GET"]
+    batches = [sorted(d.key for d in batch) for batch in kwargs_model.dependency_batches]
+    assert batches == [["neighbours"]]

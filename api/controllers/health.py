@@ -15,9 +15,7 @@ log = logging.getLogger(__name__)
 
 
 @get("/health", sync_to_thread=True, tags=["service"])
-def health(
-    repository: ImageRepository, neighbour_cache: NeighbourCache | None
-) -> Response[Health]:
+def health(repository: ImageRepository, neighbour_cache: NeighbourCache | None) -> Response[Health]:
     """Whether the service can read its database."""
     try:
         repository.ping()

@@ -6,7 +6,6 @@ from pathlib import Path
 from typing import Annotated
 
 from litestar import Controller, Response, get
-from litestar.concurrency import sync_to_thread
 from litestar.params import Parameter
 from litestar.response import File
 
@@ -20,7 +19,7 @@ from api.media import (
     resolve_image_path,
     thumbnail_path,
 )
-from api.neighbour_cache import NeighbourCache
+from api.neighbour_cache import NeighbourLookup
 from api.repository import MAX_RANK, ImageRepository
 from api.schemas import Features, ImageDetail, ImagePage, Neighbour
 from tasks.settings import Settings
@@ -56,8 +55,7 @@ class ImageController(Controller):
     @get("/{image_id:int}/neighbours")
     async def get_neighbours(
         self,
-        repository: ImageRepository,
-        neighbour_cache: NeighbourCache | None,
+        neighbours: NeighbourLookup,
         image_id: ImageId,
         k: Annotated[
             int | None, Parameter(le=MAX_RANK, description="1..stored k; default up to 20")
@@ -66,11 +64,7 @@ class ImageController(Controller):
         """The most similar images, closest first."""
         if k is not None and k < 1:
             raise BadRequestError(f"k must be at least 1, got {k}")
-        # From memory when the cache holds this image's current list: no thread, no query.
-        cached = None if neighbour_cache is None else neighbour_cache.lookup(image_id, k)
-        if cached is not None:
-            return cached
-        return await sync_to_thread(repository.get_neighbours, image_id, k)
+        return await neighbours.fetch(image_id, k)
 
     @get("/{image_id:int}/features", sync_to_thread=True)
     def get_features(self, repository: ImageRepository, image_id: ImageId) -> Features:
