@@ -3,17 +3,21 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import shutil
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
+
+from tasks.knn_threads import TileWorkers, cpu_cores, tile_workers
 
 log = logging.getLogger(__name__)
 
@@ -29,12 +33,14 @@ _ERROR_SAFETY = 16.0
 _EPS32 = float(np.finfo(np.float32).eps)
 _RERANK_CHUNK_ENTRIES = 1 << 22  # candidates re-ranked at once: bounds its temporaries
 _RERANK_CHUNK_PAIRS = 256  # 256 rows x 2048 floats = 2 MB: stays in cache
-_PREPARE_CHUNK_ROWS = 4096
+_PARALLEL_RERANK_CHUNKS = 16  # fewer chunks than this are measured in the calling thread
+_PREPARE_CHUNK_ROWS = 2048
 _RIGHT_CACHE_BYTES = 1 << 30  # the augmented copy of all rows is kept when it fits this
 _CPU_BLOCK_ROWS = 4096  # columns per tile are 2x this on the CPU
 _DIAGONAL_SPLIT = 4  # a row block's own pairs go in 4 x 4 sub-tiles, upper half only
 _GPU_BLOCK_ROWS = 16384
 _NO_ID = np.iinfo(np.int64).max
+_NO_RANK = np.iinfo(np.uint32).max  # sorts after every id rank (ranks are below n < 2^32)
 
 Timings = dict[str, float] | None
 
@@ -82,6 +88,13 @@ class FeatureSpace:
     @property
     def d(self) -> int:
         return int(self.features.shape[1])
+
+    @functools.cached_property
+    def id_ranks(self) -> np.ndarray:
+        """Rank of each row's image id among all ids (orders ties by id)."""
+        ranks = np.empty(self.n, dtype=np.int64)
+        ranks[np.argsort(self.ids, kind="stable")] = np.arange(self.n)
+        return ranks
 
     def exact_rows(self, rows: np.ndarray) -> np.ndarray:
         """Rows as the metric measures them (cosine: unit length), a fresh float32 array."""
@@ -354,7 +367,8 @@ def all_lists(
         with timed(timings, "prepare"):
             cache_right_rows(space)
     candidates = CandidateLists(space.n, candidate_width(kk, space.n))
-    symmetric_candidates(space, tiles, candidates, shape, timings)
+    with tile_workers(worker_count(tiles)) as workers:
+        symmetric_candidates(space, tiles, workers, candidates, shape, timings)
     rows = np.arange(space.n)
     return finalise_rows(space, tiles, rows, candidates, kk, shape, timings)
 
@@ -362,6 +376,7 @@ def all_lists(
 def symmetric_candidates(
     space: FeatureSpace,
     tiles: TileBackend,
+    workers: TileWorkers,
     candidates: CandidateLists,
     shape: TileShape,
     timings: Timings,
@@ -376,19 +391,21 @@ def symmetric_candidates(
         r1 = min(r0 + shape.rows, n)
         rows = np.arange(r0, r1)
         left = space.left(slice(r0, r1))
-        _diagonal_block(space, tiles, candidates, left, r0, r1, timings)
+        _diagonal_block(space, tiles, workers, candidates, left, r0, r1, timings)
         row_side = (candidates, rows)
         no_self = (rows[:0], rows[:0])
         for c0, c1 in column_chunks(r1, n, seen=r1 - r0, most=shape.cols):
             cols = np.arange(c0, c1)
             right = space.right(slice(c0, c1))
             col_side = (candidates, cols)
-            _apply_tile(tiles, left, right, rows, cols, row_side, col_side, no_self, timings)
+            tile = TileJob(left, right, rows, cols, row_side, col_side, no_self)
+            workers.submit(functools.partial(_apply_tile, tiles, workers, tile, timings))
 
 
 def _diagonal_block(
     space: FeatureSpace,
     tiles: TileBackend,
+    workers: TileWorkers,
     candidates: CandidateLists,
     left: np.ndarray,
     r0: int,
@@ -407,18 +424,21 @@ def _diagonal_block(
         local = rows - p0
         right = space.right(slice(p0, p1))
         row_side = (candidates, rows)
-        _apply_tile(tiles, part, right, rows, rows, row_side, None, (local, local), timings)
+        tile = TileJob(part, right, rows, rows, row_side, None, (local, local))
+        workers.submit(functools.partial(_apply_tile, tiles, workers, tile, timings))
         no_self = (local[:0], local[:0])
         for q0 in range(p1, r1, step):
             cols = np.arange(q0, min(q0 + step, r1))
             right = space.right(slice(q0, cols[-1] + 1))
             col_side = (candidates, cols)
-            _apply_tile(tiles, part, right, rows, cols, row_side, col_side, no_self, timings)
+            tile = TileJob(part, right, rows, cols, row_side, col_side, no_self)
+            workers.submit(functools.partial(_apply_tile, tiles, workers, tile, timings))
 
 
 def strip_candidates(
     space: FeatureSpace,
     tiles: TileBackend,
+    workers: TileWorkers,
     positions: np.ndarray,
     row_candidates: CandidateLists,
     col_candidates: CandidateLists | None,
@@ -441,7 +461,8 @@ def strip_candidates(
             self_pairs = (inside, chunk[inside] - c0)
             col_side = None if col_candidates is None else (col_candidates, cols)
             right = space.right(slice(c0, c1))
-            _apply_tile(tiles, left, right, chunk, cols, row_side, col_side, self_pairs, timings)
+            tile = TileJob(left, right, chunk, cols, row_side, col_side, self_pairs)
+            workers.submit(functools.partial(_apply_tile, tiles, workers, tile, timings))
 
 
 def column_chunks(
@@ -471,33 +492,47 @@ def rows_against_all(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Exact lists (neighbour positions, distances) of some rows against every row."""
     candidates = CandidateLists(len(positions), candidate_width(kk, space.n))
-    strip_candidates(space, tiles, positions, candidates, None, shape, timings)
+    with tile_workers(worker_count(tiles)) as workers:
+        strip_candidates(space, tiles, workers, positions, candidates, None, shape, timings)
     return finalise_rows(space, tiles, positions, candidates, kk, shape, timings)
 
 
-def _apply_tile(
-    tiles: TileBackend,
-    left: np.ndarray,
-    right: np.ndarray,
-    row_positions: np.ndarray,
-    col_positions: np.ndarray,
-    row_side: Side,
-    col_side: Side | None,
-    self_pairs: tuple[np.ndarray, np.ndarray],
-    timings: Timings,
-) -> None:
-    """One tile: candidates for its rows from its columns and, if asked, the reverse."""
+@dataclass(frozen=True)
+class TileJob:
+    """One tile to multiply and select: its blocks, positions, the lists it feeds."""
+
+    left: np.ndarray
+    right: np.ndarray
+    row_positions: np.ndarray
+    col_positions: np.ndarray
+    row_side: Side
+    col_side: Side | None
+    self_pairs: tuple[np.ndarray, np.ndarray]  # (row, column) of an image against itself
+
+
+def _apply_tile(tiles: TileBackend, workers: TileWorkers, tile: TileJob, timings: Timings) -> None:
+    """One tile: candidates for its rows from its columns and, if asked, the reverse.
+
+    Limits are read without the lock: they only ever fall, so a stale one lets a few more
+    entries through, which the merge then cuts back. Merges hold the lock.
+    """
+    row_side, col_side = tile.row_side, tile.col_side
     row_limits = row_side[0].limits[row_side[1]]
     col_limits = None if col_side is None else col_side[0].limits[col_side[1]]
     width = row_side[0].width
     row_update, col_update = tiles.updates(
-        left, right, row_limits, col_limits, self_pairs, width, timings
+        tile.left, tile.right, row_limits, col_limits, tile.self_pairs, width, timings
     )
-    with timed(timings, "selection"):
+    with workers.lock, timed(timings, "merge"):
         if row_update is not None:
-            _merge_update(row_side, row_update, col_positions)
+            _merge_update(row_side, row_update, tile.col_positions)
         if col_side is not None and col_update is not None:
-            _merge_update(col_side, col_update, row_positions)
+            _merge_update(col_side, col_update, tile.row_positions)
+
+
+def worker_count(tiles: TileBackend) -> int:
+    """Worker threads for a pass: every core on the CPU; one feeding a GPU."""
+    return cpu_cores() if tiles.name == "numpy" else 1
 
 
 def _merge_update(side: Side, update: TileUpdate, source_positions: np.ndarray) -> None:
@@ -895,8 +930,18 @@ def positions_of(ids: np.ndarray, wanted: np.ndarray) -> np.ndarray:
 
 
 def _list_order(space: FeatureSpace, sources: np.ndarray, distances: np.ndarray) -> np.ndarray:
-    neighbour_ids = np.where(sources >= 0, space.ids[np.maximum(sources, 0)], _NO_ID)
-    return np.lexsort((neighbour_ids, distances))
+    """Column order of each row by (distance, image id); padding (-1 sources) goes last.
+
+    One argsort of a 64-bit key, several times faster than np.lexsort: the float32 bits of
+    a non-negative distance order like the distances, and the id's rank fills the low half.
+    """
+    if distances.size and not distances.min() >= 0:  # negative or NaN: cannot pack
+        neighbour_ids = np.where(sources >= 0, space.ids[np.maximum(sources, 0)], _NO_ID)
+        return np.lexsort((neighbour_ids, distances))
+    bits = (distances.astype(np.float32) + np.float32(0.0)).view(np.uint32)  # -0.0 -> 0.0
+    ranks = np.where(sources >= 0, space.id_ranks[np.maximum(sources, 0)], _NO_RANK)
+    keys = (bits.astype(np.uint64) << np.uint64(32)) | ranks.astype(np.uint64)
+    return np.argsort(keys, axis=1)
 
 
 def _near_tie_entries(
@@ -965,10 +1010,13 @@ def pair_sq_distances(
             diff -= rows_of(low[start:stop])
         out[start:stop] = np.einsum("ij,ij->i", diff, diff)
 
-    # One thread: threads were slower here (GIL hand-offs between small numpy calls, and
-    # BLAS threads still spinning after the multiply), and the gathers are memory-bound.
-    for start in range(0, len(unique), _RERANK_CHUNK_PAIRS):
-        compute(start)
+    # Chunks write disjoint slices of `out`, so they can run on every core at once.
+    starts = range(0, len(unique), _RERANK_CHUNK_PAIRS)
+    if len(starts) >= _PARALLEL_RERANK_CHUNKS:
+        _on_all_cores(compute, starts)
+    else:
+        for start in starts:
+            compute(start)
     return out[inverse]
 
 
@@ -1128,20 +1176,28 @@ def prepare_space(
             x = np.ascontiguousarray(x, dtype=np.float32)
         n, d = x.shape
         scale = np.empty(n, dtype=np.float32) if metric == "cosine" else None
-        total = np.zeros(d, dtype=np.float64)
-        for start in range(0, n, _PREPARE_CHUNK_ROWS):
+        starts = range(0, n, _PREPARE_CHUNK_ROWS)
+        sums = np.zeros((len(starts), d), dtype=np.float64)
+
+        def check_and_sum(start: int) -> None:
             block = x[start : start + _PREPARE_CHUNK_ROWS]
             _check_finite(block, ids[start : start + len(block)])
             if scale is not None:
                 scale[start : start + len(block)] = _inverse_norms(block, ids[start:])
                 block = block * scale[start : start + len(block), None]
-            total += block.sum(axis=0, dtype=np.float64)
-        centre = (total / max(n, 1)).astype(np.float32)
+            sums[start // _PREPARE_CHUNK_ROWS] = block.sum(axis=0, dtype=np.float64)
+
+        _on_all_cores(check_and_sum, starts)
+        # Chunk sums added in chunk order: the centre does not depend on thread timing.
+        centre = (sums.sum(axis=0) / max(n, 1)).astype(np.float32)
         sq = np.empty(n, np.float32)
         space = FeatureSpace(x, ids, metric, scale, centre, sq, 0.0, _direct_error(d))
-        for start in range(0, n, _PREPARE_CHUNK_ROWS):
+
+        def squared_norms(start: int) -> None:
             y = space._augmented(slice(start, start + _PREPARE_CHUNK_ROWS))[:, :-2]
             space.sq[start : start + len(y)] = np.einsum("ij,ij->i", y, y)
+
+        _on_all_cores(squared_norms, starts)
         _check_finite_norms(space.sq, ids)
         space.sq_max = float(space.sq.max()) if n else 0.0
         space.error_unit = _ERROR_SAFETY * _EPS32 * float(np.sqrt(d + 2))
@@ -1157,11 +1213,25 @@ def cache_right_rows(space: FeatureSpace) -> None:
     if n * (d + 2) * 4 > min(_RIGHT_CACHE_BYTES, _available_memory() // 4):
         return
     right = np.empty((n, d + 2), dtype=np.float32)
-    for start in range(0, n, _PREPARE_CHUNK_ROWS):
-        right[start : start + _PREPARE_CHUNK_ROWS] = space.right(
-            slice(start, start + _PREPARE_CHUNK_ROWS)
-        )
+
+    def fill(start: int) -> None:
+        rows = slice(start, start + _PREPARE_CHUNK_ROWS)
+        right[rows] = space.right(rows)
+
+    _on_all_cores(fill, range(0, n, _PREPARE_CHUNK_ROWS))
     space.right_rows = right
+
+
+def _on_all_cores(job: Callable[[int], None], starts: range) -> None:
+    """job(start) for every start, on every core when there are several chunks.
+
+    Errors come out in chunk order, so the first bad row reported is the first in order.
+    """
+    workers = TileWorkers(cpu_cores() if len(starts) > 1 else 1)
+    try:
+        workers.map(job, starts)
+    finally:
+        workers.close()
 
 
 def _direct_error(d: int) -> float:
@@ -1217,7 +1287,9 @@ def tile_shape(space: FeatureSpace, block_rows: int | None, tiles: TileBackend) 
         rows = block_rows or _rows_for_memory(_gpu_memory(), space.d, _GPU_BLOCK_ROWS, 1)
         cols = rows
     else:
-        rows = block_rows or _rows_for_memory(_available_memory(), space.d, _CPU_BLOCK_ROWS, 2)
+        # Every worker thread holds a tile and its working copies at once.
+        memory = _available_memory() // worker_count(tiles)
+        rows = block_rows or _rows_for_memory(memory, space.d, _CPU_BLOCK_ROWS, 2)
         cols = 2 * rows
     return TileShape(rows=max(1, min(rows, space.n)), cols=max(1, min(cols, space.n)))
 
@@ -1259,9 +1331,15 @@ def _gpu_memory() -> int:
     return 8 << 30
 
 
+_TIMINGS_LOCK = threading.Lock()
+
+
 @contextlib.contextmanager
 def timed(timings: Timings, key: str) -> Iterator[None]:
-    """Add the seconds spent in the block to timings[key] (nothing when timings is None)."""
+    """Add the seconds spent in the block to timings[key] (nothing when timings is None).
+
+    Worker threads add up: a phase run on two threads at once counts both threads' time.
+    """
     if timings is None:
         yield
         return
@@ -1269,4 +1347,6 @@ def timed(timings: Timings, key: str) -> Iterator[None]:
     try:
         yield
     finally:
-        timings[key] = timings.get(key, 0.0) + time.perf_counter() - start
+        elapsed = time.perf_counter() - start
+        with _TIMINGS_LOCK:
+            timings[key] = timings.get(key, 0.0) + elapsed

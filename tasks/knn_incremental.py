@@ -34,7 +34,9 @@ from tasks.knn import (
     sq_reach,
     strip_candidates,
     tile_shape,
+    worker_count,
 )
+from tasks.knn_threads import tile_workers
 
 log = logging.getLogger(__name__)
 
@@ -110,7 +112,8 @@ def _updated_lists(
     kept_lists = CandidateLists(space.n, width)
     kept_lists.limits[:] = -np.inf  # fresh columns take nothing: their rows cover them
     kept_lists.limits[kept] = _initial_limits(space, kept, known, kk)
-    strip_candidates(space, tiles, fresh, fresh_lists, kept_lists, shape, timings)
+    with tile_workers(worker_count(tiles)) as workers:
+        strip_candidates(space, tiles, workers, fresh, fresh_lists, kept_lists, shape, timings)
     kept_neighbours, kept_distances, doubtful = _merge_kept(space, kept, known, kept_lists, kk)
     if 2 * (len(fresh) + len(doubtful)) >= space.n:
         # So many lists lost neighbours that rows against all would cost more than the

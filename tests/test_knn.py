@@ -210,12 +210,12 @@ def test_read_only_memory_map_is_used_in_place(tmp_path) -> None:
 
 
 def test_memory_stays_far_below_an_n_by_n_matrix() -> None:
-    n = 3000
+    n = 4000
     features = random_features(n, 4, seed=15)
     ids = np.arange(n, dtype=np.int64)
     tracemalloc.start()
     try:
-        knn_all(features, ids, 5, block_rows=600)
+        knn_all(features, ids, 5, block_rows=500)  # one tile per worker thread at a time
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()

@@ -1,0 +1,81 @@
+"""Worker threads for the kNN engine's CPU passes: one BLAS thread each, every core busy."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+from collections import deque
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+
+from threadpoolctl import threadpool_limits
+
+Job = Callable[[], None]
+
+
+class TileWorkers:
+    """Runs jobs on `count` threads, at most 2 x count waiting, in the order given.
+
+    A tile is a multiply (BLAS, no GIL) followed by a selection (numpy, single-threaded).
+    With BLAS on all cores the selection leaves all but one idle; with one BLAS thread per
+    worker, one worker selects while the other multiplies. `lock` guards shared state that
+    jobs update (candidate lists, timings). With count 1 jobs run inline, in this thread.
+    """
+
+    def __init__(self, count: int) -> None:
+        self.count = max(1, count)
+        self.lock = threading.Lock()
+        self._pool = ThreadPoolExecutor(self.count, "knn") if self.count > 1 else None
+        self._pending: deque[Future[None]] = deque()
+
+    def submit(self, job: Job) -> None:
+        """Run job soon; waits while too many are queued (their inputs hold memory)."""
+        if self._pool is None:
+            job()
+            return
+        while len(self._pending) >= 2 * self.count:
+            self._pending.popleft().result()  # re-raises the job's error here
+        self._pending.append(self._pool.submit(job))
+
+    def drain(self) -> None:
+        """Wait for every submitted job; the first error is raised."""
+        while self._pending:
+            self._pending.popleft().result()
+
+    def map(self, job: Callable[[int], None], starts: range) -> None:
+        """job(start) for each start, then wait for all of them."""
+        for start in starts:
+            self.submit(lambda start=start: job(start))  # type: ignore[misc]
+        self.drain()
+
+    def close(self) -> None:
+        """Wait for running jobs (errors of the others are dropped) and stop the threads."""
+        if self._pool is not None:
+            for future in self._pending:
+                future.cancel()
+            self._pending.clear()
+            self._pool.shutdown(wait=True)
+
+
+def cpu_cores() -> int:
+    """Cores this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+@contextlib.contextmanager
+def tile_workers(count: int) -> Iterator[TileWorkers]:
+    """Workers for one pass; BLAS runs single-threaded inside each while there are several."""
+    workers = TileWorkers(count)
+    try:
+        if workers.count == 1:
+            yield workers
+        else:
+            with threadpool_limits(limits=1, user_api="blas"):
+                yield workers
+                workers.drain()
+    finally:
+        workers.close()

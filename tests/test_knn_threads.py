@@ -1,0 +1,80 @@
+"""Worker threads of the kNN passes: every job runs, errors surface, results do not change."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+from threadpoolctl import threadpool_info
+
+import tasks.knn as knn
+from tasks.knn_incremental import knn_update
+from tasks.knn_threads import TileWorkers, tile_workers
+from tests.test_knn import assert_same_lists, brute_force, clustered_features, shuffled_ids
+
+
+@pytest.mark.parametrize("count", [1, 2, 3])
+def test_every_job_runs_exactly_once(count: int) -> None:
+    done: list[int] = []
+    lock = threading.Lock()
+
+    def job(start: int) -> None:
+        with lock:
+            done.append(start)
+
+    workers = TileWorkers(count)
+    try:
+        workers.map(job, range(0, 50, 2))
+    finally:
+        workers.close()
+    assert sorted(done) == list(range(0, 50, 2))
+
+
+@pytest.mark.parametrize("count", [1, 2])
+def test_the_first_error_of_a_job_is_raised(count: int) -> None:
+    def job(start: int) -> None:
+        if start == 7:
+            raise ValueError("job 7 failed")
+
+    workers = TileWorkers(count)
+    try:
+        with pytest.raises(ValueError, match="job 7 failed"):
+            workers.map(job, range(20))
+    finally:
+        workers.close()
+
+
+def test_blas_is_single_threaded_inside_a_pass_and_restored_after() -> None:
+    def blas_threads() -> list[int]:
+        return [pool["num_threads"] for pool in threadpool_info() if pool["user_api"] == "blas"]
+
+    before = blas_threads()
+    with tile_workers(2):
+        assert set(blas_threads()) == {1}
+    assert blas_threads() == before
+
+
+@pytest.mark.parametrize("threads", [2, 5])
+def test_threads_give_the_lists_of_one_thread(
+    threads: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    features = clustered_features(400, 16, seed=8)
+    features[50:60] = features[40]  # exact duplicates: ties settled by id
+    ids = shuffled_ids(400)
+    monkeypatch.setattr(knn, "cpu_cores", lambda: 1)
+    single = knn.knn_all(features, ids, 12, block_rows=37)
+    monkeypatch.setattr(knn, "cpu_cores", lambda: threads)
+    several = knn.knn_all(features, ids, 12, block_rows=37)
+    assert_same_lists(several, single)
+    assert_same_lists(several, brute_force(features, ids, 12))
+    added = knn_update(
+        knn.knn_all(features[:380], ids[:380], 12, block_rows=37),
+        features,
+        ids,
+        changed_ids=ids[380:],
+        deleted_ids=np.empty(0, dtype=np.int64),
+        k=12,
+        block_rows=37,
+    )
+    assert_same_lists(added, single)
