@@ -33,6 +33,7 @@ _ERROR_SAFETY = 16.0
 _EPS32 = float(np.finfo(np.float32).eps)
 _RERANK_CHUNK_ENTRIES = 1 << 22  # candidates re-ranked at once: bounds its temporaries
 _RERANK_CHUNK_PAIRS = 256  # 256 rows x 2048 floats = 2 MB: stays in cache
+_GROUPED_PAIR_SHARE = 0.5  # re-rank in neighbourhood order when this share of pairs is inside
 _PARALLEL_RERANK_CHUNKS = 16  # fewer chunks than this are measured in the calling thread
 _PREPARE_CHUNK_ROWS = 2048
 _RIGHT_CACHE_BYTES = 1 << 30  # the augmented copy of all rows is kept when it fits this
@@ -995,29 +996,50 @@ def pair_sq_distances(
     # Pairs come sorted by their lower row. When rows have many partners, subtract each
     # lower row once per run instead of gathering it once per pair.
     grouped = len(unique) >= 4 * np.count_nonzero(low[1:] != low[:-1])
+    starts = range(0, len(unique), _RERANK_CHUNK_PAIRS)
+    many = len(starts) >= _PARALLEL_RERANK_CHUNKS
+    visit = _neighbourhood_order(low, high, n) if many else None
+    if visit is None:
+        visit = np.arange(len(unique))
 
     def compute(start: int) -> None:
-        stop = min(start + _RERANK_CHUNK_PAIRS, len(unique))
-        diff = rows_of(high[start:stop])
+        pairs = visit[start : start + _RERANK_CHUNK_PAIRS]
+        lows = low[pairs]
+        diff = rows_of(high[pairs])
         if grouped:
-            lows = low[start:stop]
             runs = np.append(np.flatnonzero(np.diff(lows)) + 1, len(lows))
             first = 0
             for end in runs:
                 diff[first:end] -= rows_of(lows[first : first + 1])
                 first = end
         else:
-            diff -= rows_of(low[start:stop])
-        out[start:stop] = np.einsum("ij,ij->i", diff, diff)
+            diff -= rows_of(lows)
+        out[pairs] = np.einsum("ij,ij->i", diff, diff)
 
-    # Chunks write disjoint slices of `out`, so they can run on every core at once.
-    starts = range(0, len(unique), _RERANK_CHUNK_PAIRS)
-    if len(starts) >= _PARALLEL_RERANK_CHUNKS:
+    # Chunks write disjoint entries of `out`, so they can run on every core at once.
+    if many:
         _on_all_cores(compute, starts)
     else:
         for start in starts:
             compute(start)
     return out[inverse]
+
+
+def _neighbourhood_order(low: np.ndarray, high: np.ndarray, n: int) -> np.ndarray | None:
+    """An order of the pairs (sorted by low row) that takes each neighbourhood's together.
+
+    A row's label is the lowest row paired with it (or itself), followed once more. Rows of
+    one tight group mostly share a label, so their pairs run together and the rows they
+    gather are still in cache, instead of coming from memory once per pair. None when most
+    pairs cross labels (no groups, e.g. unstructured data): there it only costs.
+    """
+    label = np.arange(n)
+    np.minimum.at(label, high, low)  # low < high: only a high row's label can fall
+    label = label[label]
+    group = label[low]
+    if np.count_nonzero(group == label[high]) < _GROUPED_PAIR_SHARE * len(low):
+        return None
+    return np.argsort(group, kind="stable")  # stable: runs of one low row stay whole
 
 
 def _unique_inverse(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
