@@ -21,7 +21,7 @@ from api.controllers.pages import index_page, static_files
 from api.controllers.search import search_by_upload
 from api.controllers.stats import get_stats
 from api.dependencies import Services, build_dependencies
-from api.errors import EXCEPTION_HANDLERS, reject_nul_in_path
+from api.errors import EXCEPTION_HANDLERS
 from api.neighbour_cache import NeighbourCache, NeighbourLookup
 from api.repository import ImageRepository, StatsCache
 from api.search_index import SimilaritySearch
@@ -61,7 +61,6 @@ def create_app(settings: Settings | None = None) -> Litestar:
         ],
         dependencies=build_dependencies(services),
         exception_handlers=EXCEPTION_HANDLERS,
-        before_request=reject_nul_in_path,
         state=State(vars(services)),  # the same objects, for tests and tools
         cors_config=cors_config(settings.cors_origins),
         openapi_config=OpenAPIConfig(title="lookalike", version=API_VERSION, path="/schema"),

@@ -5,7 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated
 
-from litestar import Controller, Response, get
+import msgspec
+from litestar import Controller, MediaType, Response, get
 from litestar.params import Parameter
 from litestar.response import File
 
@@ -24,6 +25,7 @@ from api.repository import MAX_RANK, ImageRepository
 from api.schemas import Features, ImageDetail, ImagePage, Neighbour
 from tasks.settings import Settings
 
+_JSON = msgspec.json.Encoder()
 MAX_PAGE = 500
 MAX_OFFSET = 2**31 - 1
 FILE_CACHE = "private, max-age=300"
@@ -60,11 +62,13 @@ class ImageController(Controller):
         k: Annotated[
             int | None, Parameter(le=MAX_RANK, description="1..stored k; default up to 20")
         ] = None,
-    ) -> list[Neighbour]:
+    ) -> Response[list[Neighbour]]:
         """The most similar images, closest first."""
         if k is not None and k < 1:
             raise BadRequestError(f"k must be at least 1, got {k}")
-        return await neighbours.fetch(image_id, k)
+        found = await neighbours.fetch(image_id, k)
+        # Encoded here: Litestar passes bytes through instead of inspecting the list.
+        return Response(_JSON.encode(found), media_type=MediaType.JSON)
 
     @get("/{image_id:int}/features", sync_to_thread=True)
     def get_features(self, repository: ImageRepository, image_id: ImageId) -> Features:

@@ -9,6 +9,8 @@ from litestar import Response, get
 from litestar.enums import MediaType
 from litestar.static_files import create_static_files_router
 
+from api.errors import reject_nul_in_path
+
 STATIC_DIR = Path(__file__).resolve().parent.parent / "static"
 
 
@@ -24,4 +26,7 @@ def read_index_html() -> bytes:
     return (STATIC_DIR / "index.html").read_bytes()
 
 
-static_files = create_static_files_router(path="/static", directories=[STATIC_DIR])
+# Only file paths can hold a NUL that reaches the OS; other routes never see the hook.
+static_files = create_static_files_router(
+    path="/static", directories=[STATIC_DIR], before_request=reject_nul_in_path
+)
