@@ -397,9 +397,8 @@ def symmetric_candidates(
         no_self = (rows[:0], rows[:0])
         for c0, c1 in column_chunks(r1, n, seen=r1 - r0, most=shape.cols):
             cols = np.arange(c0, c1)
-            right = space.right(slice(c0, c1))
             col_side = (candidates, cols)
-            tile = TileJob(left, right, rows, cols, row_side, col_side, no_self)
+            tile = TileJob(space, left, slice(c0, c1), rows, cols, row_side, col_side, no_self)
             workers.submit(functools.partial(_apply_tile, tiles, workers, tile, timings))
 
 
@@ -423,16 +422,15 @@ def _diagonal_block(
         part = left[p0 - r0 : p1 - r0]
         rows = np.arange(p0, p1)
         local = rows - p0
-        right = space.right(slice(p0, p1))
         row_side = (candidates, rows)
-        tile = TileJob(part, right, rows, rows, row_side, None, (local, local))
+        tile = TileJob(space, part, slice(p0, p1), rows, rows, row_side, None, (local, local))
         workers.submit(functools.partial(_apply_tile, tiles, workers, tile, timings))
         no_self = (local[:0], local[:0])
         for q0 in range(p1, r1, step):
             cols = np.arange(q0, min(q0 + step, r1))
-            right = space.right(slice(q0, cols[-1] + 1))
             col_side = (candidates, cols)
-            tile = TileJob(part, right, rows, cols, row_side, col_side, no_self)
+            columns = slice(q0, cols[-1] + 1)
+            tile = TileJob(space, part, columns, rows, cols, row_side, col_side, no_self)
             workers.submit(functools.partial(_apply_tile, tiles, workers, tile, timings))
 
 
@@ -461,8 +459,8 @@ def strip_candidates(
             inside = np.flatnonzero((chunk >= c0) & (chunk < c1))
             self_pairs = (inside, chunk[inside] - c0)
             col_side = None if col_candidates is None else (col_candidates, cols)
-            right = space.right(slice(c0, c1))
-            tile = TileJob(left, right, chunk, cols, row_side, col_side, self_pairs)
+            columns = slice(c0, c1)
+            tile = TileJob(space, left, columns, chunk, cols, row_side, col_side, self_pairs)
             workers.submit(functools.partial(_apply_tile, tiles, workers, tile, timings))
 
 
@@ -500,10 +498,15 @@ def rows_against_all(
 
 @dataclass(frozen=True)
 class TileJob:
-    """One tile to multiply and select: its blocks, positions, the lists it feeds."""
+    """One tile to multiply and select: its blocks, positions, the lists it feeds.
 
+    The right block is named by its rows and built by the worker that multiplies it, so
+    building blocks (when they are not cached) runs on every core too.
+    """
+
+    space: FeatureSpace
     left: np.ndarray
-    right: np.ndarray
+    columns: slice
     row_positions: np.ndarray
     col_positions: np.ndarray
     row_side: Side
@@ -522,7 +525,13 @@ def _apply_tile(tiles: TileBackend, workers: TileWorkers, tile: TileJob, timings
     col_limits = None if col_side is None else col_side[0].limits[col_side[1]]
     width = row_side[0].width
     row_update, col_update = tiles.updates(
-        tile.left, tile.right, row_limits, col_limits, tile.self_pairs, width, timings
+        tile.left,
+        tile.space.right(tile.columns),
+        row_limits,
+        col_limits,
+        tile.self_pairs,
+        width,
+        timings,
     )
     with workers.lock, timed(timings, "merge"):
         if row_update is not None:

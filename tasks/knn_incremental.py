@@ -186,12 +186,18 @@ def _known_lists(
     positions = positions_of(ids, previous.neighbour_ids[rows])
     valid = positions >= 0
     valid[valid] = ~is_changed[positions[valid]]
-    # Stable sort moves the valid entries to the front without changing their order.
-    compact = np.argsort(~valid, axis=1, kind="stable")
-    valid = np.take_along_axis(valid, compact, axis=1)
-    positions = np.where(valid, np.take_along_axis(positions, compact, axis=1), -1)
-    distances = np.take_along_axis(previous.distances[rows], compact, axis=1)
-    distances = np.where(valid, distances, np.float32(np.inf)).astype(np.float32)
+    distances = previous.distances[rows].astype(np.float32)
+    # Only lists that lost an entry need compacting (none when images were only added).
+    lost = np.flatnonzero(~valid.all(axis=1))
+    if lost.size:
+        # Stable sort moves the valid entries to the front without changing their order.
+        compact = np.argsort(~valid[lost], axis=1, kind="stable")
+        kept_valid = np.take_along_axis(valid[lost], compact, axis=1)
+        moved = np.take_along_axis(positions[lost], compact, axis=1)
+        positions[lost] = np.where(kept_valid, moved, -1)
+        moved_distances = np.take_along_axis(distances[lost], compact, axis=1)
+        distances[lost] = np.where(kept_valid, moved_distances, np.float32(np.inf))
+        valid[lost] = kept_valid
     complete = previous.neighbour_ids.shape[1] >= len(previous.image_ids) - 1
     return _KnownLists(positions, distances, valid.sum(axis=1), complete)
 
