@@ -202,6 +202,7 @@ def report_full(
     """Print the figures of a full run, one per line."""
     flops = args.n * args.n * args.d / best["matmul"] / 1e9  # 2 flops per multiply-add
     print(f"lookalike knn_all : {best['ours']:8.2f} s   time split {split}  counts {counts}")
+    print("  (matmul, selection and merge run on worker threads: their seconds are summed)")
     print(f"faiss.knn (k+1)   : {best['faiss']:8.2f} s")
     print(f"bare GEMM n^2*d/2 : {best['matmul']:8.2f} s   ({flops:.0f} GFLOP/s)")
     print(f"ratio ours/FAISS  : {best['ours'] / best['faiss']:8.3f}")
