@@ -355,7 +355,7 @@ def test_cosine_update_equals_a_full_recompute() -> None:
         ([], [999], "image 999 is deleted but not in the previous lists"),
         ([], [7], "image 7 is deleted but still has features"),
         ([999], [], "image 999 is changed but has no features"),
-        ([], [], "is new but not in changed_ids"),
+        ([], [], "image 32 is new but not in changed_ids"),
     ],
 )
 def test_inconsistent_update_is_refused(changed, deleted, message: str) -> None:
