@@ -24,7 +24,7 @@ from sql.schema import (
     image_neighbours,
     runs,
 )
-from tasks.database import engine_for, retry_if_transient
+from tasks.database import DATABASE_RETRIES, engine_for
 from tasks.discover import Changes, HashedFile, KnownImage, find_changes
 
 log = logging.getLogger(__name__)
@@ -366,9 +366,7 @@ def mark_indexed(engine: Engine, image_ids: Sequence[int]) -> None:
 
 @task(
     name="open-collection",
-    retries=3,
-    retry_delay_seconds=[2, 10, 30],
-    retry_condition_fn=retry_if_transient,
+    **DATABASE_RETRIES,
     cache_policy=NO_CACHE,
 )
 def open_collection_task(database_url: str, root: str, weights_id: str, recompute: bool) -> int:
@@ -388,9 +386,7 @@ def open_collection_task(database_url: str, root: str, weights_id: str, recomput
 
 @task(
     name="sync-catalog",
-    retries=3,
-    retry_delay_seconds=[2, 10, 30],
-    retry_condition_fn=retry_if_transient,
+    **DATABASE_RETRIES,
     cache_policy=NO_CACHE,
 )
 def sync_catalog_task(database_url: str, root: str) -> ChangeCounts:
@@ -415,9 +411,7 @@ def sync_catalog_task(database_url: str, root: str) -> ChangeCounts:
 
 @task(
     name="finish-run",
-    retries=3,
-    retry_delay_seconds=[2, 10, 30],
-    retry_condition_fn=retry_if_transient,
+    **DATABASE_RETRIES,
     cache_policy=NO_CACHE,
 )
 def finish_run_task(database_url: str, run_id: int, status: str, summary: dict[str, Any]) -> None:

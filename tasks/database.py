@@ -188,3 +188,12 @@ def retry_if_transient(_task: Any, _task_run: Any, state: Any) -> bool:
     except Exception as exc:  # the task's own exception, re-raised by result()
         return is_transient(exc)
     return False
+
+
+# The retry policy of every task that talks to the database, in one place: three retries
+# after 2, 10 and 30 s, only for errors that a retry can cure (see is_transient).
+DATABASE_RETRIES: dict[str, Any] = {
+    "retries": 3,
+    "retry_delay_seconds": [2, 10, 30],
+    "retry_condition_fn": retry_if_transient,
+}

@@ -22,7 +22,7 @@ from prefect.cache_policies import NO_CACHE, CachePolicy
 
 from sql.schema import FEATURE_DIM
 from tasks.catalog import MODEL_NAME, PendingImage, list_pending
-from tasks.database import engine_for, retry_if_transient
+from tasks.database import DATABASE_RETRIES, engine_for
 from tasks.decode import (
     INPUT_SIZE,
     PREPROCESS_VERSION,
@@ -374,9 +374,7 @@ class StagedShardPolicy(CachePolicy):
 
 @task(
     name="plan-batches",
-    retries=3,
-    retry_delay_seconds=[2, 10, 30],
-    retry_condition_fn=retry_if_transient,
+    **DATABASE_RETRIES,
     cache_policy=NO_CACHE,
 )
 def plan_batches_task(

@@ -15,7 +15,7 @@ from sqlalchemy import Engine, distinct, func, select
 
 from sql.schema import FEATURE_DIM, image_neighbours
 from tasks.catalog import count_images, stale_neighbour_ids
-from tasks.database import engine_for, retry_if_transient
+from tasks.database import DATABASE_RETRIES, engine_for
 from tasks.knn import NeighbourLists, knn_row_block, list_length, merge_row_blocks
 from tasks.neighbours import INCREMENTAL_LIMIT, NeighbourPlan, read_features
 from tasks.stage import feature_matrix, read_table, write_neighbour_lists, write_table_atomically
@@ -126,9 +126,7 @@ def merge_blocks(
 
 @task(
     name="stage-knn-features",
-    retries=3,
-    retry_delay_seconds=[2, 10, 30],
-    retry_condition_fn=retry_if_transient,
+    **DATABASE_RETRIES,
     cache_policy=NO_CACHE,
 )
 def stage_knn_features_task(database_url: str, staging_dir: str) -> RowBlockInput:

@@ -42,11 +42,11 @@ from sql.schema import (
 )
 from tasks.catalog import MODEL_NAME, mark_indexed
 from tasks.database import (
+    DATABASE_RETRIES,
     create_db_engine,
     engine_for,
     is_mariadb,
     parse_database_url,
-    retry_if_transient,
 )
 from tasks.report import record_table_assets
 from tasks.stage import NEIGHBOURS_SCHEMA, StagingError, feature_matrix, read_table
@@ -536,9 +536,7 @@ def read_feature_rows(engine: Engine) -> tuple[np.ndarray, np.ndarray]:
     "lookalike://tables/image_names",  # the flow names the tables of its database
     "lookalike://tables/image_features",
     name="load-features",
-    retries=3,
-    retry_delay_seconds=[2, 10, 30],
-    retry_condition_fn=retry_if_transient,
+    **DATABASE_RETRIES,
     cache_policy=NO_CACHE,
 )
 def load_features_task(database_url: str, paths: list[str]) -> FeatureLoadCounts:
@@ -558,9 +556,7 @@ def load_features_task(database_url: str, paths: list[str]) -> FeatureLoadCounts
 @materialize(
     "lookalike://tables/image_neighbours",  # the flow names the table of its database
     name="load-neighbours",
-    retries=3,
-    retry_delay_seconds=[2, 10, 30],
-    retry_condition_fn=retry_if_transient,
+    **DATABASE_RETRIES,
     cache_policy=NO_CACHE,
 )
 def load_neighbours_task(
