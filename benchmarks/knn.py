@@ -6,8 +6,9 @@
 The script re-executes itself once so that BLAS settings apply before numpy loads: it sets
 OPENBLAS_NUM_THREADS/OMP_NUM_THREADS to --threads and drops OPENBLAS_CORETYPE and
 OPENBLAS_L2_SIZE (which can force slow kernels) unless --keep-blas-env is given. Our engine
-and FAISS then run in the same process under the same settings. The last line printed is
-one JSON object.
+and FAISS then run in the same process under the same settings, and FAISS's bundled OpenBLAS
+is given the kernel numpy's OpenBLAS picked (its older copy misreads recent Intel CPUs). The
+last line printed is one JSON object.
 """
 
 from __future__ import annotations
@@ -114,6 +115,36 @@ def bare_matmul_seconds(x: np.ndarray, block: int = 1024) -> float:
         rows = x[r0 : min(r0 + block, half)]
         np.matmul(rows, x.T, out=out[: len(rows)])
     return time.perf_counter() - start
+
+
+def numpy_blas_core() -> str | None:
+    """The OpenBLAS kernel numpy's BLAS picked for this CPU (None when unknown)."""
+    try:
+        from threadpoolctl import threadpool_info
+    except ImportError:
+        return None
+    for pool in threadpool_info():
+        if pool["internal_api"] == "openblas" and "numpy" in pool["filepath"]:
+            return pool.get("architecture")
+    return None
+
+
+def give_faiss_the_same_kernel() -> str:
+    """Let FAISS's own (older) OpenBLAS use the kernel numpy's uses, before it loads.
+
+    faiss-cpu wheels bundle OpenBLAS 0.3.15, which does not recognise recent CPUs (Sapphire
+    and Emerald Rapids) and falls back to its generic Prescott kernel: 2.6-4x slower GEMM.
+    A yardstick on a generic kernel would flatter us, so FAISS gets numpy's kernel (or the
+    user's OPENBLAS_CORETYPE, kept with --keep-blas-env). Returns what FAISS was given.
+    """
+    if os.environ.get("OPENBLAS_CORETYPE"):
+        return f"{os.environ['OPENBLAS_CORETYPE']} (from the environment)"
+    core = numpy_blas_core()
+    if core is None:
+        return "its own detection (numpy's kernel unknown)"
+    # OpenBLAS reads the variable when the library loads, i.e. at `import faiss` below.
+    os.environ["OPENBLAS_CORETYPE"] = core
+    return f"{core} (numpy's kernel)"
 
 
 def faiss_lists(x: np.ndarray, k: int, threads: int) -> tuple[np.ndarray, float]:
@@ -266,10 +297,13 @@ def main() -> None:
     print(f"BLAS environment unset for this run: {removed or 'none was set'}")
     for line in describe_blas():
         print(f"BLAS: {line}")
+    faiss_kernel = give_faiss_the_same_kernel() if args.mode == "full" else None
     result = run_full(args) if args.mode == "full" else run_incremental(args)
     if args.mode == "full":
+        print(f"FAISS's OpenBLAS kernel: {faiss_kernel}")
         for line in describe_blas():  # FAISS brings its own OpenBLAS and OpenMP
             print(f"BLAS after FAISS: {line}")
+        result["faiss_blas_kernel"] = faiss_kernel
     result["blas_env_removed"] = removed
     print(json.dumps(result))
 
