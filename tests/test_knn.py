@@ -384,3 +384,67 @@ def test_tensorflow_backend_gives_the_same_lists() -> None:
     previous = knn_all(features[:280], ids[:280], 10, backend="tensorflow")
     updated = update(previous, features, ids, ids[280:], [], 10, backend="tensorflow")
     assert_same_lists(updated, result)
+
+
+# --- re-rank distances: grouped float64 products and float32 subtraction -----------------
+
+
+def grouped_pairs(clusters: int, size: int, d: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Clustered rows (cluster c holds rows c*size ...) and every pair inside each cluster."""
+    rng = np.random.default_rng(11)
+    centres = rng.standard_normal((clusters, d)) * 4
+    x = (np.repeat(centres, size, axis=0) + rng.standard_normal((clusters * size, d))).astype(
+        np.float32
+    )
+    i, j = np.triu_indices(size, 1)
+    starts = np.arange(clusters)[:, None] * size
+    return x, (starts + i).ravel(), (starts + j).ravel()
+
+
+def space_of(x: np.ndarray):  # noqa: ANN201 (FeatureSpace, private to the engine)
+    from tasks.knn import prepare_space
+
+    return prepare_space(x, np.arange(len(x), dtype=np.int64), "euclidean", None)
+
+
+def test_pairs_inside_groups_come_from_float64_and_are_correctly_rounded() -> None:
+    from tasks.knn import _group_pair_sq_distances
+
+    x, low, high = grouped_pairs(clusters=6, size=40, d=64)  # 6 x 780 pairs
+    x[45] = x[41]  # an exact duplicate inside cluster 1: left to the subtraction
+    out = np.full(len(low), np.nan, dtype=np.float32)
+    rest = _group_pair_sq_distances(space_of(x), low, high, out)
+    duplicate = np.flatnonzero((low == 41) & (high == 45))
+    np.testing.assert_array_equal(rest, duplicate)
+    done = np.ones(len(low), dtype=bool)
+    done[rest] = False
+    diff = x[low].astype(np.float64) - x[high]
+    exact = np.einsum("ij,ij->i", diff, diff)
+    # Correctly rounded: within half a float32 ulp of the float64 value.
+    np.testing.assert_allclose(out[done], exact[done], rtol=2.0**-24, atol=0)
+
+
+def test_near_duplicates_and_ungrouped_pairs_are_subtracted() -> None:
+    from tasks.knn import _group_pair_sq_distances, _subtracted_pair_sq_distances, pair_sq_distances
+
+    x, low, high = grouped_pairs(clusters=6, size=40, d=64)
+    x[45] = x[41]
+    x[46] = x[42]
+    x[46, 3] += np.float32(1e-3)  # a near-duplicate: the float64 expansion would lose digits
+    space = space_of(x)
+    out = np.full(len(low), np.nan, dtype=np.float32)
+    rest = _group_pair_sq_distances(space, low, high, out)
+    assert {(int(low[r]), int(high[r])) for r in rest} == {(41, 45), (42, 46)}
+    values = pair_sq_distances(space, np.append(low, 45), np.append(high, 41))
+    np.testing.assert_array_equal(
+        values[rest], _subtracted_pair_sq_distances(space, low[rest], high[rest], False)
+    )
+    assert values[-1] == 0.0  # the duplicate, asked for as (45, 41)
+    # Pairs with no group structure (random rows) all go to the subtraction.
+    rng = np.random.default_rng(3)
+    a, b = rng.integers(0, len(x), 6000), rng.integers(0, len(x), 6000)
+    a, b = np.minimum(a, b)[a != b], np.maximum(a, b)[a != b]
+    order = np.argsort(a, kind="stable")
+    assert _group_pair_sq_distances(
+        space, a[order], b[order], np.empty(len(a), np.float32)
+    ).size == len(a)
