@@ -139,9 +139,10 @@ class FeatureSpace:
         """Largest error of an expanded squared distance from these rows to any row."""
         return self.error_unit * (self.sq[rows].astype(np.float64) + self.sq_max)
 
-    def _augmented(self, rows: slice | np.ndarray) -> np.ndarray:
+    def _augmented(self, rows: slice | np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
         x = self.features[rows]
-        out = np.empty((x.shape[0], self.d + 2), dtype=np.float32)
+        if out is None:
+            out = np.empty((x.shape[0], self.d + 2), dtype=np.float32)
         body = out[:, :-2]
         if self.scale is not None:
             np.multiply(x, self.scale[rows][:, None], out=body)
@@ -304,7 +305,7 @@ def knn_all(
     kk = list_length(k, len(ids))
     if kk == 0:
         return empty_lists(ids)
-    space = prepare_space(features, ids, metric, timings)
+    space = prepare_space(features, ids, metric, timings, keep_right=True)
     with open_backend(backend) as tiles:
         shape = tile_shape(space, block_rows, tiles)
         neighbours, distances = all_lists(space, tiles, kk, shape, timings)
@@ -1278,9 +1279,19 @@ def assemble_lists(
 
 
 def prepare_space(
-    features: np.ndarray, ids: np.ndarray, metric: str, timings: Timings
+    features: np.ndarray,
+    ids: np.ndarray,
+    metric: str,
+    timings: Timings,
+    *,
+    keep_right: bool = False,
 ) -> FeatureSpace:
-    """Check every vector, and compute the centre, scales and squared norms (two passes)."""
+    """Check every vector, and compute the centre, scales and squared norms (two passes).
+
+    With keep_right, the second pass also keeps right() of every row when it fits the
+    memory allowance (see cache_right_rows): it has each centred row in hand anyway, so
+    this saves the separate pass that would build them again.
+    """
     with timed(timings, "prepare"):
         x = features
         if x.dtype != np.float32 or not x.flags.c_contiguous:
@@ -1304,13 +1315,22 @@ def prepare_space(
         sq = np.empty(n, np.float32)
         space = FeatureSpace(x, ids, metric, scale, centre, sq, 0.0, _direct_error(d))
 
+        right = np.empty((n, d + 2), dtype=np.float32) if keep_right and _cache_fits(n, d) else None
+
         def squared_norms(start: int) -> None:
-            y = space._augmented(slice(start, start + _PREPARE_CHUNK_ROWS))[:, :-2]
-            space.sq[start : start + len(y)] = np.einsum("ij,ij->i", y, y)
+            rows = slice(start, start + _PREPARE_CHUNK_ROWS)
+            y = space._augmented(rows, out=None if right is None else right[rows])[:, :-2]
+            space.sq[rows] = np.einsum("ij,ij->i", y, y)
+            if right is not None:
+                y *= -2.0  # exact: right() is [-2y, |y|^2, 1]
 
         _on_all_cores(squared_norms, starts)
         _check_finite_norms(space.sq, ids)
         space.sq_max = float(space.sq.max()) if n else 0.0
+        if right is not None:
+            right[:, -2] = space.sq
+            right[:, -1] = 1.0
+            space.right_rows = right
         space.error_unit = _ERROR_SAFETY * _EPS32 * float(np.sqrt(d + 2))
     return space
 
@@ -1321,7 +1341,7 @@ def cache_right_rows(space: FeatureSpace) -> None:
     Each strip reads all later rows, so building them once saves a copy per strip.
     """
     n, d = space.n, space.d
-    if n * (d + 2) * 4 > min(_RIGHT_CACHE_BYTES, _available_memory() // 4):
+    if space.right_rows is not None or not _cache_fits(n, d):
         return
     right = np.empty((n, d + 2), dtype=np.float32)
 
@@ -1331,6 +1351,11 @@ def cache_right_rows(space: FeatureSpace) -> None:
 
     _on_all_cores(fill, range(0, n, _PREPARE_CHUNK_ROWS))
     space.right_rows = right
+
+
+def _cache_fits(n: int, d: int) -> bool:
+    """Whether right() of every row fits the memory allowance for the cache."""
+    return n * (d + 2) * 4 <= min(_RIGHT_CACHE_BYTES, _available_memory() // 4)
 
 
 def _on_all_cores(job: Callable[[int], None], starts: range) -> None:

@@ -85,7 +85,7 @@ def knn_update(
             backend=backend,
             timings=timings,
         )
-    space = prepare_space(features, ids, metric, timings)
+    space = prepare_space(features, ids, metric, timings, keep_right=True)
     with open_backend(backend) as tiles:
         shape = tile_shape(space, block_rows, tiles)
         positions, neighbours, distances = _updated_lists(

@@ -448,3 +448,20 @@ def test_near_duplicates_and_ungrouped_pairs_are_subtracted() -> None:
     assert _group_pair_sq_distances(
         space, a[order], b[order], np.empty(len(a), np.float32)
     ).size == len(a)
+
+
+@pytest.mark.parametrize("metric", ["euclidean", "cosine"])
+def test_right_rows_kept_by_the_norm_pass_equal_those_built_later(metric: str) -> None:
+    from tasks.knn import cache_right_rows, prepare_space
+
+    rng = np.random.default_rng(5)
+    x = (rng.standard_normal((5000, 48)) * rng.uniform(0.1, 10, (5000, 1)) + 3).astype(np.float32)
+    ids = np.arange(5000, dtype=np.int64)
+    kept = prepare_space(x, ids, metric, None, keep_right=True)
+    plain = prepare_space(x, ids, metric, None)
+    assert kept.right_rows is not None and plain.right_rows is None
+    np.testing.assert_array_equal(kept.sq, plain.sq)
+    built = plain.right(np.arange(5000))  # built row by row, as without a cache
+    assert np.array_equal(kept.right_rows, built)
+    cache_right_rows(plain)  # the separate pass gives the same matrix
+    assert np.array_equal(plain.right_rows, kept.right_rows)
