@@ -39,6 +39,7 @@ _GROUP_MIN_SHARE = 0.25  # of a group's pairs must be wanted to multiply the who
 _GROUP_MIN_PAIRS = 4096  # fewer grouped pairs than this are not worth the set-up
 _GROUP_GUARD = 1e-5  # float64 expansion error <= ~5e-13 x norms: < 1 float32 ulp above this
 _PARALLEL_RERANK_CHUNKS = 16  # fewer chunks than this are measured in the calling thread
+_SORT_PART_ROWS = 2048  # lists are ordered in parts of at least this many rows, one per core
 _PREPARE_CHUNK_ROWS = 2048
 _RIGHT_CACHE_BYTES = 1 << 30  # the augmented copy of all rows is kept when it fits this
 _CPU_BLOCK_ROWS = 4096  # columns per tile are 2x this on the CPU
@@ -901,7 +902,40 @@ def sorted_list_columns(
     in the order (a chain reaching into the first kk) get their distance recomputed in
     float64 and rounded once, so the order is that of the true distances and a tie means
     equal float32 distances. `settled` marks entries already ordered by an earlier run.
+    Rows are independent, so large inputs are ordered in row parts on every core.
     """
+    parts = max(1, min(cpu_cores(), len(positions) // _SORT_PART_ROWS))
+    if parts == 1:
+        columns, distances, ties = _sorted_part(space, positions, sources, distances, kk, settled)
+    else:
+        bounds = np.linspace(0, len(positions), parts + 1).astype(np.int64)
+        width = min(kk, sources.shape[1])
+        columns = np.empty((len(positions), width), dtype=np.int64)
+        ordered = np.empty((len(positions), width), dtype=distances.dtype)
+        tie_counts = np.zeros(parts, dtype=np.int64)
+
+        def order_part(part: int) -> None:
+            rows = slice(bounds[part], bounds[part + 1])
+            some = None if settled is None else settled[rows]
+            found = _sorted_part(space, positions[rows], sources[rows], distances[rows], kk, some)
+            columns[rows], ordered[rows], tie_counts[part] = found
+
+        _on_all_cores(order_part, range(parts))
+        distances, ties = ordered, int(tie_counts.sum())
+    if ties and timings is not None:
+        timings["near_tie_entries"] = timings.get("near_tie_entries", 0.0) + ties
+    return columns, distances
+
+
+def _sorted_part(
+    space: FeatureSpace,
+    positions: np.ndarray,
+    sources: np.ndarray,
+    distances: np.ndarray,
+    kk: int,
+    settled: np.ndarray | None,
+) -> tuple[np.ndarray, np.ndarray, int]:
+    """sorted_list_columns for some rows, plus how many near-tie entries were recomputed."""
     columns = _list_order(space, sources, distances)
     distances = np.take_along_axis(distances, columns, axis=1)
     if settled is not None:
@@ -911,8 +945,6 @@ def sorted_list_columns(
     window = space.direct_error * (2.0 if space.metric == "cosine" else 1.0)
     rows, cols = _near_tie_entries(distances, kk, window, settled)
     if rows.size:
-        if timings is not None:
-            timings["near_tie_entries"] = timings.get("near_tie_entries", 0.0) + rows.size
         neighbours = sources[rows, columns[rows, cols]]
         sq = pair_sq_distances(space, positions[rows], neighbours, precise=True)
         distances[rows, cols] = to_distance(space.metric, sq)
@@ -922,7 +954,7 @@ def sorted_list_columns(
         order = _list_order(space, touched_sources, distances[touched])
         columns[touched] = np.take_along_axis(touched_columns, order, axis=1)
         distances[touched] = np.take_along_axis(distances[touched], order, axis=1)
-    return columns[:, :kk].copy(), distances[:, :kk].copy()
+    return columns[:, :kk].copy(), distances[:, :kk].copy(), int(rows.size)
 
 
 def positions_of(ids: np.ndarray, wanted: np.ndarray) -> np.ndarray:

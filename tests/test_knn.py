@@ -465,3 +465,29 @@ def test_right_rows_kept_by_the_norm_pass_equal_those_built_later(metric: str) -
     assert np.array_equal(kept.right_rows, built)
     cache_right_rows(plain)  # the separate pass gives the same matrix
     assert np.array_equal(plain.right_rows, kept.right_rows)
+
+
+def test_lists_ordered_in_parallel_parts_equal_one_part(monkeypatch: pytest.MonkeyPatch) -> None:
+    import tasks.knn as engine
+
+    rng = np.random.default_rng(9)
+    x = rng.integers(0, 3, (5000, 8)).astype(np.float32)  # few distinct rows: many exact ties
+    space = space_of(x)
+    positions = np.arange(5000)
+    sources = (positions[:, None] + rng.integers(1, 5000, (5000, 40))) % 5000
+    distances = engine.direct_distances(space, positions, sources)
+    settled = rng.random(sources.shape) < 0.5
+    results = {}
+    for part_rows in (1000, 10**9):  # several parts (on every core), then one
+        monkeypatch.setattr(engine, "_SORT_PART_ROWS", part_rows)
+        timings: dict[str, float] = {}
+        columns, ordered = engine.sorted_list_columns(
+            space, positions, sources, distances, 30, timings, settled=settled
+        )
+        results[part_rows] = (columns, ordered, timings.get("near_tie_entries", 0))
+    (columns, ordered, ties), (one_columns, one_ordered, one_ties) = results.values()
+    np.testing.assert_array_equal(columns, one_columns)
+    np.testing.assert_array_equal(ordered, one_ordered)
+    assert ties == one_ties > 0  # the float64 near-tie path ran
+    assert columns.shape == (5000, 30)
+    assert np.all(np.diff(ordered, axis=1) >= 0)
