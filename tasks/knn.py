@@ -233,6 +233,12 @@ class CandidateLists:
         width = self.width
         return self.values[:, :width], self.sources[:, :width].astype(np.int64)
 
+    def best_of(self, slots: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """best() of some slots only, cutting back just those."""
+        self._cut_back(slots[self.fill[slots] > self.width])
+        width = self.width
+        return self.values[slots, :width], self.sources[slots, :width].astype(np.int64)
+
     def _cut_back(self, slots: np.ndarray) -> None:
         kept, columns, dropped = best_below(self.values[slots], self.width)
         sources = np.take_along_axis(self.sources[slots], np.maximum(columns, 0), axis=1)
@@ -456,11 +462,12 @@ def strip_candidates(
     whose limit is -inf takes nothing. Rows never take themselves.
     """
     n = space.n
+    width = even_column_width(n, shape.cols, workers.count)
     for start in range(0, len(positions), shape.rows):
         chunk = positions[start : start + shape.rows]
         left = space.left(chunk)
         row_side = (row_candidates, np.arange(start, start + len(chunk)))
-        for c0, c1 in column_chunks(0, n, seen=0, most=shape.cols, first=shape.rows):
+        for c0, c1 in column_chunks(0, n, seen=0, most=width, first=width):
             cols = np.arange(c0, c1)
             inside = np.flatnonzero((chunk >= c0) & (chunk < c1))
             self_pairs = (inside, chunk[inside] - c0)
@@ -468,6 +475,16 @@ def strip_candidates(
             columns = slice(c0, c1)
             tile = TileJob(space, left, columns, chunk, cols, row_side, col_side, self_pairs)
             workers.submit(functools.partial(_apply_tile, tiles, workers, tile, timings))
+
+
+def even_column_width(n: int, most: int, workers: int) -> int:
+    """Column chunk width that cuts n columns into equal tiles, a multiple of `workers`.
+
+    A strip's tiles then end together on every worker instead of one long tile last.
+    """
+    chunks = -(-n // max(1, most))
+    chunks = -(-chunks // workers) * workers
+    return max(1, -(-n // chunks))
 
 
 def column_chunks(
@@ -1050,6 +1067,28 @@ def _subtracted_pair_sq_distances(
     space: FeatureSpace, low: np.ndarray, high: np.ndarray, precise: bool
 ) -> np.ndarray:
     """|x_low - x_high|^2 by subtracting the rows (pairs sorted by low row, low < high)."""
+    if _fewer_high_rows(low, high):
+        # E.g. a few new images against many rows: run by the high row instead. The
+        # value is the same either way: a - b is exactly -(b - a) in floating point.
+        order = np.argsort(high, kind="stable")
+        out = np.empty(len(low), dtype=np.float64 if precise else np.float32)
+        out[order] = _subtracted_by_first(space, high[order], low[order], precise)
+        return out
+    return _subtracted_by_first(space, low, high, precise)
+
+
+def _fewer_high_rows(low: np.ndarray, high: np.ndarray) -> bool:
+    """Whether the pairs hold far fewer distinct high rows than low rows."""
+    if len(low) < 2:
+        return False
+    low_rows = np.count_nonzero(low[1:] != low[:-1]) + 1  # low is sorted
+    return bool(4 * np.unique(high).size < low_rows)
+
+
+def _subtracted_by_first(
+    space: FeatureSpace, low: np.ndarray, high: np.ndarray, precise: bool
+) -> np.ndarray:
+    """|x_low - x_high|^2 for pairs sorted by `low` (either row of the pair may be lower)."""
     n = space.n
     out = np.empty(len(low), dtype=np.float64 if precise else np.float32)
     rows_of = space.precise_rows if precise else space.exact_rows

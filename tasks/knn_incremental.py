@@ -240,11 +240,10 @@ def _merge_kept(
         neighbours = np.pad(neighbours, ((0, 0), (0, pad)), constant_values=-1)
         distances = np.pad(distances, ((0, 0), (0, pad)), constant_values=np.inf)
     used_known = np.minimum(known.count, kk)
-    sources = kept_lists.best()[1][kept]
-    touched = np.flatnonzero((sources >= 0).any(axis=1))
+    touched = np.flatnonzero(kept_lists.fill[kept] > 0)  # rows that took fresh candidates
     if touched.size:
         rows = kept[touched]
-        fresh = sources[touched]
+        fresh = kept_lists.best_of(rows)[1]
         fresh = fresh[:, : int((fresh >= 0).sum(axis=1).max())]  # candidates come first
         both = np.concatenate([known.neighbours[touched], fresh], axis=1)
         fresh_distances = direct_distances(space, rows, fresh)

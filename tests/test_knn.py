@@ -491,3 +491,44 @@ def test_lists_ordered_in_parallel_parts_equal_one_part(monkeypatch: pytest.Monk
     assert ties == one_ties > 0  # the float64 near-tie path ran
     assert columns.shape == (5000, 30)
     assert np.all(np.diff(ordered, axis=1) >= 0)
+
+
+@pytest.mark.parametrize("precise", [False, True])
+def test_pairs_run_by_their_few_high_rows_give_the_same_values(precise: bool) -> None:
+    from tasks.knn import _fewer_high_rows, _subtracted_by_first, _subtracted_pair_sq_distances
+
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((3000, 96)).astype(np.float32)
+    space = space_of(x)
+    # 20 new images (the last rows) against 100 rows each, as in an incremental add.
+    high = np.repeat(np.arange(2980, 3000), 100)
+    low = rng.integers(0, 2980, len(high))
+    order = np.argsort(low, kind="stable")
+    low, high = low[order], high[order]
+    assert _fewer_high_rows(low, high) and not _fewer_high_rows(high[:1], low[:1])
+    values = _subtracted_pair_sq_distances(space, low, high, precise)
+    # Bit for bit what running by the low row gives: a - b is exactly -(b - a).
+    np.testing.assert_array_equal(values, _subtracted_by_first(space, low, high, precise))
+    diff = x[low].astype(np.float64) - x[high]
+    np.testing.assert_allclose(values, np.einsum("ij,ij->i", diff, diff), rtol=1e-5)
+
+
+def test_best_of_some_slots_is_best_of_all_for_those_slots() -> None:
+    from tasks.knn import CandidateLists
+
+    rng = np.random.default_rng(6)
+    whole, some = CandidateLists(50, 4), CandidateLists(50, 4)
+    batches = []
+    for batch in range(6):  # one entry per chosen slot and batch: slots 0-9 overflow
+        slots = np.sort(rng.choice(50, 30, replace=False) if batch % 2 else np.arange(10))
+        batches.append((slots, rng.random(len(slots)).astype(np.float32), batch * 50 + slots))
+    for lists in (whole, some):
+        for slots, values, sources in batches:
+            lists.merge(slots, values, sources, np.empty(0, np.int64), np.empty(0, np.float32))
+    wanted = np.array([0, 7, 31, 49])
+    values, sources = some.best_of(wanted)
+    all_values, all_sources = whole.best()
+    np.testing.assert_array_equal(values, all_values[wanted])
+    np.testing.assert_array_equal(sources, all_sources[wanted])
+    np.testing.assert_array_equal(some.limits[wanted], whole.limits[wanted])
+    assert np.isfinite(some.limits[0]) and (sources[0] >= 0).all()  # slot 0 was cut back
