@@ -532,3 +532,15 @@ def test_best_of_some_slots_is_best_of_all_for_those_slots() -> None:
     np.testing.assert_array_equal(sources, all_sources[wanted])
     np.testing.assert_array_equal(some.limits[wanted], whole.limits[wanted])
     assert np.isfinite(some.limits[0]) and (sources[0] >= 0).all()  # slot 0 was cut back
+
+
+def test_strip_columns_split_into_equal_tiles_per_worker() -> None:
+    from tasks.knn import column_chunks, even_column_width
+
+    assert even_column_width(20_000, 8192, 2) == 5000  # 4 tiles: 2 rounds on 2 workers
+    assert even_column_width(20_000, 8192, 1) == 6667  # 3 tiles, no wider than 8192
+    assert even_column_width(100, 8192, 2) == 50
+    assert even_column_width(1, 8192, 4) == 1
+    width = even_column_width(20_000, 8192, 2)
+    widths = [c1 - c0 for c0, c1 in column_chunks(0, 20_000, seen=0, most=width, first=width)]
+    assert widths == [5000, 5000, 5000, 5000]
