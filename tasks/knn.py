@@ -614,30 +614,33 @@ def select_both(
 ) -> tuple[TileUpdate | None, TileUpdate | None]:
     """Candidates of the tile's rows (and columns) whose entry is <= the target's limit.
 
-    One comparison per side and one flatnonzero over both find them; a target with more
-    than `width` such entries keeps its best `width`. Fresh targets (limit inf) take the
-    best `width` of the whole tile directly.
+    One comparison and one flatnonzero per side find them; a target with more than
+    `width` such entries keeps its best `width`. Fresh targets (limit inf) take the best
+    `width` of the whole tile directly.
     """
     row_fresh = _fresh(row_limits, tile.shape[1], width)
     row_filter = np.where(row_fresh, -np.inf, row_limits).astype(np.float32)
-    mask = tile <= row_filter[:, None]
-    col_filter = None
-    if col_limits is not None:
-        col_fresh = _fresh(col_limits, tile.shape[0], width)
-        col_filter = np.where(col_fresh, -np.inf, col_limits).astype(np.float32)
-        mask |= tile <= col_filter[None, :]
-    flat = np.flatnonzero(mask)
-    values = tile.ravel()[flat]
-    row = flat // tile.shape[1]
-    col = flat - row * tile.shape[1]
+    row, col, values = _entries_within(tile, tile <= row_filter[:, None])
     rows = _filtered(row, col, values, row_filter, width, grouped=True)
     dense = _select_dense(tile, row_limits, width, 1, np.flatnonzero(row_fresh))
     rows = rows if dense is None else dense.joined(rows)
-    if col_filter is None or col_limits is None:
+    if col_limits is None:
         return rows, None
+    # Each side takes only its own entries: most entries within one side's limit are far
+    # outside the other's, and every entry taken costs a dozen array operations.
+    col_fresh = _fresh(col_limits, tile.shape[0], width)
+    col_filter = np.where(col_fresh, -np.inf, col_limits).astype(np.float32)
+    row, col, values = _entries_within(tile, tile <= col_filter[None, :])
     cols = _filtered(col, row, values, col_filter, width, grouped=False)
     dense = _select_dense(tile, col_limits, width, 0, np.flatnonzero(col_fresh))
     return rows, cols if dense is None else dense.joined(cols)
+
+
+def _entries_within(tile: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, ...]:
+    """(row, column, value) of the tile's entries where mask is set, in row-major order."""
+    flat = np.flatnonzero(mask)
+    row = flat // tile.shape[1]
+    return row, flat - row * tile.shape[1], tile.ravel()[flat]
 
 
 def _fresh(limits: np.ndarray, tile_width: int, width: int) -> np.ndarray:
