@@ -1168,7 +1168,7 @@ def _group_pair_sq_distances(
         rows = members[bounds[0][g] : bounds[0][g + 1]]
         pairs = chosen[bounds[1][g] : bounds[1][g + 1]]
         block = space.exact_rows(rows).astype(np.float64)
-        block -= centre  # exact: both are float32 numbers
+        block -= centre  # exact: float32 numbers within 2^29 of each other in scale
         gram = block @ block.T
         norms = np.diagonal(gram)
         i, j = place[low[pairs]], place[high[pairs]]
@@ -1177,8 +1177,9 @@ def _group_pair_sq_distances(
         out[pairs[good]] = sq[good]  # rounded to float32 once
         done[pairs[good]] = True
 
-    # Groups write disjoint entries of `out` and `done`.
-    _on_all_cores(compute, range(len(member_starts)))
+    # Groups write disjoint entries of `out` and `done`; one BLAS thread per worker.
+    with tile_workers(cpu_cores() if len(member_starts) > 1 else 1) as workers:
+        workers.map(compute, range(len(member_starts)))
     return np.flatnonzero(~done)
 
 
