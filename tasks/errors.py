@@ -6,7 +6,7 @@ from tasks.catalog import CollectionMismatchError, NoImagesError
 from tasks.database import DatabaseError
 from tasks.discover import DiscoveryError
 from tasks.extract import WeightsError
-from tasks.knn import NonFiniteFeaturesError
+from tasks.knn_space import NonFiniteFeaturesError
 from tasks.load import LoadError
 from tasks.settings import SettingsError
 from tasks.stage import StagingError

@@ -8,35 +8,40 @@ from dataclasses import dataclass
 import numpy as np
 
 from tasks.knn import (
-    CandidateLists,
-    FeatureSpace,
-    KnnInputError,
     NeighbourLists,
-    TileBackend,
-    TileShape,
-    Timings,
     all_lists,
     assemble_lists,
     candidate_width,
-    check_k_and_metric,
-    checked_ids,
-    direct_distances,
     empty_lists,
-    finalise_rows,
     knn_all,
     list_length,
-    open_backend,
-    positions_of,
-    prepare_space,
-    proven_rows,
     rows_against_all,
+    strip_candidates,
+)
+from tasks.knn_rerank import (
+    direct_distances,
+    finalise_rows,
+    proven_rows,
     sorted_list_columns,
     sq_reach,
-    strip_candidates,
+)
+from tasks.knn_space import (
+    FeatureSpace,
+    KnnInputError,
+    Timings,
+    check_k_and_metric,
+    checked_ids,
+    prepare_space,
+)
+from tasks.knn_threads import tile_workers
+from tasks.knn_tiles import (
+    CandidateLists,
+    TileBackend,
+    TileShape,
+    open_backend,
     tile_shape,
     worker_count,
 )
-from tasks.knn_threads import tile_workers
 
 log = logging.getLogger(__name__)
 
@@ -262,3 +267,22 @@ def _merge_kept(
     known_ok = known.complete | (known.count >= kk) | (used_known < known.count)
     filled = neighbours[:, -1] >= 0
     return neighbours, distances, np.flatnonzero(~(fresh_ok & known_ok & filled))
+
+
+def positions_of(ids: np.ndarray, wanted: np.ndarray) -> np.ndarray:
+    """Row position of each wanted id in `ids` (-1 where absent).
+
+    Database ids are mostly dense, so a lookup table beats a binary search when the id
+    range is small; otherwise the ids are searched in sorted order.
+    """
+    if ids.size == 0:
+        return np.full(wanted.shape, -1, dtype=np.int64)
+    low, high = int(ids.min()), int(ids.max())
+    if high - low < 8 * len(ids) + 1024:
+        table = np.full(high - low + 2, -1, dtype=np.int64)  # last slot: out of range
+        table[ids - low] = np.arange(len(ids))
+        index = np.clip(wanted - low, -1, high - low + 1)
+        return table[index]  # -1 indexes the last slot, which is -1
+    order = np.argsort(ids, kind="stable")
+    at = np.minimum(np.searchsorted(ids[order], wanted), len(ids) - 1)
+    return np.where(ids[order][at] == wanted, order[at], -1)

@@ -79,3 +79,15 @@ def tile_workers(count: int) -> Iterator[TileWorkers]:
                 workers.drain()
     finally:
         workers.close()
+
+
+def on_all_cores(job: Callable[[int], None], starts: range) -> None:
+    """job(start) for every start, on every core when there are several chunks.
+
+    Errors come out in chunk order, so the first bad row reported is the first in order.
+    """
+    workers = TileWorkers(cpu_cores() if len(starts) > 1 else 1)
+    try:
+        workers.map(job, starts)
+    finally:
+        workers.close()

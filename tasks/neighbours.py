@@ -16,8 +16,9 @@ from sqlalchemy import Engine, select
 from sql.schema import FEATURE_DIM, STATUS_OK, image_features, image_names, image_neighbours
 from tasks.catalog import stale_neighbour_ids
 from tasks.database import engine_for
-from tasks.knn import KnnInputError, NeighbourLists, knn_all
+from tasks.knn import NeighbourLists, knn_all
 from tasks.knn_incremental import knn_update
+from tasks.knn_space import KnnInputError
 from tasks.load import read_feature_rows
 from tasks.stage import feature_batch_path, feature_matrix, read_table, write_neighbour_lists
 

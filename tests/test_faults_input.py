@@ -549,7 +549,7 @@ def test_knn_row_blocks_merge_into_the_full_lists(
 
 
 KNN_RESOLUTION = (
-    "tasks/knn.py: distances below what float32 resolves (squares that underflow; cosine "
+    "tasks/knn_rerank.py: distances below what float32 resolves (squares that underflow; cosine "
     "distances of (near-)parallel rows, ~1e-15) come out as 0, and the list then ranks a "
     "near-duplicate with a smaller id before an exact duplicate (or breaks the id order)"
 )

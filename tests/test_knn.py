@@ -8,15 +8,15 @@ import numpy as np
 import pytest
 
 from tasks.knn import (
-    KnnInputError,
     NeighbourLists,
-    NonFiniteFeaturesError,
-    ZeroFeatureVectorError,
+    column_chunks,
+    even_column_width,
     knn_all,
     knn_row_block,
     merge_row_blocks,
 )
 from tasks.knn_incremental import knn_update
+from tasks.knn_space import KnnInputError, NonFiniteFeaturesError, ZeroFeatureVectorError
 
 
 def brute_force(
@@ -386,157 +386,7 @@ def test_tensorflow_backend_gives_the_same_lists() -> None:
     assert_same_lists(updated, result)
 
 
-# --- re-rank distances: grouped float64 products and float32 subtraction -----------------
-
-
-def grouped_pairs(clusters: int, size: int, d: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Clustered rows (cluster c holds rows c*size ...) and every pair inside each cluster."""
-    rng = np.random.default_rng(11)
-    centres = rng.standard_normal((clusters, d)) * 4
-    x = (np.repeat(centres, size, axis=0) + rng.standard_normal((clusters * size, d))).astype(
-        np.float32
-    )
-    i, j = np.triu_indices(size, 1)
-    starts = np.arange(clusters)[:, None] * size
-    return x, (starts + i).ravel(), (starts + j).ravel()
-
-
-def space_of(x: np.ndarray):  # noqa: ANN201 (FeatureSpace, private to the engine)
-    from tasks.knn import prepare_space
-
-    return prepare_space(x, np.arange(len(x), dtype=np.int64), "euclidean", None)
-
-
-def test_pairs_inside_groups_come_from_float64_and_are_correctly_rounded() -> None:
-    from tasks.knn import _group_pair_sq_distances
-
-    x, low, high = grouped_pairs(clusters=6, size=40, d=64)  # 6 x 780 pairs
-    x[45] = x[41]  # an exact duplicate inside cluster 1: left to the subtraction
-    out = np.full(len(low), np.nan, dtype=np.float32)
-    rest = _group_pair_sq_distances(space_of(x), low, high, out)
-    duplicate = np.flatnonzero((low == 41) & (high == 45))
-    np.testing.assert_array_equal(rest, duplicate)
-    done = np.ones(len(low), dtype=bool)
-    done[rest] = False
-    diff = x[low].astype(np.float64) - x[high]
-    exact = np.einsum("ij,ij->i", diff, diff)
-    # Correctly rounded: within half a float32 ulp of the float64 value.
-    np.testing.assert_allclose(out[done], exact[done], rtol=2.0**-24, atol=0)
-
-
-def test_near_duplicates_and_ungrouped_pairs_are_subtracted() -> None:
-    from tasks.knn import _group_pair_sq_distances, _subtracted_pair_sq_distances, pair_sq_distances
-
-    x, low, high = grouped_pairs(clusters=6, size=40, d=64)
-    x[45] = x[41]
-    x[46] = x[42]
-    x[46, 3] += np.float32(1e-3)  # a near-duplicate: the float64 expansion would lose digits
-    space = space_of(x)
-    out = np.full(len(low), np.nan, dtype=np.float32)
-    rest = _group_pair_sq_distances(space, low, high, out)
-    assert {(int(low[r]), int(high[r])) for r in rest} == {(41, 45), (42, 46)}
-    values = pair_sq_distances(space, np.append(low, 45), np.append(high, 41))
-    np.testing.assert_array_equal(
-        values[rest], _subtracted_pair_sq_distances(space, low[rest], high[rest], False)
-    )
-    assert values[-1] == 0.0  # the duplicate, asked for as (45, 41)
-    # Pairs with no group structure (random rows) all go to the subtraction.
-    rng = np.random.default_rng(3)
-    a, b = rng.integers(0, len(x), 6000), rng.integers(0, len(x), 6000)
-    a, b = np.minimum(a, b)[a != b], np.maximum(a, b)[a != b]
-    order = np.argsort(a, kind="stable")
-    assert _group_pair_sq_distances(
-        space, a[order], b[order], np.empty(len(a), np.float32)
-    ).size == len(a)
-
-
-@pytest.mark.parametrize("metric", ["euclidean", "cosine"])
-def test_right_rows_kept_by_the_norm_pass_equal_those_built_later(metric: str) -> None:
-    from tasks.knn import cache_right_rows, prepare_space
-
-    rng = np.random.default_rng(5)
-    x = (rng.standard_normal((5000, 48)) * rng.uniform(0.1, 10, (5000, 1)) + 3).astype(np.float32)
-    ids = np.arange(5000, dtype=np.int64)
-    kept = prepare_space(x, ids, metric, None, keep_right=True)
-    plain = prepare_space(x, ids, metric, None)
-    assert kept.right_rows is not None and plain.right_rows is None
-    np.testing.assert_array_equal(kept.sq, plain.sq)
-    built = plain.right(np.arange(5000))  # built row by row, as without a cache
-    assert np.array_equal(kept.right_rows, built)
-    cache_right_rows(plain)  # the separate pass gives the same matrix
-    assert np.array_equal(plain.right_rows, kept.right_rows)
-
-
-def test_lists_ordered_in_parallel_parts_equal_one_part(monkeypatch: pytest.MonkeyPatch) -> None:
-    import tasks.knn as engine
-
-    rng = np.random.default_rng(9)
-    x = rng.integers(0, 3, (5000, 8)).astype(np.float32)  # few distinct rows: many exact ties
-    space = space_of(x)
-    positions = np.arange(5000)
-    sources = (positions[:, None] + rng.integers(1, 5000, (5000, 40))) % 5000
-    distances = engine.direct_distances(space, positions, sources)
-    settled = rng.random(sources.shape) < 0.5
-    results = {}
-    for part_rows in (1000, 10**9):  # several parts (on every core), then one
-        monkeypatch.setattr(engine, "_SORT_PART_ROWS", part_rows)
-        timings: dict[str, float] = {}
-        columns, ordered = engine.sorted_list_columns(
-            space, positions, sources, distances, 30, timings, settled=settled
-        )
-        results[part_rows] = (columns, ordered, timings.get("near_tie_entries", 0))
-    (columns, ordered, ties), (one_columns, one_ordered, one_ties) = results.values()
-    np.testing.assert_array_equal(columns, one_columns)
-    np.testing.assert_array_equal(ordered, one_ordered)
-    assert ties == one_ties > 0  # the float64 near-tie path ran
-    assert columns.shape == (5000, 30)
-    assert np.all(np.diff(ordered, axis=1) >= 0)
-
-
-@pytest.mark.parametrize("precise", [False, True])
-def test_pairs_run_by_their_few_high_rows_give_the_same_values(precise: bool) -> None:
-    from tasks.knn import _fewer_high_rows, _subtracted_by_first, _subtracted_pair_sq_distances
-
-    rng = np.random.default_rng(4)
-    x = rng.standard_normal((3000, 96)).astype(np.float32)
-    space = space_of(x)
-    # 20 new images (the last rows) against 100 rows each, as in an incremental add.
-    high = np.repeat(np.arange(2980, 3000), 100)
-    low = rng.integers(0, 2980, len(high))
-    order = np.argsort(low, kind="stable")
-    low, high = low[order], high[order]
-    assert _fewer_high_rows(low, high) and not _fewer_high_rows(high[:1], low[:1])
-    values = _subtracted_pair_sq_distances(space, low, high, precise)
-    # Bit for bit what running by the low row gives: a - b is exactly -(b - a).
-    np.testing.assert_array_equal(values, _subtracted_by_first(space, low, high, precise))
-    diff = x[low].astype(np.float64) - x[high]
-    np.testing.assert_allclose(values, np.einsum("ij,ij->i", diff, diff), rtol=1e-5)
-
-
-def test_best_of_some_slots_is_best_of_all_for_those_slots() -> None:
-    from tasks.knn import CandidateLists
-
-    rng = np.random.default_rng(6)
-    whole, some = CandidateLists(50, 4), CandidateLists(50, 4)
-    batches = []
-    for batch in range(6):  # one entry per chosen slot and batch: slots 0-9 overflow
-        slots = np.sort(rng.choice(50, 30, replace=False) if batch % 2 else np.arange(10))
-        batches.append((slots, rng.random(len(slots)).astype(np.float32), batch * 50 + slots))
-    for lists in (whole, some):
-        for slots, values, sources in batches:
-            lists.merge(slots, values, sources, np.empty(0, np.int64), np.empty(0, np.float32))
-    wanted = np.array([0, 7, 31, 49])
-    values, sources = some.best_of(wanted)
-    all_values, all_sources = whole.best()
-    np.testing.assert_array_equal(values, all_values[wanted])
-    np.testing.assert_array_equal(sources, all_sources[wanted])
-    np.testing.assert_array_equal(some.limits[wanted], whole.limits[wanted])
-    assert np.isfinite(some.limits[0]) and (sources[0] >= 0).all()  # slot 0 was cut back
-
-
 def test_strip_columns_split_into_equal_tiles_per_worker() -> None:
-    from tasks.knn import column_chunks, even_column_width
-
     assert even_column_width(20_000, 8192, 2) == 5000  # 4 tiles: 2 rounds on 2 workers
     assert even_column_width(20_000, 8192, 1) == 6667  # 3 tiles, no wider than 8192
     assert even_column_width(100, 8192, 2) == 50

@@ -9,6 +9,9 @@ import pytest
 from threadpoolctl import threadpool_info
 
 import tasks.knn as knn
+import tasks.knn_rerank as knn_rerank
+import tasks.knn_threads as knn_threads
+import tasks.knn_tiles as knn_tiles
 from tasks.knn_incremental import knn_update
 from tasks.knn_threads import TileWorkers, tile_workers
 from tests.test_knn import assert_same_lists, brute_force, clustered_features, shuffled_ids
@@ -55,6 +58,12 @@ def test_blas_is_single_threaded_inside_a_pass_and_restored_after() -> None:
     assert blas_threads() == before
 
 
+def use_cores(monkeypatch: pytest.MonkeyPatch, count: int) -> None:
+    """Make every engine module see `count` cores."""
+    for module in (knn_threads, knn_tiles, knn_rerank):
+        monkeypatch.setattr(module, "cpu_cores", lambda: count)
+
+
 @pytest.mark.parametrize("threads", [2, 5])
 def test_threads_give_the_lists_of_one_thread(
     threads: int, monkeypatch: pytest.MonkeyPatch
@@ -62,9 +71,9 @@ def test_threads_give_the_lists_of_one_thread(
     features = clustered_features(400, 16, seed=8)
     features[50:60] = features[40]  # exact duplicates: ties settled by id
     ids = shuffled_ids(400)
-    monkeypatch.setattr(knn, "cpu_cores", lambda: 1)
+    use_cores(monkeypatch, 1)
     single = knn.knn_all(features, ids, 12, block_rows=37)
-    monkeypatch.setattr(knn, "cpu_cores", lambda: threads)
+    use_cores(monkeypatch, threads)
     several = knn.knn_all(features, ids, 12, block_rows=37)
     assert_same_lists(several, single)
     assert_same_lists(several, brute_force(features, ids, 12))

@@ -1,0 +1,470 @@
+"""Exact lists from candidates: direct distances, (distance, id) order, proof or exhaustive redo."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from tasks.knn_space import FeatureSpace, Timings, timed
+from tasks.knn_threads import cpu_cores, on_all_cores, tile_workers
+from tasks.knn_tiles import CandidateLists, TileBackend, TileShape
+
+_RERANK_CHUNK_ENTRIES = 1 << 22  # candidates re-ranked at once: bounds its temporaries
+_RERANK_CHUNK_PAIRS = 256  # 256 rows x 2048 floats = 2 MB: stays in cache
+_GROUPED_PAIR_SHARE = 0.5  # re-rank in neighbourhood order when this share of pairs is inside
+_GROUP_MAX_ROWS = 512  # a group's float64 block (512 x 2048) stays within 8 MB
+_GROUP_MIN_SHARE = 0.25  # of a group's pairs must be wanted to multiply the whole group
+_GROUP_MIN_PAIRS = 4096  # fewer grouped pairs than this are not worth the set-up
+_GROUP_GUARD = 1e-5  # float64 expansion error <= ~5e-13 x norms: < 1 float32 ulp above this
+_PARALLEL_RERANK_CHUNKS = 16  # fewer chunks than this are measured in the calling thread
+_SORT_PART_ROWS = 2048  # lists are ordered in parts of at least this many rows, one per core
+_NO_ID = np.iinfo(np.int64).max
+_NO_RANK = np.iinfo(np.uint32).max  # sorts after every id rank (ranks are below n < 2^32)
+
+
+def finalise_rows(
+    space: FeatureSpace,
+    tiles: TileBackend,
+    positions: np.ndarray,
+    candidates: CandidateLists,
+    kk: int,
+    shape: TileShape,
+    timings: Timings,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Exact lists from candidates: direct distances, then rows not proven are redone."""
+    with timed(timings, "rerank"):
+        values, sources = candidates.best()
+        neighbours = np.empty((len(positions), kk), dtype=np.int64)
+        distances = np.empty((len(positions), kk), dtype=np.float32)
+        # In row chunks: the re-rank needs about 150 bytes per candidate for a while.
+        step = max(1, _RERANK_CHUNK_ENTRIES // values.shape[1])
+        for start in range(0, len(positions), step):
+            part = slice(start, start + step)
+            plausible = plausible_sources(space, positions[part], values[part], sources[part], kk)
+            neighbours[part], distances[part] = rerank_rows(
+                space, positions[part], plausible, kk, timings
+            )
+    proven = proven_rows(space, positions, distances[:, -1], candidates.limits)
+    doubtful = np.flatnonzero(~proven)
+    if timings is not None:
+        timings["fallback_rows"] = timings.get("fallback_rows", 0.0) + doubtful.size
+    if doubtful.size:
+        with timed(timings, "fallback"):
+            redone = exhaustive_rows(
+                space, tiles, positions[doubtful], distances[doubtful, -1], kk, shape
+            )
+        neighbours[doubtful], distances[doubtful] = redone
+    return neighbours, distances
+
+
+def plausible_sources(
+    space: FeatureSpace, positions: np.ndarray, values: np.ndarray, sources: np.ndarray, kk: int
+) -> np.ndarray:
+    """Candidates that can still make the first kk, or tie with its last; others are -1.
+
+    The kk best expanded distances are each within the error bound of their direct
+    distance, so a candidate expanded further than (kk-th + error) plus the near-tie
+    tolerance, plus its own error, cannot reach the list.
+    """
+    if values.shape[1] <= kk:
+        return sources
+    error = space.error_bound(positions)
+    kth = np.partition(values, kk - 1, axis=1)[:, kk - 1].astype(np.float64)
+    reach = np.maximum(kth + error, 0.0) * (1 + 4 * space.direct_error) + error
+    return np.where(values <= reach[:, None], sources, -1)
+
+
+def rerank_rows(
+    space: FeatureSpace,
+    positions: np.ndarray,
+    sources: np.ndarray,
+    kk: int,
+    timings: Timings = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Best kk candidates per row by direct distance, ties by image id (-1/inf pad)."""
+    distances = direct_distances(space, positions, sources)
+    return sorted_lists(space, positions, sources, distances, kk, timings)
+
+
+def direct_distances(space: FeatureSpace, positions: np.ndarray, sources: np.ndarray) -> np.ndarray:
+    """Reported distance from each row to each of its candidates (-1 candidates: inf)."""
+    valid = sources >= 0
+    rows = np.broadcast_to(positions[:, None], sources.shape)
+    sq = np.full(sources.shape, np.inf, dtype=np.float32)
+    sq[valid] = pair_sq_distances(space, rows[valid], sources[valid])
+    return to_distance(space.metric, sq)
+
+
+def sorted_lists(
+    space: FeatureSpace,
+    positions: np.ndarray,
+    sources: np.ndarray,
+    distances: np.ndarray,
+    kk: int,
+    timings: Timings = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """The first kk of each row by (distance, image id), near-ties settled in float64."""
+    columns, distances = sorted_list_columns(space, positions, sources, distances, kk, timings)
+    return np.take_along_axis(sources, columns, axis=1), distances
+
+
+def sorted_list_columns(
+    space: FeatureSpace,
+    positions: np.ndarray,
+    sources: np.ndarray,
+    distances: np.ndarray,
+    kk: int,
+    timings: Timings = None,
+    settled: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Which columns make each row's first kk, in order, and their distances.
+
+    Float32 direct distances are a few ulps off; entries within that error of a neighbour
+    in the order (a chain reaching into the first kk) get their distance recomputed in
+    float64 and rounded once, so the order is that of the true distances and a tie means
+    equal float32 distances. `settled` marks entries already ordered by an earlier run.
+    Rows are independent, so large inputs are ordered in row parts on every core.
+    """
+    parts = max(1, min(cpu_cores(), len(positions) // _SORT_PART_ROWS))
+    if parts == 1:
+        columns, distances, ties = _sorted_part(space, positions, sources, distances, kk, settled)
+    else:
+        bounds = np.linspace(0, len(positions), parts + 1).astype(np.int64)
+        width = min(kk, sources.shape[1])
+        columns = np.empty((len(positions), width), dtype=np.int64)
+        ordered = np.empty((len(positions), width), dtype=distances.dtype)
+        tie_counts = np.zeros(parts, dtype=np.int64)
+
+        def order_part(part: int) -> None:
+            rows = slice(bounds[part], bounds[part + 1])
+            some = None if settled is None else settled[rows]
+            found = _sorted_part(space, positions[rows], sources[rows], distances[rows], kk, some)
+            columns[rows], ordered[rows], tie_counts[part] = found
+
+        on_all_cores(order_part, range(parts))
+        distances, ties = ordered, int(tie_counts.sum())
+    if ties and timings is not None:
+        timings["near_tie_entries"] = timings.get("near_tie_entries", 0.0) + ties
+    return columns, distances
+
+
+def _sorted_part(
+    space: FeatureSpace,
+    positions: np.ndarray,
+    sources: np.ndarray,
+    distances: np.ndarray,
+    kk: int,
+    settled: np.ndarray | None,
+) -> tuple[np.ndarray, np.ndarray, int]:
+    """sorted_list_columns for some rows, plus how many near-tie entries were recomputed."""
+    columns = _list_order(space, sources, distances)
+    distances = np.take_along_axis(distances, columns, axis=1)
+    if settled is not None:
+        settled = np.take_along_axis(settled, columns, axis=1)
+    # Two distances each off by their error can swap within this relative window: the
+    # squared-distance error halves under the square root of euclidean distances.
+    window = space.direct_error * (2.0 if space.metric == "cosine" else 1.0)
+    rows, cols = _near_tie_entries(distances, kk, window, settled)
+    if rows.size:
+        neighbours = sources[rows, columns[rows, cols]]
+        sq = pair_sq_distances(space, positions[rows], neighbours, precise=True)
+        distances[rows, cols] = to_distance(space.metric, sq)
+        touched = np.unique(rows)
+        touched_columns = columns[touched]
+        touched_sources = np.take_along_axis(sources[touched], touched_columns, axis=1)
+        order = _list_order(space, touched_sources, distances[touched])
+        columns[touched] = np.take_along_axis(touched_columns, order, axis=1)
+        distances[touched] = np.take_along_axis(distances[touched], order, axis=1)
+    return columns[:, :kk].copy(), distances[:, :kk].copy(), int(rows.size)
+
+
+def _list_order(space: FeatureSpace, sources: np.ndarray, distances: np.ndarray) -> np.ndarray:
+    """Column order of each row by (distance, image id); padding (-1 sources) goes last.
+
+    One argsort of a 64-bit key, several times faster than np.lexsort: the float32 bits of
+    a non-negative distance order like the distances, and the id's rank fills the low half.
+    """
+    if distances.size and not distances.min() >= 0:  # negative or NaN: cannot pack
+        neighbour_ids = np.where(sources >= 0, space.ids[np.maximum(sources, 0)], _NO_ID)
+        return np.lexsort((neighbour_ids, distances))
+    bits = (distances.astype(np.float32) + np.float32(0.0)).view(np.uint32)  # -0.0 -> 0.0
+    ranks = np.where(sources >= 0, space.id_ranks[np.maximum(sources, 0)], _NO_RANK)
+    keys = (bits.astype(np.uint64) << np.uint64(32)) | ranks.astype(np.uint64)
+    return np.argsort(keys, axis=1)
+
+
+def _near_tie_entries(
+    distances: np.ndarray, kk: int, tolerance: float, settled: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """(row, column) of sorted entries in a chain of near-equal distances reaching the top kk.
+
+    Exact zeros are left alone: a zero distance is exact in any precision. Chains made only
+    of `settled` entries (already ordered exactly by an earlier run) are left alone too.
+    """
+    if distances.shape[1] < 2:
+        return np.empty(0, np.int64), np.empty(0, np.int64)
+    later = distances[:, 1:]
+    with np.errstate(invalid="ignore"):
+        close = (later - distances[:, :-1] <= tolerance * later) & (later > 0)
+    if not close.any():
+        return np.empty(0, np.int64), np.empty(0, np.int64)
+    member = np.zeros(distances.shape, dtype=bool)
+    member[:, 1:] |= close
+    member[:, :-1] |= close
+    chain = np.zeros(distances.shape, dtype=np.int64)
+    chain[:, 1:] = np.cumsum(~close, axis=1)
+    reaching = chain <= chain[:, min(kk, distances.shape[1]) - 1, None]
+    wanted = member & reaching & np.isfinite(distances)
+    if settled is not None:
+        # chain ids are unique within a row; offset them by row to make them unique overall
+        key = chain + np.arange(len(chain))[:, None] * distances.shape[1]
+        unsettled_chain = np.zeros(key.size, dtype=bool)
+        unsettled_chain[key[~settled]] = True
+        wanted &= unsettled_chain[key]
+    rows, cols = np.nonzero(wanted)
+    return rows, cols
+
+
+def pair_sq_distances(
+    space: FeatureSpace, a: np.ndarray, b: np.ndarray, *, precise: bool = False
+) -> np.ndarray:
+    """Direct squared distances |x_a - x_b|^2 (float32, or float64 when precise).
+
+    A pair listed twice costs once, and is always computed as (lower position, higher
+    position) so its value does not depend on which of its rows asked. Pairs inside tight
+    groups come from an exact-product float64 GEMM, the others from float32 subtraction
+    (float64 when precise); both are within the direct error bound of the true value.
+    """
+    n = space.n
+    if len(a) == 0:
+        return np.empty(0, dtype=np.float64 if precise else np.float32)
+    keys = np.minimum(a, b).astype(np.int64) * n + np.maximum(a, b)
+    unique, inverse = _unique_inverse(keys)
+    low, high = np.divmod(unique, n)
+    out = np.empty(len(unique), dtype=np.float64 if precise else np.float32)
+    rest = np.arange(len(unique)) if precise else _group_pair_sq_distances(space, low, high, out)
+    if rest.size:
+        out[rest] = _subtracted_pair_sq_distances(space, low[rest], high[rest], precise)
+    return out[inverse]
+
+
+def _subtracted_pair_sq_distances(
+    space: FeatureSpace, low: np.ndarray, high: np.ndarray, precise: bool
+) -> np.ndarray:
+    """|x_low - x_high|^2 by subtracting the rows (pairs sorted by low row, low < high)."""
+    if _fewer_high_rows(low, high):
+        # E.g. a few new images against many rows: run by the high row instead. The
+        # value is the same either way: a - b is exactly -(b - a) in floating point.
+        order = np.argsort(high, kind="stable")
+        out = np.empty(len(low), dtype=np.float64 if precise else np.float32)
+        out[order] = _subtracted_by_first(space, high[order], low[order], precise)
+        return out
+    return _subtracted_by_first(space, low, high, precise)
+
+
+def _fewer_high_rows(low: np.ndarray, high: np.ndarray) -> bool:
+    """Whether the pairs hold far fewer distinct high rows than low rows."""
+    if len(low) < 2:
+        return False
+    low_rows = np.count_nonzero(low[1:] != low[:-1]) + 1  # low is sorted
+    return bool(4 * np.unique(high).size < low_rows)
+
+
+def _subtracted_by_first(
+    space: FeatureSpace, low: np.ndarray, high: np.ndarray, precise: bool
+) -> np.ndarray:
+    """|x_low - x_high|^2 for pairs sorted by `low` (either row of the pair may be lower)."""
+    n = space.n
+    out = np.empty(len(low), dtype=np.float64 if precise else np.float32)
+    rows_of = space.precise_rows if precise else space.exact_rows
+    # Pairs come sorted by their lower row. When rows have many partners, subtract each
+    # lower row once per run instead of gathering it once per pair.
+    grouped = len(low) >= 4 * np.count_nonzero(low[1:] != low[:-1])
+    starts = range(0, len(low), _RERANK_CHUNK_PAIRS)
+    many = len(starts) >= _PARALLEL_RERANK_CHUNKS
+    visit = _neighbourhood_order(low, high, n) if many else None
+    if visit is None:
+        visit = np.arange(len(low))
+
+    def compute(start: int) -> None:
+        pairs = visit[start : start + _RERANK_CHUNK_PAIRS]
+        lows = low[pairs]
+        diff = rows_of(high[pairs])
+        if grouped:
+            runs = np.append(np.flatnonzero(np.diff(lows)) + 1, len(lows))
+            first = 0
+            for end in runs:
+                diff[first:end] -= rows_of(lows[first : first + 1])
+                first = end
+        else:
+            diff -= rows_of(lows)
+        out[pairs] = np.einsum("ij,ij->i", diff, diff)
+
+    # Chunks write disjoint entries of `out`, so they can run on every core at once.
+    if many:
+        on_all_cores(compute, starts)
+    else:
+        for start in starts:
+            compute(start)
+    return out
+
+
+def _group_pair_sq_distances(
+    space: FeatureSpace, low: np.ndarray, high: np.ndarray, out: np.ndarray
+) -> np.ndarray:
+    """Fill `out` for pairs inside tight groups of rows; return the indices of the rest.
+
+    A group's rows are centred and multiplied in float64 (one small GEMM per group, on
+    every core). Products of float32 numbers are exact in float64 and the sums lose about
+    d * 2^-53 of the squared norms, so where the distance is not tiny against the norms
+    the result is far inside float32 rounding: better than subtracting in float32, at a
+    fraction of the memory traffic. Near-duplicates (squared distance below
+    _GROUP_GUARD of the norms, exact duplicates included) are left to the subtraction,
+    which gives them their exact value (0 for a duplicate).
+    """
+    label = _neighbourhood_labels(low, high, space.n)
+    group = label[low]
+    sizes = np.bincount(label, minlength=space.n)
+    inside = group == label[high]
+    pairs_inside = np.bincount(group[inside], minlength=space.n)
+    # Dense groups only: the GEMM computes every pair of a group, wanted or not.
+    dense = (sizes >= 2) & (sizes <= _GROUP_MAX_ROWS)
+    dense &= pairs_inside >= _GROUP_MIN_SHARE * sizes * (sizes - 1) / 2
+    chosen = np.flatnonzero(inside & dense[group])
+    if chosen.size < _GROUP_MIN_PAIRS:
+        return np.arange(len(low))
+    members = np.flatnonzero(dense[label])
+    members = members[np.argsort(label[members], kind="stable")]
+    member_starts = np.flatnonzero(np.diff(label[members], prepend=-1))
+    place = np.empty(space.n, dtype=np.int64)  # a member's row within its group's block
+    place[members] = np.arange(len(members)) - np.repeat(
+        member_starts, np.diff(np.append(member_starts, len(members)))
+    )
+    chosen = chosen[np.argsort(group[chosen], kind="stable")]
+    pair_starts = np.flatnonzero(np.diff(group[chosen], prepend=-1))
+    bounds = np.append(member_starts, len(members)), np.append(pair_starts, len(chosen))
+    centre = space.centre.astype(np.float64)
+    done = np.zeros(len(low), dtype=bool)
+
+    def compute(g: int) -> None:
+        rows = members[bounds[0][g] : bounds[0][g + 1]]
+        pairs = chosen[bounds[1][g] : bounds[1][g + 1]]
+        block = space.exact_rows(rows).astype(np.float64)
+        block -= centre  # exact: float32 numbers within 2^29 of each other in scale
+        gram = block @ block.T
+        norms = np.diagonal(gram)
+        i, j = place[low[pairs]], place[high[pairs]]
+        sq = norms[i] + norms[j] - 2.0 * gram[i, j]
+        good = sq >= _GROUP_GUARD * (norms[i] + norms[j])
+        out[pairs[good]] = sq[good]  # rounded to float32 once
+        done[pairs[good]] = True
+
+    # Groups write disjoint entries of `out` and `done`; one BLAS thread per worker.
+    with tile_workers(cpu_cores() if len(member_starts) > 1 else 1) as workers:
+        workers.map(compute, range(len(member_starts)))
+    return np.flatnonzero(~done)
+
+
+def _neighbourhood_labels(low: np.ndarray, high: np.ndarray, n: int) -> np.ndarray:
+    """Each row's label: the lowest row paired with it (or itself), followed once more.
+
+    Rows of one tight group mostly share a label.
+    """
+    label = np.arange(n)
+    np.minimum.at(label, high, low)  # low < high: only a high row's label can fall
+    return label[label]
+
+
+def _neighbourhood_order(low: np.ndarray, high: np.ndarray, n: int) -> np.ndarray | None:
+    """An order of the pairs (sorted by low row) that takes each neighbourhood's together.
+
+    Pairs of rows with one label (see _neighbourhood_labels) run together and the rows they
+    gather are still in cache, instead of coming from memory once per pair. None when most
+    pairs cross labels (no groups, e.g. unstructured data): there it only costs.
+    """
+    label = _neighbourhood_labels(low, high, n)
+    group = label[low]
+    if np.count_nonzero(group == label[high]) < _GROUPED_PAIR_SHARE * len(low):
+        return None
+    return np.argsort(group, kind="stable")  # stable: runs of one low row stay whole
+
+
+def _unique_inverse(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Sorted unique keys and each key's index among them.
+
+    np.unique hashes in numpy >= 2.3, which is several times slower than sorting here.
+    """
+    order = np.argsort(keys)
+    ordered = keys[order]
+    first = np.ones(len(ordered), dtype=bool)
+    first[1:] = ordered[1:] != ordered[:-1]
+    inverse = np.empty(len(keys), dtype=np.int64)
+    inverse[order] = np.cumsum(first) - 1
+    return ordered[first], inverse
+
+
+def to_distance(metric: str, sq: np.ndarray) -> np.ndarray:
+    """Reported distance from a direct squared distance: euclidean, or 1 - cos for cosine."""
+    if metric == "cosine":
+        return (sq * 0.5).astype(np.float32)  # |a - b|^2 / 2 = 1 - cos(a, b) for unit a, b
+    return np.sqrt(sq).astype(np.float32)
+
+
+def sq_upper_bound(metric: str, distances: np.ndarray) -> np.ndarray:
+    """The largest squared distance that reports as `distances` (float64)."""
+    upper = np.nextafter(distances.astype(np.float32), np.float32(np.inf)).astype(np.float64)
+    if metric == "cosine":
+        return upper * 2.0
+    return upper * upper
+
+
+def sq_reach(space: FeatureSpace, positions: np.ndarray, last: np.ndarray) -> np.ndarray:
+    """Largest expanded squared distance that a row within `last` of these rows can have."""
+    reach = sq_upper_bound(space.metric, last) * (1 + 2 * space.direct_error)
+    return reach + space.error_bound(positions)
+
+
+def proven_rows(
+    space: FeatureSpace, positions: np.ndarray, last: np.ndarray, limits: np.ndarray
+) -> np.ndarray:
+    """Rows whose kk-th distance `last` is below what anything not kept could reach.
+
+    Every entry not kept has an expanded distance >= limit; if even a row at distance
+    `last` would expand to less than that, nothing left out can tie or beat the list.
+    """
+    return np.isinf(limits) | (sq_reach(space, positions, last) < limits)
+
+
+def exhaustive_rows(
+    space: FeatureSpace,
+    tiles: TileBackend,
+    positions: np.ndarray,
+    last: np.ndarray,
+    kk: int,
+    shape: TileShape,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Exact lists of rows the candidate pass could not prove: every column within reach.
+
+    `last` is a kk-th distance already found, so the true kk nearest all lie within it;
+    every column whose expanded distance could be that small is measured directly.
+    """
+    reach = sq_reach(space, positions, last)
+    found_rows, found_cols = [], []
+    for start in range(0, len(positions), shape.rows):
+        chunk = positions[start : start + shape.rows]
+        left = space.left(chunk)
+        for c0 in range(0, space.n, shape.cols):
+            c1 = min(c0 + shape.cols, space.n)
+            tile = tiles.distances(left, space.right(slice(c0, c1)))
+            row, col = np.nonzero(tile <= reach[start : start + len(chunk), None])
+            found_rows.append(row + start)
+            found_cols.append(col + c0)
+    rows, cols = np.concatenate(found_rows), np.concatenate(found_cols)
+    keep = positions[rows] != cols
+    rows, cols = rows[keep], cols[keep]
+    order = np.argsort(rows, kind="stable")
+    rows, cols = rows[order], cols[order]
+    rank = np.arange(len(rows)) - np.searchsorted(rows, rows)
+    width = max(kk, int(rank.max(initial=0)) + 1)
+    sources = np.full((len(positions), width), -1, dtype=np.int64)
+    sources[rows, rank] = cols
+    return rerank_rows(space, positions, sources, kk)

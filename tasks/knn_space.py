@@ -1,0 +1,309 @@
+"""The features as the kNN engine sees them: checked, centred, squared norms, error bounds."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from tasks.knn_threads import on_all_cores
+
+log = logging.getLogger(__name__)
+
+METRICS = ("euclidean", "cosine")
+# Rounding of the float32 expansion |a|^2 + |b|^2 - 2ab is taken to be at most this many
+# times eps * sqrt(d) * (|a|^2 + |b|^2); 16 is far above what is seen in practice.
+_ERROR_SAFETY = 16.0
+_EPS32 = float(np.finfo(np.float32).eps)
+_PREPARE_CHUNK_ROWS = 2048
+_RIGHT_CACHE_BYTES = 1 << 30  # the augmented copy of all rows is kept when it fits this
+Timings = dict[str, float] | None
+_TIMINGS_LOCK = threading.Lock()
+
+
+class NonFiniteFeaturesError(ValueError):
+    """A feature vector holds NaN or Inf (or overflows float32 when squared)."""
+
+
+class ZeroFeatureVectorError(ValueError):
+    """A feature vector is all zeros, so its cosine distance is undefined."""
+
+
+class KnnInputError(ValueError):
+    """The features, ids or previous lists given to the kNN engine do not fit together."""
+
+
+@dataclass
+class FeatureSpace:
+    """The features as the engine sees them: raw rows, plus what the expansion needs."""
+
+    features: np.ndarray  # (n, d) float32, the caller's array, never copied or written
+    ids: np.ndarray  # (n,) int64 image id of each row
+    metric: str
+    scale: np.ndarray | None  # (n,) float32 1/|x| for cosine, None for euclidean
+    centre: np.ndarray  # (d,) float32 mean row, subtracted so the expansion loses less
+    sq: np.ndarray  # (n,) float32 squared norm of each centred row
+    error_unit: float  # expansion error bound per unit of squared norm
+    direct_error: float  # relative error bound of a float32 direct squared distance
+    sq_max: float = 0.0  # largest entry of sq
+    right_rows: np.ndarray | None = None  # right() of every row, when memory allows
+
+    @property
+    def n(self) -> int:
+        return int(self.features.shape[0])
+
+    @property
+    def d(self) -> int:
+        return int(self.features.shape[1])
+
+    @functools.cached_property
+    def id_ranks(self) -> np.ndarray:
+        """Rank of each row's image id among all ids (orders ties by id)."""
+        ranks = np.empty(self.n, dtype=np.int64)
+        ranks[np.argsort(self.ids, kind="stable")] = np.arange(self.n)
+        return ranks
+
+    def exact_rows(self, rows: np.ndarray) -> np.ndarray:
+        """Rows as the metric measures them (cosine: unit length), a fresh float32 array."""
+        x = np.take(self.features, rows, axis=0)
+        if self.scale is not None:
+            x *= self.scale[rows][:, None]
+        return x
+
+    def precise_rows(self, rows: np.ndarray) -> np.ndarray:
+        """Rows as exact_rows, in float64 (cosine: scaled by the float64 norm)."""
+        x = np.take(self.features, rows, axis=0).astype(np.float64)
+        if self.scale is not None:
+            x /= np.linalg.norm(x, axis=1)[:, None]
+        return x
+
+    def left(self, rows: slice | np.ndarray) -> np.ndarray:
+        """[y, 1, |y|^2] per row: times right() it gives squared distances in one GEMM."""
+        out = self._augmented(rows)
+        out[:, -2] = 1.0
+        out[:, -1] = self.sq[rows]
+        return out
+
+    def right(self, rows: slice | np.ndarray) -> np.ndarray:
+        """[-2y, |y|^2, 1] per row (the factor -2 is exact in binary floating point).
+
+        A view into the cached matrix when there is one: treat it as read-only.
+        """
+        if self.right_rows is not None:
+            return self.right_rows[rows]
+        out = self._augmented(rows)
+        out[:, :-2] *= -2.0
+        out[:, -2] = self.sq[rows]
+        out[:, -1] = 1.0
+        return out
+
+    def error_bound(self, rows: np.ndarray) -> np.ndarray:
+        """Largest error of an expanded squared distance from these rows to any row."""
+        return self.error_unit * (self.sq[rows].astype(np.float64) + self.sq_max)
+
+    def _augmented(self, rows: slice | np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        x = self.features[rows]
+        if out is None:
+            out = np.empty((x.shape[0], self.d + 2), dtype=np.float32)
+        body = out[:, :-2]
+        if self.scale is not None:
+            np.multiply(x, self.scale[rows][:, None], out=body)
+            body -= self.centre
+        else:
+            np.subtract(x, self.centre, out=body)
+        return out
+
+
+def checked_ids(image_ids: np.ndarray, features: np.ndarray) -> np.ndarray:
+    """Image ids as unique int64 matching the rows of a 2-D feature matrix."""
+    if getattr(features, "ndim", 0) != 2:
+        shape = getattr(features, "shape", None)
+        raise KnnInputError(f"features must be a 2-D array (images x dims), got shape {shape}")
+    ids = np.asarray(image_ids)
+    if ids.ndim != 1 or len(ids) != features.shape[0]:
+        raise KnnInputError(f"{ids.shape} image ids for {features.shape[0]} feature rows")
+    if ids.size and not np.issubdtype(ids.dtype, np.integer):
+        raise KnnInputError(f"image ids must be integers, got {ids.dtype}")
+    ids = ids.astype(np.int64, copy=False)
+    ordered = np.sort(ids)
+    repeated = ordered[1:][ordered[1:] == ordered[:-1]]
+    if repeated.size:
+        raise KnnInputError(f"image id {int(repeated[0])} appears more than once")
+    return ids
+
+
+def check_k_and_metric(k: int, metric: str) -> None:
+    """Refuse a k below 1 or an unknown metric."""
+    if int(k) < 1:
+        raise KnnInputError(f"k must be at least 1, got {k}")
+    if metric not in METRICS:
+        raise KnnInputError(f"unknown metric {metric!r}; use one of {', '.join(METRICS)}")
+
+
+def prepare_space(
+    features: np.ndarray,
+    ids: np.ndarray,
+    metric: str,
+    timings: Timings,
+    *,
+    keep_right: bool = False,
+) -> FeatureSpace:
+    """Check every vector, and compute the centre, scales and squared norms (two passes).
+
+    With keep_right, the second pass also keeps right() of every row when it fits the
+    memory allowance (see cache_right_rows): it has each centred row in hand anyway, so
+    this saves the separate pass that would build them again.
+    """
+    with timed(timings, "prepare"):
+        x = features
+        if x.dtype != np.float32 or not x.flags.c_contiguous:
+            x = np.ascontiguousarray(x, dtype=np.float32)
+        n, d = x.shape
+        scale = np.empty(n, dtype=np.float32) if metric == "cosine" else None
+        starts = range(0, n, _PREPARE_CHUNK_ROWS)
+        sums = np.zeros((len(starts), d), dtype=np.float64)
+
+        def check_and_sum(start: int) -> None:
+            block = x[start : start + _PREPARE_CHUNK_ROWS]
+            _check_finite(block, ids[start : start + len(block)])
+            if scale is not None:
+                scale[start : start + len(block)] = _inverse_norms(block, ids[start:])
+                block = block * scale[start : start + len(block), None]
+            sums[start // _PREPARE_CHUNK_ROWS] = block.sum(axis=0, dtype=np.float64)
+
+        on_all_cores(check_and_sum, starts)
+        # Chunk sums added in chunk order: the centre does not depend on thread timing.
+        centre = (sums.sum(axis=0) / max(n, 1)).astype(np.float32)
+        sq = np.empty(n, np.float32)
+        space = FeatureSpace(x, ids, metric, scale, centre, sq, 0.0, _direct_error(d))
+
+        right = np.empty((n, d + 2), dtype=np.float32) if keep_right and _cache_fits(n, d) else None
+
+        def squared_norms(start: int) -> None:
+            rows = slice(start, start + _PREPARE_CHUNK_ROWS)
+            y = space._augmented(rows, out=None if right is None else right[rows])[:, :-2]
+            space.sq[rows] = np.einsum("ij,ij->i", y, y)
+            if right is not None:
+                y *= -2.0  # exact: right() is [-2y, |y|^2, 1]
+
+        on_all_cores(squared_norms, starts)
+        _check_finite_norms(space.sq, ids)
+        space.sq_max = float(space.sq.max()) if n else 0.0
+        if right is not None:
+            right[:, -2] = space.sq
+            right[:, -1] = 1.0
+            space.right_rows = right
+        space.error_unit = _ERROR_SAFETY * _EPS32 * float(np.sqrt(d + 2))
+    return space
+
+
+def cache_right_rows(space: FeatureSpace) -> None:
+    """Keep right() of every row when it fits the memory allowance.
+
+    Each strip reads all later rows, so building them once saves a copy per strip.
+    """
+    n, d = space.n, space.d
+    if space.right_rows is not None or not _cache_fits(n, d):
+        return
+    right = np.empty((n, d + 2), dtype=np.float32)
+
+    def fill(start: int) -> None:
+        rows = slice(start, start + _PREPARE_CHUNK_ROWS)
+        right[rows] = space.right(rows)
+
+    on_all_cores(fill, range(0, n, _PREPARE_CHUNK_ROWS))
+    space.right_rows = right
+
+
+def _cache_fits(n: int, d: int) -> bool:
+    """Whether right() of every row fits the memory allowance for the cache."""
+    return n * (d + 2) * 4 <= min(_RIGHT_CACHE_BYTES, available_memory() // 4)
+
+
+def _direct_error(d: int) -> float:
+    """Relative error bound of |a - b|^2 by float32 subtract and einsum.
+
+    einsum sums in 32 SIMD partial sums of d/32 terms each, so the bound grows with d/32;
+    the extra 16 units cover the subtraction, squaring and the final reduction.
+    """
+    return (d / 32 + 16) * _EPS32 / 2
+
+
+def _check_finite(block: np.ndarray, ids: np.ndarray) -> None:
+    """Refuse NaN, Inf, or a squared norm that overflows float32, naming the first image.
+
+    One pass: a row's squared norm is finite exactly when none of these holds, so only a
+    failing block is looked at more closely.
+    """
+    with np.errstate(over="ignore", invalid="ignore"):
+        norms = np.einsum("ij,ij->i", block, block)
+    if np.isfinite(norms).all():
+        return
+    bad = np.flatnonzero(~np.isfinite(block).all(axis=1))
+    if bad.size:
+        raise NonFiniteFeaturesError(
+            f"the feature vector of image {int(ids[bad[0]])} holds NaN or Inf "
+            f"({bad.size} such image(s) in this batch)"
+        )
+    huge = np.flatnonzero(~np.isfinite(norms))
+    if huge.size:
+        raise NonFiniteFeaturesError(
+            f"the feature vector of image {int(ids[huge[0]])} is too large: "
+            "its squared norm overflows float32"
+        )
+
+
+def _inverse_norms(block: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    norms = np.sqrt(np.einsum("ij,ij->i", block, block, dtype=np.float64))
+    zero = np.flatnonzero(norms == 0)
+    if zero.size:
+        raise ZeroFeatureVectorError(
+            f"the feature vector of image {int(ids[zero[0]])} is all zeros: "
+            "its cosine distance is undefined"
+        )
+    return (1.0 / norms).astype(np.float32)
+
+
+def _check_finite_norms(sq: np.ndarray, ids: np.ndarray) -> None:
+    bad = np.flatnonzero(~np.isfinite(sq))
+    if bad.size:
+        raise NonFiniteFeaturesError(
+            f"the feature vector of image {int(ids[bad[0]])} is too large: "
+            "its squared norm overflows float32"
+        )
+
+
+def available_memory() -> int:
+    """Bytes of memory available now (MemAvailable), or 4 GB when it cannot be read."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError as error:
+        log.debug("cannot read /proc/meminfo: %s", error)
+    return 4 << 30
+
+
+@contextlib.contextmanager
+def timed(timings: Timings, key: str) -> Iterator[None]:
+    """Add the seconds spent in the block to timings[key] (nothing when timings is None).
+
+    Worker threads add up: a phase run on two threads at once counts both threads' time.
+    """
+    if timings is None:
+        yield
+        return
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        elapsed = time.perf_counter() - start
+        with _TIMINGS_LOCK:
+            timings[key] = timings.get(key, 0.0) + elapsed

@@ -1,0 +1,23 @@
+"""The kNN engine's feature space: the norm pass and the cache of right-hand rows."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from tasks.knn_space import cache_right_rows, prepare_space
+
+
+@pytest.mark.parametrize("metric", ["euclidean", "cosine"])
+def test_right_rows_kept_by_the_norm_pass_equal_those_built_later(metric: str) -> None:
+    rng = np.random.default_rng(5)
+    x = (rng.standard_normal((5000, 48)) * rng.uniform(0.1, 10, (5000, 1)) + 3).astype(np.float32)
+    ids = np.arange(5000, dtype=np.int64)
+    kept = prepare_space(x, ids, metric, None, keep_right=True)
+    plain = prepare_space(x, ids, metric, None)
+    assert kept.right_rows is not None and plain.right_rows is None
+    np.testing.assert_array_equal(kept.sq, plain.sq)
+    built = plain.right(np.arange(5000))  # built row by row, as without a cache
+    assert np.array_equal(kept.right_rows, built)
+    cache_right_rows(plain)  # the separate pass gives the same matrix
+    assert np.array_equal(plain.right_rows, kept.right_rows)
