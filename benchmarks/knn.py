@@ -64,6 +64,7 @@ if __name__ == "__main__":
     reexec_with_blas_env(parse_args(sys.argv[1:]))
 
 import numpy as np  # noqa: E402  (must load after the BLAS environment is set)
+from threadpoolctl import threadpool_info  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from tasks.knn import knn_all  # noqa: E402
@@ -92,11 +93,6 @@ def peak_rss_mb() -> float:
 
 def describe_blas() -> list[str]:
     """One line per BLAS/OpenMP library loaded, with its kernel and thread count."""
-    try:
-        from threadpoolctl import threadpool_info
-    except ImportError:
-        config = np.show_config(mode="dicts")["Build Dependencies"]["blas"]  # type: ignore[index]
-        return [f"numpy BLAS {config.get('name')} {config.get('version')} (threadpoolctl absent)"]
     lines = []
     for pool in threadpool_info():
         lines.append(
@@ -119,10 +115,6 @@ def bare_matmul_seconds(x: np.ndarray, block: int = 1024) -> float:
 
 def numpy_blas_core() -> str | None:
     """The OpenBLAS kernel numpy's BLAS picked for this CPU (None when unknown)."""
-    try:
-        from threadpoolctl import threadpool_info
-    except ImportError:
-        return None
     for pool in threadpool_info():
         if pool["internal_api"] == "openblas" and "numpy" in pool["filepath"]:
             return pool.get("architecture")
