@@ -7,7 +7,7 @@ import os
 import threading
 from collections import deque
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 
 from threadpoolctl import threadpool_limits
 
@@ -15,7 +15,7 @@ Job = Callable[[], None]
 
 
 class TileWorkers:
-    """Runs jobs on `count` threads, at most 2 x count waiting, in the order given.
+    """Runs jobs on `count` threads, at most 2 x count unfinished, in the order given.
 
     A tile is a multiply (BLAS, no GIL) followed by a selection (numpy, single-threaded).
     With BLAS on all cores the selection leaves all but one idle; with one BLAS thread per
@@ -34,9 +34,29 @@ class TileWorkers:
         if self._pool is None:
             job()
             return
-        while len(self._pending) >= 2 * self.count:
-            self._pending.popleft().result()  # re-raises the job's error here
+        self._reap()
+        # Wait for any job, not the oldest: a long tile at the head of the queue must not
+        # keep the other workers idle while shorter ones behind it have finished.
+        while self._unfinished() >= 2 * self.count:
+            wait([future for future in self._pending if not future.done()], None, FIRST_COMPLETED)
+            self._reap()
         self._pending.append(self._pool.submit(job))
+
+    def _unfinished(self) -> int:
+        return sum(not future.done() for future in self._pending)
+
+    def _reap(self) -> None:
+        """Forget finished jobs; an error is raised once every job before it has finished.
+
+        So errors come out in the order the jobs were given, whichever thread ran first.
+        """
+        kept: deque[Future[None]] = deque()
+        for future in self._pending:
+            if future.done() and not kept:
+                future.result()  # re-raises the job's error here
+            elif not future.done() or future.exception() is not None:
+                kept.append(future)
+        self._pending = kept
 
     def drain(self) -> None:
         """Wait for every submitted job; the first error is raised."""

@@ -48,6 +48,52 @@ def test_the_first_error_of_a_job_is_raised(count: int) -> None:
         workers.close()
 
 
+def test_a_long_job_does_not_hold_back_the_queue_behind_it() -> None:
+    # The first job runs until the last is submitted; the other thread takes all the
+    # short ones meanwhile. Waiting on the oldest job would never get that far.
+    release = threading.Event()
+    released: list[bool] = []
+    short_done: list[int] = []
+    workers = TileWorkers(2)
+    try:
+        workers.submit(lambda: released.append(release.wait(timeout=10)))
+        for number in range(20):
+            workers.submit(lambda number=number: short_done.append(number))
+        release.set()
+        workers.drain()
+    finally:
+        release.set()
+        workers.close()
+    assert released == [True]  # False: the first job waited in vain for the others
+    assert sorted(short_done) == list(range(20))
+
+
+def test_errors_come_out_in_the_order_jobs_were_given() -> None:
+    # Job 1 fails at once while job 0 is still running and fails later: job 0's error is
+    # the one raised.
+    release = threading.Event()
+
+    def slow_failure() -> None:
+        release.wait(timeout=10)
+        raise ValueError("job 0 failed")
+
+    def quick_failure() -> None:
+        raise ValueError("job 1 failed")
+
+    workers = TileWorkers(2)
+    try:
+        with pytest.raises(ValueError, match="job 0 failed"):
+            workers.submit(slow_failure)
+            workers.submit(quick_failure)
+            for _ in range(10):
+                workers.submit(lambda: None)
+            release.set()
+            workers.drain()
+    finally:
+        release.set()
+        workers.close()
+
+
 def test_blas_is_single_threaded_inside_a_pass_and_restored_after() -> None:
     def blas_threads() -> list[int]:
         return [pool["num_threads"] for pool in threadpool_info() if pool["user_api"] == "blas"]
