@@ -28,6 +28,7 @@ from tasks.knn_rerank import (
 from tasks.knn_space import (
     FeatureSpace,
     KnnInputError,
+    PairMemo,
     Timings,
     check_k_and_metric,
     checked_ids,
@@ -119,16 +120,20 @@ def _updated_lists(
     kept_lists.limits[kept] = _initial_limits(space, kept, known, kk)
     with tile_workers(worker_count(tiles)) as workers:
         strip_candidates(space, tiles, workers, fresh, fresh_lists, kept_lists, shape, timings)
+    # Kept rows and new rows measure mostly the same (kept, new) pairs: measure them once.
+    space.pair_memo = PairMemo()
     kept_neighbours, kept_distances, doubtful = _merge_kept(space, kept, known, kept_lists, kk)
     if 2 * (len(fresh) + len(doubtful)) >= space.n:
         # So many lists lost neighbours that rows against all would cost more than the
         # symmetric full run (deletions refill every list that held a deleted image).
         log.info("%d lists to refill: recomputing all lists instead", len(doubtful))
+        space.pair_memo = None
         neighbours, distances = all_lists(space, tiles, kk, shape, timings)
         return np.arange(space.n), neighbours, distances
     fresh_neighbours, fresh_distances = finalise_rows(
         space, tiles, fresh, fresh_lists, kk, shape, timings
     )
+    space.pair_memo = None
     if doubtful.size:
         if timings is not None:
             timings["refilled_rows"] = timings.get("refilled_rows", 0.0) + doubtful.size

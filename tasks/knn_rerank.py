@@ -239,12 +239,25 @@ def pair_sq_distances(
         return np.empty(0, dtype=np.float64 if precise else np.float32)
     keys = np.minimum(a, b).astype(np.int64) * n + np.maximum(a, b)
     unique, inverse = _unique_inverse(keys)
-    low, high = np.divmod(unique, n)
-    out = np.empty(len(unique), dtype=np.float64 if precise else np.float32)
-    rest = np.arange(len(unique)) if precise else _group_pair_sq_distances(space, low, high, out)
+    memo = None if precise else space.pair_memo
+    if memo is None:
+        return _measured_pairs(space, unique, precise)[inverse]
+    out, known = memo.lookup(unique)
+    missing = np.flatnonzero(~known)
+    if missing.size:
+        out[missing] = _measured_pairs(space, unique[missing], precise)
+        memo.add(unique[missing], out[missing])
+    return out[inverse]
+
+
+def _measured_pairs(space: FeatureSpace, keys: np.ndarray, precise: bool) -> np.ndarray:
+    """Direct squared distances of unique pair keys (lower position * n + higher)."""
+    low, high = np.divmod(keys, space.n)
+    out = np.empty(len(keys), dtype=np.float64 if precise else np.float32)
+    rest = np.arange(len(keys)) if precise else _group_pair_sq_distances(space, low, high, out)
     if rest.size:
         out[rest] = _subtracted_pair_sq_distances(space, low[rest], high[rest], precise)
-    return out[inverse]
+    return out
 
 
 def _subtracted_pair_sq_distances(

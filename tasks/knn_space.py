@@ -40,6 +40,33 @@ class KnnInputError(ValueError):
     """The features, ids or previous lists given to the kNN engine do not fit together."""
 
 
+class PairMemo:
+    """Direct squared distances already measured, by pair key (lower * n + higher).
+
+    An update measures the same (kept row, new image) pairs twice: once merging the new
+    images into kept lists, once ranking the new images' own lists.
+    """
+
+    def __init__(self) -> None:
+        self.keys = np.empty(0, dtype=np.int64)  # sorted
+        self.values = np.empty(0, dtype=np.float32)
+
+    def lookup(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(values, found) for these keys; values of keys not found are undefined."""
+        at = np.minimum(np.searchsorted(self.keys, keys), max(len(self.keys) - 1, 0))
+        found = self.keys[at] == keys if len(self.keys) else np.zeros(len(keys), dtype=bool)
+        values = np.empty(len(keys), dtype=np.float32)
+        values[found] = self.values[at[found]]
+        return values, found
+
+    def add(self, keys: np.ndarray, values: np.ndarray) -> None:
+        """Keep these (new) keys' values."""
+        merged = np.concatenate([self.keys, keys])
+        order = np.argsort(merged, kind="stable")
+        self.keys = merged[order]
+        self.values = np.concatenate([self.values, values.astype(np.float32)])[order]
+
+
 @dataclass
 class FeatureSpace:
     """The features as the engine sees them: raw rows, plus what the expansion needs."""
@@ -54,6 +81,7 @@ class FeatureSpace:
     direct_error: float  # relative error bound of a float32 direct squared distance
     sq_max: float = 0.0  # largest entry of sq
     right_rows: np.ndarray | None = None  # right() of every row, when memory allows
+    pair_memo: PairMemo | None = None  # direct distances kept for reuse, when wanted
 
     @property
     def n(self) -> int:

@@ -15,7 +15,7 @@ from tasks.knn_rerank import (
     pair_sq_distances,
     sorted_list_columns,
 )
-from tasks.knn_space import FeatureSpace, prepare_space
+from tasks.knn_space import FeatureSpace, PairMemo, prepare_space
 
 
 def grouped_pairs(clusters: int, size: int, d: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -113,3 +113,18 @@ def test_pairs_run_by_their_few_high_rows_give_the_same_values(precise: bool) ->
     np.testing.assert_array_equal(values, _subtracted_by_first(space, low, high, precise))
     diff = x[low].astype(np.float64) - x[high]
     np.testing.assert_allclose(values, np.einsum("ij,ij->i", diff, diff), rtol=1e-5)
+
+
+def test_pairs_in_the_memo_are_not_measured_again() -> None:
+    rng = np.random.default_rng(3)
+    space = space_of(rng.standard_normal((50, 16)).astype(np.float32))
+    a, b = np.array([1, 4, 30]), np.array([7, 2, 3])
+    measured = rerank.pair_sq_distances(space, a, b)
+    space.pair_memo = PairMemo()
+    space.pair_memo.add(np.array([2 * 50 + 4]), np.array([-1.0]))  # pair (2, 4): a marker
+    first = rerank.pair_sq_distances(space, a, b)
+    assert first[1] == -1.0  # taken from the memo, not measured
+    np.testing.assert_array_equal(first[[0, 2]], measured[[0, 2]])
+    assert sorted(space.pair_memo.keys.tolist()) == [1 * 50 + 7, 2 * 50 + 4, 3 * 50 + 30]
+    again = rerank.pair_sq_distances(space, b, a)  # the same pairs, either way round
+    np.testing.assert_array_equal(again, first)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tasks.knn_space import cache_right_rows, prepare_space
+from tasks.knn_space import PairMemo, cache_right_rows, prepare_space
 
 
 @pytest.mark.parametrize("metric", ["euclidean", "cosine"])
@@ -21,3 +21,14 @@ def test_right_rows_kept_by_the_norm_pass_equal_those_built_later(metric: str) -
     assert np.array_equal(kept.right_rows, built)
     cache_right_rows(plain)  # the separate pass gives the same matrix
     assert np.array_equal(plain.right_rows, kept.right_rows)
+
+
+def test_pair_memo_finds_what_was_added_and_nothing_else() -> None:
+    memo = PairMemo()
+    values, found = memo.lookup(np.array([5, 9], dtype=np.int64))
+    assert not found.any()
+    memo.add(np.array([9, 2], dtype=np.int64), np.array([0.5, 1.5], dtype=np.float32))
+    memo.add(np.array([7], dtype=np.int64), np.array([2.5], dtype=np.float32))
+    values, found = memo.lookup(np.array([2, 3, 7, 9, 10], dtype=np.int64))
+    assert found.tolist() == [True, False, True, True, False]
+    assert values[found].tolist() == [1.5, 2.5, 0.5]
