@@ -23,6 +23,7 @@ METRICS = ("euclidean", "cosine")
 _ERROR_SAFETY = 16.0
 _EPS32 = float(np.finfo(np.float32).eps)
 _PREPARE_CHUNK_ROWS = 2048
+_CENTRE_SAMPLE_ROWS = 4096
 _RIGHT_CACHE_BYTES = 1 << 30  # the augmented copy of all rows is kept when it fits this
 Timings = dict[str, float] | None
 _TIMINGS_LOCK = threading.Lock()
@@ -183,11 +184,12 @@ def prepare_space(
     *,
     keep_right: bool = False,
 ) -> FeatureSpace:
-    """Check every vector, and compute the centre, scales and squared norms (two passes).
+    """Check every vector, and compute the centre, scales and squared norms in one pass.
 
-    With keep_right, the second pass also keeps right() of every row when it fits the
-    memory allowance (see cache_right_rows): it has each centred row in hand anyway, so
-    this saves the separate pass that would build them again.
+    The centre is the mean of an even sample of rows: any point near the data's middle
+    keeps the expansion's cancellation small, and sampling saves a pass over all rows.
+    With keep_right, the pass also keeps right() of every row when it fits the memory
+    allowance (see cache_right_rows): it has each centred row in hand anyway.
     """
     with timed(timings, "prepare"):
         x = features
@@ -195,33 +197,26 @@ def prepare_space(
             x = np.ascontiguousarray(x, dtype=np.float32)
         n, d = x.shape
         scale = np.empty(n, dtype=np.float32) if metric == "cosine" else None
-        starts = range(0, n, _PREPARE_CHUNK_ROWS)
-        sums = np.zeros((len(starts), d), dtype=np.float64)
-
-        def check_and_sum(start: int) -> None:
-            block = x[start : start + _PREPARE_CHUNK_ROWS]
-            _check_finite(block, ids[start : start + len(block)])
-            if scale is not None:
-                scale[start : start + len(block)] = _inverse_norms(block, ids[start:])
-                block = block * scale[start : start + len(block), None]
-            sums[start // _PREPARE_CHUNK_ROWS] = block.sum(axis=0, dtype=np.float64)
-
-        on_all_cores(check_and_sum, starts)
-        # Chunk sums added in chunk order: the centre does not depend on thread timing.
-        centre = (sums.sum(axis=0) / max(n, 1)).astype(np.float32)
+        centre = _sample_centre(x, ids, metric)
         sq = np.empty(n, np.float32)
         space = FeatureSpace(x, ids, metric, scale, centre, sq, 0.0, _direct_error(d))
-
         right = np.empty((n, d + 2), dtype=np.float32) if keep_right and _cache_fits(n, d) else None
 
-        def squared_norms(start: int) -> None:
+        def centre_and_measure(start: int) -> None:
             rows = slice(start, start + _PREPARE_CHUNK_ROWS)
-            y = space._augmented(rows, out=None if right is None else right[rows])[:, :-2]
-            space.sq[rows] = np.einsum("ij,ij->i", y, y)
+            block = x[rows]
+            if scale is not None:
+                scale[rows] = _inverse_norms(block, ids[rows])
+            with np.errstate(over="ignore", invalid="ignore"):
+                y = space._augmented(rows, out=None if right is None else right[rows])[:, :-2]
+                space.sq[rows] = np.einsum("ij,ij->i", y, y)
+            if not np.isfinite(space.sq[rows]).all():
+                _refuse_non_finite(block, ids[rows])
+                _check_finite(y, ids[rows])  # centred: names an overflowing image
             if right is not None:
                 y *= -2.0  # exact: right() is [-2y, |y|^2, 1]
 
-        on_all_cores(squared_norms, starts)
+        on_all_cores(centre_and_measure, range(0, n, _PREPARE_CHUNK_ROWS))
         _check_finite_norms(space.sq, ids)
         space.sq_max = float(space.sq.max()) if n else 0.0
         if right is not None:
@@ -230,6 +225,23 @@ def prepare_space(
             space.right_rows = right
         space.error_unit = _ERROR_SAFETY * _EPS32 * float(np.sqrt(d + 2))
     return space
+
+
+def _sample_centre(x: np.ndarray, ids: np.ndarray, metric: str) -> np.ndarray:
+    """Mean of up to _CENTRE_SAMPLE_ROWS evenly spaced rows (unit length for cosine).
+
+    The sample is checked first: a bad vector in it would spoil every row's norm.
+    """
+    n, d = x.shape
+    if n == 0:
+        return np.zeros(d, dtype=np.float32)
+    rows = np.unique(np.linspace(0, n - 1, min(n, _CENTRE_SAMPLE_ROWS)).astype(np.int64))
+    sample = x[rows]
+    if metric == "cosine":  # a huge vector is fine once scaled to unit length
+        with np.errstate(invalid="ignore"):
+            sample = sample * _inverse_norms(sample, ids[rows])[:, None]
+    _check_finite(sample, ids[rows])
+    return sample.mean(axis=0, dtype=np.float64).astype(np.float32)
 
 
 def cache_right_rows(space: FeatureSpace) -> None:
@@ -274,17 +286,22 @@ def _check_finite(block: np.ndarray, ids: np.ndarray) -> None:
         norms = np.einsum("ij,ij->i", block, block)
     if np.isfinite(norms).all():
         return
-    bad = np.flatnonzero(~np.isfinite(block).all(axis=1))
-    if bad.size:
-        raise NonFiniteFeaturesError(
-            f"the feature vector of image {int(ids[bad[0]])} holds NaN or Inf "
-            f"({bad.size} such image(s) in this batch)"
-        )
+    _refuse_non_finite(block, ids)
     huge = np.flatnonzero(~np.isfinite(norms))
     if huge.size:
         raise NonFiniteFeaturesError(
             f"the feature vector of image {int(ids[huge[0]])} is too large: "
             "its squared norm overflows float32"
+        )
+
+
+def _refuse_non_finite(block: np.ndarray, ids: np.ndarray) -> None:
+    """Refuse a block holding NaN or Inf, naming the first image that does."""
+    bad = np.flatnonzero(~np.isfinite(block).all(axis=1))
+    if bad.size:
+        raise NonFiniteFeaturesError(
+            f"the feature vector of image {int(ids[bad[0]])} holds NaN or Inf "
+            f"({bad.size} such image(s) in this batch)"
         )
 
 

@@ -5,7 +5,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tasks.knn_space import PairMemo, cache_right_rows, prepare_space
+from tasks.knn_space import (
+    _CENTRE_SAMPLE_ROWS,
+    NonFiniteFeaturesError,
+    PairMemo,
+    ZeroFeatureVectorError,
+    cache_right_rows,
+    prepare_space,
+)
 
 
 @pytest.mark.parametrize("metric", ["euclidean", "cosine"])
@@ -32,3 +39,33 @@ def test_pair_memo_finds_what_was_added_and_nothing_else() -> None:
     values, found = memo.lookup(np.array([2, 3, 7, 9, 10], dtype=np.int64))
     assert found.tolist() == [True, False, True, True, False]
     assert values[found].tolist() == [1.5, 2.5, 0.5]
+
+
+@pytest.mark.parametrize("metric", ["euclidean", "cosine"])
+@pytest.mark.parametrize("bad", [np.nan, np.inf, 1e30])
+def test_a_bad_vector_outside_the_centre_sample_is_named(metric: str, bad: float) -> None:
+    n = 3 * _CENTRE_SAMPLE_ROWS
+    x = np.random.default_rng(2).standard_normal((n, 4)).astype(np.float32)
+    sampled = np.unique(np.linspace(0, n - 1, _CENTRE_SAMPLE_ROWS).astype(np.int64))
+    row = int(np.setdiff1d(np.arange(n), sampled)[1234])
+    x[row] = bad
+    ids = np.arange(n, dtype=np.int64) + 10
+    if metric == "cosine" and np.isfinite(bad):  # huge is fine at unit length
+        assert np.isfinite(prepare_space(x, ids, metric, None).sq).all()
+        x[sampled[5]] = bad  # inside the sample too
+        assert np.isfinite(prepare_space(x, ids, metric, None).sq).all()
+        return
+    with pytest.raises(
+        NonFiniteFeaturesError,
+        match=f"image {row + 10} " + ("is too large" if np.isfinite(bad) else "holds NaN"),
+    ):
+        prepare_space(x, ids, metric, None)
+
+
+def test_a_zero_vector_outside_the_centre_sample_is_refused_for_cosine() -> None:
+    n = 2 * _CENTRE_SAMPLE_ROWS
+    x = np.random.default_rng(4).standard_normal((n, 4)).astype(np.float32)
+    x[1] = 0.0  # row 1 is not sampled: the sample takes every second row or so
+    with pytest.raises(ZeroFeatureVectorError, match="image 1 "):
+        prepare_space(x, np.arange(n, dtype=np.int64), "cosine", None)
+    prepare_space(x, np.arange(n, dtype=np.int64), "euclidean", None)  # fine for euclidean
