@@ -38,7 +38,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--block-rows", type=int, default=None)
     parser.add_argument(
-        "--repeat", type=int, default=1, help="alternate runs, keep each one's best time"
+        "--repeat",
+        type=int,
+        default=3,
+        help="alternate runs, keep each one's best time (the machine may be busy in bursts)",
     )
     parser.add_argument("--keep-blas-env", action="store_true", help="keep OPENBLAS_CORETYPE etc.")
     return parser.parse_args(argv)
