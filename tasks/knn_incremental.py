@@ -197,9 +197,9 @@ def _known_lists(
     """
     rows = positions_of(previous.image_ids, ids[kept])
     positions = positions_of(ids, previous.neighbour_ids[rows])
-    valid = positions >= 0
-    valid[valid] = ~is_changed[positions[valid]]
-    distances = previous.distances[rows].astype(np.float32)
+    # -1 (gone) indexes the last row, whatever it is: the first test already fails.
+    valid = (positions >= 0) & ~is_changed[positions]
+    distances = previous.distances[rows].astype(np.float32, copy=False)
     # Only lists that lost an entry need compacting (none when images were only added).
     lost = np.flatnonzero(~valid.all(axis=1))
     if lost.size:
@@ -284,10 +284,10 @@ def positions_of(ids: np.ndarray, wanted: np.ndarray) -> np.ndarray:
         return np.full(wanted.shape, -1, dtype=np.int64)
     low, high = int(ids.min()), int(ids.max())
     if high - low < 8 * len(ids) + 1024:
-        table = np.full(high - low + 2, -1, dtype=np.int64)  # last slot: out of range
-        table[ids - low] = np.arange(len(ids))
-        index = np.clip(wanted - low, -1, high - low + 1)
-        return table[index]  # -1 indexes the last slot, which is -1
+        table = np.full(high - low + 3, -1, dtype=np.int64)  # first and last: out of range
+        table[ids - low + 1] = np.arange(len(ids))
+        # mode="clip" sends every id out of range to an end slot, in one pass
+        return np.take(table, wanted - (low - 1), mode="clip")
     order = np.argsort(ids, kind="stable")
     at = np.minimum(np.searchsorted(ids[order], wanted), len(ids) - 1)
     return np.where(ids[order][at] == wanted, order[at], -1)

@@ -15,7 +15,7 @@ from tasks.knn import (
     knn_row_block,
     merge_row_blocks,
 )
-from tasks.knn_incremental import knn_update
+from tasks.knn_incremental import knn_update, positions_of
 from tasks.knn_space import KnnInputError, NonFiniteFeaturesError, ZeroFeatureVectorError
 
 
@@ -394,3 +394,12 @@ def test_strip_columns_split_into_equal_tiles_per_worker() -> None:
     width = even_column_width(20_000, 8192, 2)
     widths = [c1 - c0 for c0, c1 in column_chunks(0, 20_000, seen=0, most=width, first=width)]
     assert widths == [5000, 5000, 5000, 5000]
+
+
+@pytest.mark.parametrize("spread", [1, 10**9])  # dense ids (lookup table), sparse (search)
+def test_positions_of_finds_ids_and_marks_the_absent(spread: int) -> None:
+    ids = np.array([7, 3, 12, 5], dtype=np.int64) * spread
+    wanted = np.array([[12, 3], [4, 7], [2, 13], [5, -1]], dtype=np.int64) * spread
+    expected = np.array([[2, 1], [-1, 0], [-1, -1], [3, -1]])
+    np.testing.assert_array_equal(positions_of(ids, wanted), expected)
+    np.testing.assert_array_equal(positions_of(ids[:0], wanted), np.full((4, 2), -1))
