@@ -7,9 +7,7 @@ import pytest
 
 import tasks.knn_rerank as rerank
 from tasks.knn_rerank import (
-    _fewer_high_rows,
     _group_pair_sq_distances,
-    _subtracted_by_first,
     _subtracted_pair_sq_distances,
     direct_distances,
     pair_sq_distances,
@@ -95,24 +93,6 @@ def test_lists_ordered_in_parallel_parts_equal_one_part(monkeypatch: pytest.Monk
     assert ties == one_ties > 0  # the float64 near-tie path ran
     assert columns.shape == (5000, 30)
     assert np.all(np.diff(ordered, axis=1) >= 0)
-
-
-@pytest.mark.parametrize("precise", [False, True])
-def test_pairs_run_by_their_few_high_rows_give_the_same_values(precise: bool) -> None:
-    rng = np.random.default_rng(4)
-    x = rng.standard_normal((3000, 96)).astype(np.float32)
-    space = space_of(x)
-    # 20 new images (the last rows) against 100 rows each, as in an incremental add.
-    high = np.repeat(np.arange(2980, 3000), 100)
-    low = rng.integers(0, 2980, len(high))
-    order = np.argsort(low, kind="stable")
-    low, high = low[order], high[order]
-    assert _fewer_high_rows(low, high) and not _fewer_high_rows(high[:1], low[:1])
-    values = _subtracted_pair_sq_distances(space, low, high, precise)
-    # Bit for bit what running by the low row gives: a - b is exactly -(b - a).
-    np.testing.assert_array_equal(values, _subtracted_by_first(space, low, high, precise))
-    diff = x[low].astype(np.float64) - x[high]
-    np.testing.assert_allclose(values, np.einsum("ij,ij->i", diff, diff), rtol=1e-5)
 
 
 def test_pairs_in_the_memo_are_not_measured_again() -> None:
