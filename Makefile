@@ -26,10 +26,13 @@ test: install services
 
 lint: install
 	$(BIN)/ruff check flows tasks api sql tests benchmarks scripts
-	$(BIN)/mypy flows tasks api sql
+	@# mypy sees the folders under the import names they are installed as (lookalike.*).
+	@mkdir -p .typecheck/lookalike
+	@for d in tasks flows api sql; do ln -sfn ../../$$d .typecheck/lookalike/$$d; done
+	MYPYPATH=.typecheck $(BIN)/mypy -p lookalike
 
 schema: install
-	$(BIN)/python -m sql.schema > sql/mariadb.sql
+	$(BIN)/python -m lookalike.sql.schema > sql/mariadb.sql
 
 clean:
 	rm -rf data $(DEMO_DIR) .pytest_cache .mypy_cache .ruff_cache

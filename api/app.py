@@ -14,19 +14,19 @@ from litestar.openapi import OpenAPIConfig
 from sqlalchemy import Engine
 from sqlalchemy.pool import QueuePool
 
-from api.controllers.health import health
-from api.controllers.images import ImageController
-from api.controllers.legacy import LegacyController
-from api.controllers.pages import index_page, static_files
-from api.controllers.search import search_by_upload
-from api.controllers.stats import get_stats
-from api.dependencies import Services, build_dependencies
-from api.errors import EXCEPTION_HANDLERS
-from api.neighbour_cache import NeighbourCache, NeighbourLookup
-from api.repository import ImageRepository, StatsCache
-from api.search_index import SimilaritySearch
-from tasks.database import create_reader_engine, is_mariadb
-from tasks.settings import Settings
+from lookalike.api.controllers.health import health
+from lookalike.api.controllers.images import ImageController
+from lookalike.api.controllers.legacy import LegacyController
+from lookalike.api.controllers.pages import index_page, static_files
+from lookalike.api.controllers.search import search_by_upload
+from lookalike.api.controllers.stats import get_stats
+from lookalike.api.dependencies import Services, build_dependencies
+from lookalike.api.errors import EXCEPTION_HANDLERS
+from lookalike.api.neighbour_cache import NeighbourCache, NeighbourLookup
+from lookalike.api.repository import ImageRepository, StatsCache
+from lookalike.api.search_index import SimilaritySearch
+from lookalike.tasks.database import create_reader_engine, is_mariadb
+from lookalike.tasks.settings import Settings
 
 log = logging.getLogger(__name__)
 

@@ -8,10 +8,10 @@ from typing import Any
 
 from litestar.di import Provide
 
-from api.neighbour_cache import NeighbourCache, NeighbourLookup
-from api.repository import ImageRepository, StatsCache
-from api.search_index import SimilaritySearch
-from tasks.settings import Settings
+from lookalike.api.neighbour_cache import NeighbourCache, NeighbourLookup
+from lookalike.api.repository import ImageRepository, StatsCache
+from lookalike.api.search_index import SimilaritySearch
+from lookalike.tasks.settings import Settings
 
 SERVICE_NAMES = ("settings", "repository", "search", "stats", "neighbour_cache", "neighbours")
 

@@ -10,7 +10,7 @@ from litestar.status_codes import HTTP_500_INTERNAL_SERVER_ERROR
 from litestar.types import ExceptionHandlersMap
 from sqlalchemy.exc import SQLAlchemyError
 
-from tasks.database import describe_db_error
+from lookalike.tasks.database import describe_db_error
 
 log = logging.getLogger(__name__)
 

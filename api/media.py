@@ -10,7 +10,7 @@ from pathlib import Path
 
 from PIL import Image, ImageOps
 
-from api.errors import ImageNotFoundError, PathOutsideRootError, UnreadableImageError
+from lookalike.api.errors import ImageNotFoundError, PathOutsideRootError, UnreadableImageError
 
 log = logging.getLogger(__name__)
 

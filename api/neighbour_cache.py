@@ -17,9 +17,9 @@ import numpy as np
 from litestar.concurrency import sync_to_thread
 from sqlalchemy import Engine, text
 
-from api.errors import BadRequestError
-from api.repository import DEFAULT_NEIGHBOURS, ImageRepository, RunMarker
-from api.schemas import Neighbour
+from lookalike.api.errors import BadRequestError
+from lookalike.api.repository import DEFAULT_NEIGHBOURS, ImageRepository, RunMarker
+from lookalike.api.schemas import Neighbour
 
 log = logging.getLogger(__name__)
 

@@ -10,9 +10,9 @@ from datetime import datetime
 import numpy as np
 from sqlalchemy import Connection, Engine, bindparam, func, select, text
 
-from api.errors import BadRequestError, CorruptFeaturesError, ImageNotFoundError
-from api.schemas import ImageDetail, ImagePage, ImageSummary, Neighbour, Stats
-from sql.schema import (
+from lookalike.api.errors import BadRequestError, CorruptFeaturesError, ImageNotFoundError
+from lookalike.api.schemas import ImageDetail, ImagePage, ImageSummary, Neighbour, Stats
+from lookalike.sql.schema import (
     FEATURE_DIM,
     STATUS_FAILED,
     STATUS_OK,

@@ -11,10 +11,10 @@ from typing import Any, Protocol
 import numpy as np
 from PIL import Image
 
-from api.errors import ServiceUnavailableError, UnreadableImageError
-from api.repository import CollectionInfo, ImageRepository
-from api.schemas import Neighbour
-from tasks.settings import Settings
+from lookalike.api.errors import ServiceUnavailableError, UnreadableImageError
+from lookalike.api.repository import CollectionInfo, ImageRepository
+from lookalike.api.schemas import Neighbour
+from lookalike.tasks.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -130,7 +130,7 @@ def nearest_rows(
 
 def decode_upload(data: bytes, max_pixels: int) -> np.ndarray:
     """The upload as (299, 299, 3) uint8 pixels; UnreadableImageError when it is not an image."""
-    from tasks.decode import ImageDecodeError, decode_image_bytes
+    from lookalike.tasks.decode import ImageDecodeError, decode_image_bytes
 
     if not data:
         raise UnreadableImageError("the uploaded file is empty")
@@ -152,7 +152,7 @@ def model_weights_for(stored: str, configured: str) -> str:
         return "imagenet"
     if stored == "none" or stored.startswith("none "):
         return "none"
-    from tasks.extract import WeightsError, weights_identity
+    from lookalike.tasks.extract import WeightsError, weights_identity
 
     try:
         if configured not in ("imagenet", "none") and weights_identity(configured) == stored:
@@ -167,7 +167,7 @@ def model_weights_for(stored: str, configured: str) -> str:
 
 def load_search_model(weights: str) -> FeatureModel:
     """The feature model for one image at a time (built once per process by tasks.extract)."""
-    from tasks.extract import load_feature_model
+    from lookalike.tasks.extract import load_feature_model
 
     try:
         model: Any = load_feature_model(weights, SEARCH_BATCH_SIZE)

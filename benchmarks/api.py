@@ -85,8 +85,8 @@ def scratch_database(keep: str | None) -> Iterator[tuple[str, bool]]:
 
 def fill_database(url: str, images: int, k: int, folder: Path) -> None:
     """Synthetic rows through LOAD DATA LOCAL INFILE: names, features and k neighbours each."""
-    from sql.schema import collection, image_neighbours, metadata, runs
-    from tasks.database import create_db_engine
+    from lookalike.sql.schema import collection, image_neighbours, metadata, runs
+    from lookalike.tasks.database import create_db_engine
 
     engine = create_db_engine(url, local_infile=True)
     metadata.create_all(engine)

@@ -35,9 +35,9 @@ import numpy as np  # noqa: E402
 from PIL import Image, ImageDraw  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from tasks.catalog import PendingImage  # noqa: E402
-from tasks.decode import decode_image, decode_image_bytes  # noqa: E402
-from tasks.extract import (  # noqa: E402
+from lookalike.tasks.catalog import PendingImage  # noqa: E402
+from lookalike.tasks.decode import decode_image, decode_image_bytes  # noqa: E402
+from lookalike.tasks.extract import (  # noqa: E402
     ExtractTimings,
     FeatureModel,
     default_decode_workers,
@@ -46,8 +46,8 @@ from tasks.extract import (  # noqa: E402
     plan_batches,
     weights_identity,
 )
-from tasks.settings import Settings  # noqa: E402
-from tasks.stage import feature_batch_path, write_feature_batch  # noqa: E402
+from lookalike.tasks.settings import Settings  # noqa: E402
+from lookalike.tasks.stage import feature_batch_path, write_feature_batch  # noqa: E402
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:

@@ -70,8 +70,8 @@ import numpy as np  # noqa: E402  (must load after the BLAS environment is set)
 from threadpoolctl import threadpool_info  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from tasks.knn import knn_all  # noqa: E402
-from tasks.knn_incremental import knn_update  # noqa: E402
+from lookalike.tasks.knn.incremental import knn_update  # noqa: E402
+from lookalike.tasks.knn.passes import knn_all  # noqa: E402
 
 
 def clustered_features(n: int, d: int, seed: int) -> np.ndarray:

@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from knn import clustered_features  # noqa: E402  (benchmarks/knn.py: the same data)
 
-from tasks.knn import knn_all  # noqa: E402
+from lookalike.tasks.knn.passes import knn_all  # noqa: E402
 
 _ROWS_PER_CHUNK = 2000
 

@@ -37,16 +37,16 @@ import sqlalchemy
 from sqlalchemy import Engine, insert
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from sql.schema import FEATURE_DIM, STATUS_PENDING, image_names, metadata  # noqa: E402
-from tasks.catalog import MODEL_NAME  # noqa: E402
-from tasks.database import create_db_engine  # noqa: E402
-from tasks.load import (  # noqa: E402
+from lookalike.sql.schema import FEATURE_DIM, STATUS_PENDING, image_names, metadata  # noqa: E402
+from lookalike.tasks.catalog import MODEL_NAME  # noqa: E402
+from lookalike.tasks.database import create_db_engine  # noqa: E402
+from lookalike.tasks.load import (  # noqa: E402
     escape_field,
     in_key_order,
     load_feature_batches,
     load_neighbour_table,
 )
-from tasks.stage import read_table, write_feature_batch, write_neighbour_lists  # noqa: E402
+from lookalike.tasks.stage import read_table, write_feature_batch, write_neighbour_lists  # noqa: E402
 
 DEFAULT_ADMIN_URL = os.environ.get(
     "LOOKALIKE_TEST_MARIADB", "mysql+pymysql://root:@127.0.0.1:3306/test"

@@ -64,7 +64,7 @@ def write_images(folder: Path, start: int, count: int, size: tuple[int, int] = (
 def lookalike_process(root: Path, env: dict[str, str], args: argparse.Namespace) -> dict[str, Any]:
     """One timed CLI run: its summary plus the wall time it took."""
     command = [
-        sys.executable, "-m", "flows.cli", "process", str(root), "--weights", "none",
+        sys.executable, "-m", "lookalike.flows.cli", "process", str(root), "--weights", "none",
         "--batch-size", str(args.batch_size), "--k", str(args.k), "--json",
     ]  # fmt: skip
     started = time.perf_counter()

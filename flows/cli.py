@@ -11,7 +11,7 @@ import time
 from collections.abc import Sequence
 from typing import Any, TextIO
 
-from tasks.settings import TASK_RUNNERS, Settings, SettingsError
+from lookalike.tasks.settings import TASK_RUNNERS, Settings, SettingsError
 
 log = logging.getLogger("lookalike")
 
@@ -125,7 +125,7 @@ class ProgressBar:
 
 def quiet_prefect_console(verbose: bool) -> None:
     """Keep Prefect's INFO logs for the UI and API, off the terminal, unless --verbose."""
-    os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "tasks,flows")
+    os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "lookalike")
     # The ephemeral API server needs longer than Prefect's 20 s default on a busy small machine.
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     if not verbose:
@@ -143,9 +143,9 @@ def run_process(args: argparse.Namespace) -> dict[str, Any]:
         database_url=args.database_url,
         **runner_options(args),
     )
-    from flows.process import check_inputs, process_images
-    from flows.runners import build_task_runner
-    from tasks.progress import set_progress_hook
+    from lookalike.flows.process import check_inputs, process_images
+    from lookalike.flows.runners import build_task_runner
+    from lookalike.tasks.progress import set_progress_hook
 
     check_inputs(args.root, settings, args.recompute)  # one clear line before Prefect starts
     build_task_runner(settings.task_runner, settings.dask_address)
@@ -175,8 +175,8 @@ def runner_options(args: argparse.Namespace) -> dict[str, Any]:
 def run_neighbours(args: argparse.Namespace) -> dict[str, Any]:
     """Run the rebuild-neighbours flow with the command's options (None: the environment's)."""
     settings = Settings.from_env(database_url=args.database_url, k=args.k, **runner_options(args))
-    from flows.neighbours import rebuild_neighbours
-    from flows.runners import build_task_runner
+    from lookalike.flows.neighbours import rebuild_neighbours
+    from lookalike.flows.runners import build_task_runner
 
     build_task_runner(settings.task_runner, settings.dask_address)
     tell_if_waiting(settings.resolved_database_url, settings.lock_timeout)
@@ -185,7 +185,7 @@ def run_neighbours(args: argparse.Namespace) -> dict[str, Any]:
 
 def tell_if_waiting(database_url: str, timeout: float) -> None:
     """Say on stderr why a run seems to hang: another run holds the database's run lock."""
-    from tasks.lock import is_run_lock_busy
+    from lookalike.tasks.lock import is_run_lock_busy
 
     if is_run_lock_busy(database_url):
         print(
@@ -234,7 +234,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def dispatch(args: argparse.Namespace) -> int:
     """Run the chosen command."""
     if args.command == "serve":
-        from api.app import run_server
+        from lookalike.api.app import run_server
 
         run_server(
             Settings.from_env(database_url=args.database_url, host=args.host, port=args.port)
@@ -258,7 +258,7 @@ def is_user_error(exc: BaseException) -> bool:
     """Errors caused by input or environment, reported in one line without a traceback."""
     if isinstance(exc, SettingsError):  # decided without importing Prefect and the tasks
         return True
-    from tasks.errors import USER_ERRORS
+    from lookalike.tasks.errors import USER_ERRORS
 
     return isinstance(exc, USER_ERRORS)
 

@@ -1,7 +1,7 @@
 """Neighbour passes: the rebuild-neighbours flow, and full passes fanned out as row-block tasks.
 
 With the local task runner the kNN engine runs in one task (tasks.neighbours, symmetric:
-n^2 * d / 2). With Dask a full pass is cut into row blocks (tasks.knn_blocks): the features
+n^2 * d / 2). With Dask a full pass is cut into row blocks (tasks.neighbour_blocks): the features
 are staged once, each block is a Prefect task on the cluster computing its rows against all
 images, and the blocks are merged into the same lists. Tasks pass file paths and row ranges,
 never feature arrays.
@@ -18,50 +18,70 @@ from typing import Any
 from prefect import flow, get_run_logger
 from prefect.futures import PrefectFuture
 
-from flows.runners import TaskRunnerSession, build_task_runner, runner_threads
-from tasks.catalog import count_images
-from tasks.database import connect_checked, engine_for
-from tasks.knn_blocks import (
-    incremental_possible,
+from lookalike.flows.runners import TaskRunnerSession, build_task_runner, runner_threads
+from lookalike.tasks.catalog import count_images
+from lookalike.tasks.database import connect_checked, engine_for
+from lookalike.tasks.knn.plan import PassKind
+from lookalike.tasks.load import load_neighbours_task
+from lookalike.tasks.lock import confirm_run_lock, hold_run_lock
+from lookalike.tasks.neighbour_blocks import (
     knn_row_block_task,
     merge_row_blocks_task,
     row_blocks,
     stage_knn_features_task,
 )
-from tasks.load import load_neighbours_task
-from tasks.lock import confirm_run_lock, hold_run_lock
-from tasks.neighbours import NeighbourPlan, compute_neighbours_task
-from tasks.report import publish_neighbour_summary, table_asset
-from tasks.settings import Settings
+from lookalike.tasks.neighbours import (
+    StagedNeighbours,
+    compute_neighbours_task,
+    plan_neighbour_pass_task,
+)
+from lookalike.tasks.report import publish_neighbour_summary, table_asset
+from lookalike.tasks.settings import Settings
 
 # A few more blocks than worker threads, so that a slow worker holds up less of the pass.
 ROW_BLOCKS_PER_THREAD = 2
 
 
 @dataclass(frozen=True)
-class NeighbourPass:
-    """Staged neighbour lists, and the number of kNN tasks that computed them."""
+class NeighbourRefresh:
+    """What a run did to the neighbour lists."""
 
-    plan: NeighbourPlan
-    tasks: int
+    kind: PassKind
+    images: int
+    rows: int  # rows of the neighbour table afterwards
+    tasks: int  # kNN tasks run: 0 lists current, 1 local engine, else Dask row blocks
+
+
+def refresh_neighbours(
+    db: str, staging: str, k: int, session: TaskRunnerSession, *, rebuild: bool = False
+) -> NeighbourRefresh:
+    """Bring the lists up to date by the pass the plan chooses; nothing when they are current."""
+    kind = plan_neighbour_pass_task(db, k, rebuild)
+    if kind is PassKind.UNCHANGED:
+        counts = count_images(engine_for(db))
+        get_run_logger().info("neighbour lists are up to date: nothing to do")
+        return NeighbourRefresh(kind, counts["ok"], counts["neighbours"], tasks=0)
+    staged, tasks = compute_lists(db, staging, k, kind, session)
+    return NeighbourRefresh(staged.kind, staged.images, load_lists(db, staging, staged), tasks)
 
 
 def compute_lists(
-    db: str, staging: str, k: int, session: TaskRunnerSession, *, full: bool = False
-) -> NeighbourPass:
-    """The lists by the local engine; on Dask, a full pass as row-block tasks on the cluster.
+    db: str, staging: str, k: int, kind: PassKind, session: TaskRunnerSession
+) -> tuple[StagedNeighbours, int]:
+    """The staged lists and the number of kNN tasks that computed them.
 
-    An incremental update (few images changed) costs about changed * n * d and stays in one
-    task in the flow's process, whatever the runner.
+    On Dask a full pass runs as row-block tasks on the cluster; an incremental update
+    (about changed * n * d) stays in one task in the flow's process, whatever the runner.
     """
-    engine = engine_for(db)
-    fan_out = session.kind == "dask" and count_images(engine)["ok"] > 1
-    if fan_out and (full or not incremental_possible(engine, k)):
+    fan_out = session.kind == "dask" and count_images(engine_for(db))["ok"] > 1
+    if fan_out and kind is PassKind.FULL:
         return fan_out_full_pass(db, staging, k, session)
-    return NeighbourPass(compute_neighbours_task(db, staging, k, full=full), tasks=1)
+    return compute_neighbours_task(db, staging, k, kind), 1
 
 
-def fan_out_full_pass(db: str, staging: str, k: int, session: TaskRunnerSession) -> NeighbourPass:
+def fan_out_full_pass(
+    db: str, staging: str, k: int, session: TaskRunnerSession
+) -> tuple[StagedNeighbours, int]:
     """Stage the features, run one knn-row-block task per row block, merge the blocks."""
     staged = stage_knn_features_task(db, staging)
     try:
@@ -83,19 +103,19 @@ def fan_out_full_pass(db: str, staging: str, k: int, session: TaskRunnerSession)
         for future in futures:  # every block done (or failed) before its folder goes
             future.wait()
         parts = [future.result() for future in futures]
-        plan = merge_row_blocks_task(parts, staging, k, staged)
+        merged = merge_row_blocks_task(parts, staging, k, staged)
     finally:
         shutil.rmtree(staged.folder, ignore_errors=True)
-    return NeighbourPass(plan, tasks=len(blocks))
+    return merged, len(blocks)
 
 
-def load_lists(db: str, staging: str, plan: NeighbourPlan) -> int:
+def load_lists(db: str, staging: str, lists: StagedNeighbours) -> int:
     """Swap the staged lists in as the neighbour table: its row count."""
     confirm_run_lock(db)  # the lock may have gone with a dropped connection: never write without
     return load_neighbours_task.with_options(
         assets=[table_asset(db, "image_neighbours")],
         asset_deps=[table_asset(db, "image_features")],
-    )(db, str(plan.staged), staging, plan.refreshed_ids)
+    )(db, str(lists.staged), staging, lists.refreshed_ids)
 
 
 @flow(name="rebuild-neighbours")
@@ -127,14 +147,13 @@ def rebuild_neighbours(
         hold_run_lock(db, settings.lock_timeout, on_wait=logger.warning) as waited,
         TaskRunnerSession(settings.task_runner, settings.dask_address) as session,
     ):
-        computed = compute_lists(db, staging, settings.k, session, full=True)
-        rows = load_lists(db, staging, computed.plan)
+        refreshed = refresh_neighbours(db, staging, settings.k, session, rebuild=True)
     summary = {
-        "images": computed.plan.images,
+        "images": refreshed.images,
         "k": settings.k,
-        "neighbour_rows": rows,
+        "neighbour_rows": refreshed.rows,
         "task_runner": settings.task_runner,
-        "neighbour_tasks": computed.tasks,
+        "neighbour_tasks": refreshed.tasks,
         "lock_wait_seconds": round(waited, 3),
         "seconds": round(time.perf_counter() - started, 3),
     }

@@ -13,22 +13,20 @@ from prefect.futures import PrefectFuture
 from prefect.runtime import flow_run
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 
-from flows.neighbours import compute_lists, load_lists
-from flows.runners import TaskRunnerSession, build_task_runner
-from tasks.catalog import (
+from lookalike.flows.neighbours import NeighbourRefresh, refresh_neighbours
+from lookalike.flows.runners import TaskRunnerSession, build_task_runner
+from lookalike.tasks.catalog import (
     ChangeCounts,
     NoImagesError,
     check_collection,
-    count_images,
     finish_run_task,
     list_failed,
     open_collection_task,
-    stale_neighbour_ids,
     sync_catalog_task,
 )
-from tasks.database import connect_checked, engine_for, parse_database_url
-from tasks.discover import any_image, check_root
-from tasks.extract import (
+from lookalike.tasks.database import connect_checked, engine_for, parse_database_url
+from lookalike.tasks.discover import any_image, check_root
+from lookalike.tasks.extract import (
     Batch,
     ShardResult,
     extract_shard_task,
@@ -36,9 +34,9 @@ from tasks.extract import (
     shard_is_staged,
     weights_identity,
 )
-from tasks.load import FeatureLoadCounts, load_features_task
-from tasks.lock import confirm_run_lock, hold_run_lock
-from tasks.report import (
+from lookalike.tasks.load import FeatureLoadCounts, load_features_task
+from lookalike.tasks.lock import confirm_run_lock, hold_run_lock
+from lookalike.tasks.report import (
     ExtractionProgress,
     count_image_reads,
     publish_failed_images,
@@ -46,8 +44,8 @@ from tasks.report import (
     staging_asset,
     table_asset,
 )
-from tasks.settings import Settings
-from tasks.stage import feature_batch_path
+from lookalike.tasks.settings import Settings
+from lookalike.tasks.stage import feature_batch_path
 
 BATCHES_PER_SHARD = 8  # one Prefect task (and cache entry) per 8 model batches
 
@@ -224,35 +222,12 @@ def load_extracted(plan: RunPlan, extraction: Extraction) -> FeatureLoadCounts:
     )(db, extraction.paths)
 
 
-def refresh_neighbours(
-    db: str, staging: str, k: int, session: TaskRunnerSession
-) -> tuple[str, int, int]:
-    """Bring the neighbour lists up to date: (mode, rows, kNN tasks); nothing when they are."""
-    current = neighbour_rows_if_current(db, k)
-    if current is not None:
-        get_run_logger().info("neighbour lists are up to date (%d rows): nothing to do", current)
-        return "unchanged", current, 0
-    computed = compute_lists(db, staging, k, session)
-    return computed.plan.mode, load_lists(db, staging, computed.plan), computed.tasks
-
-
-def neighbour_rows_if_current(db: str, k: int) -> int | None:
-    """The neighbour row count when every list is complete and current for k; else None."""
-    engine = engine_for(db)
-    changed, gone = stale_neighbour_ids(engine)
-    if changed or gone:
-        return None
-    counts = count_images(engine)
-    expected = counts["ok"] * min(k, max(counts["ok"] - 1, 0))
-    return counts["neighbours"] if counts["neighbours"] == expected else None
-
-
 def build_summary(
     plan: RunPlan,
     counts: ChangeCounts,
     extraction: Extraction,
     loaded: FeatureLoadCounts,
-    neighbours: tuple[str, int, int],
+    neighbours: NeighbourRefresh,
     *,
     started: float,
     lock_wait: float,
@@ -276,9 +251,9 @@ def build_summary(
         model_calls=extraction.model_calls,
         bytes_read=bytes_read,
         tensorflow_imported="tensorflow" in sys.modules,
-        neighbour_mode=neighbours[0],
-        neighbour_rows=neighbours[1],
-        neighbour_tasks=neighbours[2],
+        neighbour_mode=neighbours.kind.value,
+        neighbour_rows=neighbours.rows,
+        neighbour_tasks=neighbours.tasks,
         seconds=round(time.perf_counter() - started, 3),
         extract_seconds=round(seconds, 3),
         images_per_second=round(extraction.extracted / seconds, 2) if seconds > 0 else 0.0,

@@ -9,7 +9,7 @@ from typing import Any
 
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 
-from tasks.settings import TASK_RUNNERS, SettingsError
+from lookalike.tasks.settings import TASK_RUNNERS, SettingsError
 
 # Without an address: a temporary cluster on this machine, one model per worker process.
 LOCAL_DASK_CLUSTER = {"n_workers": 2, "processes": True, "threads_per_worker": 1}

@@ -14,7 +14,7 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from sqlalchemy import Connection, Engine, Row, delete, func, insert, select, update
 
-from sql.schema import (
+from lookalike.sql.schema import (
     STATUS_FAILED,
     STATUS_OK,
     STATUS_PENDING,
@@ -24,8 +24,8 @@ from sql.schema import (
     image_neighbours,
     runs,
 )
-from tasks.database import DATABASE_RETRIES, engine_for
-from tasks.discover import Changes, HashedFile, KnownImage, find_changes
+from lookalike.tasks.database import DATABASE_RETRIES, engine_for
+from lookalike.tasks.discover import Changes, HashedFile, KnownImage, find_changes
 
 log = logging.getLogger(__name__)
 

@@ -18,7 +18,7 @@ from sqlalchemy.exc import (
     OperationalError,
 )
 
-from sql.schema import metadata
+from lookalike.sql.schema import metadata
 
 log = logging.getLogger(__name__)
 

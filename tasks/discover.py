@@ -10,7 +10,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tasks.decode import IMAGE_SUFFIXES, sniff_image_type
+from lookalike.tasks.decode import IMAGE_SUFFIXES, sniff_image_type
 
 log = logging.getLogger(__name__)
 

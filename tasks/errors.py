@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from tasks.catalog import CollectionMismatchError, NoImagesError
-from tasks.database import DatabaseError
-from tasks.discover import DiscoveryError
-from tasks.extract import WeightsError
-from tasks.knn_space import NonFiniteFeaturesError
-from tasks.load import LoadError
-from tasks.settings import SettingsError
-from tasks.stage import StagingError
+from lookalike.tasks.catalog import CollectionMismatchError, NoImagesError
+from lookalike.tasks.database import DatabaseError
+from lookalike.tasks.discover import DiscoveryError
+from lookalike.tasks.extract import WeightsError
+from lookalike.tasks.knn.space import NonFiniteFeaturesError
+from lookalike.tasks.load import LoadError
+from lookalike.tasks.settings import SettingsError
+from lookalike.tasks.stage import StagingError
 
 USER_ERRORS: tuple[type[BaseException], ...] = (
     CollectionMismatchError,

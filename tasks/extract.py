@@ -20,19 +20,23 @@ from prefect import get_run_logger, task
 from prefect.assets import materialize
 from prefect.cache_policies import NO_CACHE, CachePolicy
 
-from sql.schema import FEATURE_DIM
-from tasks.catalog import MODEL_NAME, PendingImage, list_pending
-from tasks.database import DATABASE_RETRIES, engine_for
-from tasks.decode import (
+from lookalike.sql.schema import FEATURE_DIM
+from lookalike.tasks.catalog import MODEL_NAME, PendingImage, list_pending
+from lookalike.tasks.database import DATABASE_RETRIES, engine_for
+from lookalike.tasks.decode import (
     INPUT_SIZE,
     PREPROCESS_VERSION,
     DecodedImage,
     ImageDecodeError,
     decode_image,
 )
-from tasks.progress import report_progress
-from tasks.report import advance_extraction_progress, count_image_reads, record_staging_asset
-from tasks.stage import feature_batch_path, read_table, write_feature_batch
+from lookalike.tasks.progress import report_progress
+from lookalike.tasks.report import (
+    advance_extraction_progress,
+    count_image_reads,
+    record_staging_asset,
+)
+from lookalike.tasks.stage import feature_batch_path, read_table, write_feature_batch
 
 log = logging.getLogger(__name__)
 

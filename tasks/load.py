@@ -31,7 +31,7 @@ from sqlalchemy import (
     update,
 )
 
-from sql.schema import (
+from lookalike.sql.schema import (
     FEATURE_DIM,
     STATUS_FAILED,
     STATUS_OK,
@@ -40,16 +40,16 @@ from sql.schema import (
     image_names,
     image_neighbours,
 )
-from tasks.catalog import MODEL_NAME, mark_indexed
-from tasks.database import (
+from lookalike.tasks.catalog import MODEL_NAME, mark_indexed
+from lookalike.tasks.database import (
     DATABASE_RETRIES,
     create_db_engine,
     engine_for,
     is_mariadb,
     parse_database_url,
 )
-from tasks.report import record_table_assets
-from tasks.stage import NEIGHBOURS_SCHEMA, StagingError, feature_matrix, read_table
+from lookalike.tasks.report import record_table_assets
+from lookalike.tasks.stage import NEIGHBOURS_SCHEMA, StagingError, feature_matrix, read_table
 
 log = logging.getLogger(__name__)
 

@@ -16,8 +16,13 @@ from sqlalchemy import Connection, Engine, text
 from sqlalchemy.engine import URL
 from sqlalchemy.exc import DBAPIError
 
-from tasks.database import DatabaseError, create_db_engine, describe_db_error, parse_database_url
-from tasks.settings import Settings, SettingsError
+from lookalike.tasks.database import (
+    DatabaseError,
+    create_db_engine,
+    describe_db_error,
+    parse_database_url,
+)
+from lookalike.tasks.settings import Settings, SettingsError
 
 DEFAULT_LOCK_TIMEOUT = Settings().lock_timeout  # one source of the default: the settings
 POLL_SECONDS = 0.25

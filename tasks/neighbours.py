@@ -1,4 +1,4 @@
-"""Neighbours: gather the features, run the kNN engine (full or incremental), stage the lists."""
+"""Neighbours: plan the pass, gather the features, run the kNN engine, stage the lists."""
 
 from __future__ import annotations
 
@@ -11,32 +11,64 @@ from pathlib import Path
 import numpy as np
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
-from sqlalchemy import Engine, select
+from sqlalchemy import Engine, distinct, func, select
 
-from sql.schema import FEATURE_DIM, STATUS_OK, image_features, image_names, image_neighbours
-from tasks.catalog import stale_neighbour_ids
-from tasks.database import engine_for
-from tasks.knn import NeighbourLists, knn_all
-from tasks.knn_incremental import knn_update
-from tasks.knn_space import KnnInputError
-from tasks.load import read_feature_rows
-from tasks.stage import feature_batch_path, feature_matrix, read_table, write_neighbour_lists
+from lookalike.sql.schema import (
+    FEATURE_DIM,
+    STATUS_OK,
+    image_features,
+    image_names,
+    image_neighbours,
+)
+from lookalike.tasks.catalog import stale_neighbour_ids
+from lookalike.tasks.database import DATABASE_RETRIES, engine_for
+from lookalike.tasks.knn import NeighbourLists, knn_all, knn_update, list_length
+from lookalike.tasks.knn.plan import ListState, PassKind, choose_pass
+from lookalike.tasks.knn.space import KnnInputError
+from lookalike.tasks.load import read_feature_rows
+from lookalike.tasks.stage import (
+    feature_batch_path,
+    feature_matrix,
+    read_table,
+    write_neighbour_lists,
+)
 
 log = logging.getLogger(__name__)
 
-# Past this share of changed images an incremental update costs about as much as a full pass.
-INCREMENTAL_LIMIT = 0.25
-
 
 @dataclass(frozen=True)
-class NeighbourPlan:
-    """What a neighbour computation did, and the staged file holding its lists."""
+class StagedNeighbours:
+    """The lists a neighbour pass computed, staged as Arrow, and what the pass did."""
 
     staged: Path
-    mode: str  # "full" | "incremental"
+    kind: PassKind  # INCREMENTAL or FULL
     images: int
     rows: int
     refreshed_ids: list[int]
+
+
+def read_list_state(engine: Engine) -> ListState:
+    """The counts knn.plan.choose_pass decides on, read from the database."""
+    changed, gone = stale_neighbour_ids(engine)
+    with engine.connect() as conn:
+        images = conn.execute(
+            select(func.count()).select_from(image_names).where(image_names.c.status == STATUS_OK)
+        ).scalar_one()
+        rows, listed = conn.execute(
+            select(func.count(), func.count(distinct(image_neighbours.c.image_id)))
+        ).one()
+    return ListState(
+        images=int(images),
+        changed=len(changed),
+        deleted=len(gone),
+        stored_rows=int(rows),
+        stored_images=int(listed),
+    )
+
+
+def plan_neighbour_pass(engine: Engine, k: int, *, rebuild: bool = False) -> PassKind:
+    """Which pass the stored lists need (see knn.plan.choose_pass)."""
+    return choose_pass(read_list_state(engine), k, rebuild=rebuild)
 
 
 def read_features(engine: Engine, staging_dir: Path) -> tuple[np.ndarray, np.ndarray]:
@@ -104,37 +136,18 @@ def read_neighbour_lists(engine: Engine) -> NeighbourLists | None:
 
 
 def compute_neighbours(
-    engine: Engine, staging_dir: Path, k: int, *, full: bool = False, metric: str = "euclidean"
-) -> NeighbourPlan:
-    """Bring every ok image's list up to date and stage the complete table."""
+    engine: Engine, staging_dir: Path, k: int, kind: PassKind, *, metric: str = "euclidean"
+) -> StagedNeighbours:
+    """Run the planned pass (incremental or full) over every ok image; stage the lists."""
     ids, features = read_features(engine, staging_dir)
     changed, gone = stale_neighbour_ids(engine)
-    previous = None if full else read_neighbour_lists(engine)
-    expected_width = min(k, max(len(ids) - 1, 0))
-    incremental = (
-        previous is not None
-        and previous.neighbour_ids.shape[1] == min(k, max(len(previous.image_ids) - 1, 0))
-        and len(changed) <= INCREMENTAL_LIMIT * max(len(ids), 1)
-    )
     lists = None
-    if incremental and previous is not None:
-        try:
-            lists = knn_update(
-                previous,
-                features,
-                ids,
-                changed_ids=np.asarray(changed, np.int64),
-                deleted_ids=np.asarray(gone, np.int64),
-                k=k,
-                metric=metric,
-            )
-        except KnnInputError as exc:
-            # Stored lists that do not describe the change (e.g. edited by hand): start over.
-            log.warning("incremental neighbour update impossible (%s); full pass instead", exc)
-            incremental = False
+    if kind is PassKind.INCREMENTAL:
+        lists = update_lists(engine, ids, features, changed, gone, k=k, metric=metric)
     if lists is None:
+        kind = PassKind.FULL
         lists = knn_all(features, ids, k, metric=metric)
-    if lists.neighbour_ids.shape != (len(ids), expected_width):
+    if lists.neighbour_ids.shape != (len(ids), list_length(k, len(ids))):
         raise RuntimeError(f"kNN returned lists of shape {lists.neighbour_ids.shape}")
     staged = write_neighbour_lists(
         staging_dir / "neighbours" / f"{uuid.uuid4().hex}.arrow",
@@ -142,26 +155,59 @@ def compute_neighbours(
         lists.neighbour_ids,
         lists.distances,
     )
-    return NeighbourPlan(
-        staged,
-        "incremental" if incremental else "full",
-        len(ids),
-        int(lists.neighbour_ids.size),
-        changed,
-    )
+    return StagedNeighbours(staged, kind, len(ids), int(lists.neighbour_ids.size), changed)
+
+
+def update_lists(
+    engine: Engine,
+    ids: np.ndarray,
+    features: np.ndarray,
+    changed: list[int],
+    gone: list[int],
+    *,
+    k: int,
+    metric: str,
+) -> NeighbourLists | None:
+    """The stored lists updated for the change; None when they cannot describe it."""
+    previous = read_neighbour_lists(engine)
+    if previous is None:
+        log.warning("stored neighbour lists are ragged; full pass instead")
+        return None
+    try:
+        return knn_update(
+            previous,
+            features,
+            ids,
+            changed_ids=np.asarray(changed, np.int64),
+            deleted_ids=np.asarray(gone, np.int64),
+            k=k,
+            metric=metric,
+        )
+    except KnnInputError as exc:
+        # Stored lists that do not describe the change (e.g. edited by hand): start over.
+        log.warning("incremental neighbour update impossible (%s); full pass instead", exc)
+        return None
+
+
+@task(name="plan-neighbour-pass", **DATABASE_RETRIES, cache_policy=NO_CACHE)
+def plan_neighbour_pass_task(database_url: str, k: int, rebuild: bool = False) -> PassKind:
+    """Which pass the stored lists need: unchanged, incremental or full."""
+    kind = plan_neighbour_pass(engine_for(database_url), k, rebuild=rebuild)
+    get_run_logger().info("neighbour lists: %s", kind.value)
+    return kind
 
 
 @task(name="compute-neighbours", cache_policy=NO_CACHE)  # deterministic compute: no retries
 def compute_neighbours_task(
-    database_url: str, staging_dir: str, k: int, full: bool = False
-) -> NeighbourPlan:
-    """Exact kNN of every ok image, incremental when only a few changed; lists staged as Arrow."""
-    plan = compute_neighbours(engine_for(database_url), Path(staging_dir), k, full=full)
+    database_url: str, staging_dir: str, k: int, kind: PassKind
+) -> StagedNeighbours:
+    """Exact kNN of every ok image by the planned pass; lists staged as Arrow."""
+    result = compute_neighbours(engine_for(database_url), Path(staging_dir), k, kind)
     get_run_logger().info(
         "%s neighbour pass over %d images: %d rows staged, %d lists refreshed",
-        plan.mode,
-        plan.images,
-        plan.rows,
-        len(plan.refreshed_ids),
+        result.kind.value,
+        result.images,
+        result.rows,
+        len(result.refreshed_ids),
     )
-    return plan
+    return result

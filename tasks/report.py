@@ -23,9 +23,9 @@ from prefect.assets import Asset, AssetProperties, add_asset_metadata
 from prefect.context import AssetContext
 from sqlalchemy import func, select
 
-from sql.schema import image_features, image_names, image_neighbours
-from tasks.catalog import MODEL_NAME, read_collection
-from tasks.database import engine_for, parse_database_url
+from lookalike.sql.schema import image_features, image_names, image_neighbours
+from lookalike.tasks.catalog import MODEL_NAME, read_collection
+from lookalike.tasks.database import engine_for, parse_database_url
 
 SUMMARY_KEY = "process-images-summary"
 FAILED_KEY = "process-images-failed"

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from sql.schema import FEATURE_DIM
+from lookalike.sql.schema import FEATURE_DIM
 
 FEATURES_SCHEMA = pa.schema(
     [

@@ -19,10 +19,10 @@ from httpx import Response
 from litestar.testing import TestClient
 from PIL import Image
 
-from api.app import create_app
-from api.fingerprint import GRID, plasma_table
-from api.repository import ImageRepository, StatsCache
-from sql.schema import (
+from lookalike.api.app import create_app
+from lookalike.api.fingerprint import GRID, plasma_table
+from lookalike.api.repository import ImageRepository, StatsCache
+from lookalike.sql.schema import (
     collection,
     image_features,
     image_names,
@@ -30,7 +30,7 @@ from sql.schema import (
     metadata,
     runs,
 )
-from tasks.settings import Settings
+from lookalike.tasks.settings import Settings
 from tests.odd_images import bomb_png, write_photos
 
 OK_PHOTOS = 5
@@ -597,14 +597,14 @@ def test_search_refuses_uploads_over_the_limit(catalog: Catalog, tmp_path: Path)
 @pytest.fixture(scope="module")
 def feature_model() -> object:
     """The seeded random-init model, built once (tasks.extract caches it for the app too)."""
-    from tasks.extract import load_feature_model
+    from lookalike.tasks.extract import load_feature_model
 
     return load_feature_model("none", 1)
 
 
 def model_vectors(model: object) -> Embed:
     def embed(paths: list[Path]) -> np.ndarray:
-        from tasks.decode import decode_image
+        from lookalike.tasks.decode import decode_image
 
         pixels = np.stack([decode_image(path).pixels for path in paths])
         return np.asarray(model.embed(pixels))  # type: ignore[attr-defined]

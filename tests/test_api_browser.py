@@ -14,7 +14,7 @@ import pytest
 import uvicorn
 from playwright.sync_api import expect
 
-from api.app import create_app
+from lookalike.api.app import create_app
 from tests.test_api import Catalog, app_settings, build_catalog, model_vectors
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -46,7 +46,7 @@ def free_port() -> int:
 @pytest.fixture(scope="module")
 def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Catalog]]:
     """The app on uvicorn in a thread, over a SQLite catalog whose features come from the model."""
-    from tasks.extract import load_feature_model
+    from lookalike.tasks.extract import load_feature_model
 
     base = tmp_path_factory.mktemp("browser")
     catalog = build_catalog(

@@ -11,8 +11,15 @@ import numpy as np
 import pytest
 from sqlalchemy import Engine, func, insert, select, update
 
-from sql.schema import FEATURE_DIM, STATUS_OK, image_features, image_names, image_neighbours, runs
-from tasks.catalog import (
+from lookalike.sql.schema import (
+    FEATURE_DIM,
+    STATUS_OK,
+    image_features,
+    image_names,
+    image_neighbours,
+    runs,
+)
+from lookalike.tasks.catalog import (
     MODEL_NAME,
     ChangeCounts,
     CollectionMismatchError,
@@ -29,8 +36,8 @@ from tasks.catalog import (
     stale_neighbour_ids,
     start_run,
 )
-from tasks.database import connect_checked
-from tasks.discover import Changes, HashedFile, find_changes
+from lookalike.tasks.database import connect_checked
+from lookalike.tasks.discover import Changes, HashedFile, find_changes
 
 WEIGHTS = "imagenet-test"
 ODD_NAME = 'o\'brien; DROP TABLE x; "ü" 名前.jpg'

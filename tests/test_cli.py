@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from tasks.catalog import PendingImage
-from tasks.discover import hash_file
-from tasks.extract import batch_key, weights_identity
-from tasks.stage import feature_batch_path
+from lookalike.tasks.catalog import PendingImage
+from lookalike.tasks.discover import hash_file
+from lookalike.tasks.extract import batch_key, weights_identity
+from lookalike.tasks.stage import feature_batch_path
 from tests.odd_images import write_photos
 
 
@@ -22,7 +22,7 @@ def lookalike(
 ) -> subprocess.CompletedProcess[str]:
     """Run the console script as a user would."""
     return subprocess.run(
-        [sys.executable, "-m", "flows.cli", *args],
+        [sys.executable, "-m", "lookalike.flows.cli", *args],
         capture_output=True,
         text=True,
         env=env,

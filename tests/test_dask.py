@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 from sqlalchemy import select
 
-from sql.schema import image_features, image_names, image_neighbours
-from tasks.database import connect_checked
-from tasks.settings import SettingsError
+from lookalike.sql.schema import image_features, image_names, image_neighbours
+from lookalike.tasks.database import connect_checked
+from lookalike.tasks.settings import SettingsError
 from tests.odd_images import write_photos
 from tests.test_prefect_features import task_states_of
 
@@ -57,7 +57,7 @@ def stored_by_name(database_url: str) -> tuple[dict[str, np.ndarray], Lists]:
 
 def run_in(data_dir: Path, monkeypatch: pytest.MonkeyPatch, **params: Any) -> dict[str, Any]:
     """process_images with its own data folder (so nothing staged is shared between runs)."""
-    from flows.process import process_images
+    from lookalike.flows.process import process_images
 
     monkeypatch.setenv("LOOKALIKE_DATA_DIR", str(data_dir))
     return process_images(batch_size=BATCH, k=K, weights="none", **params)
@@ -107,7 +107,7 @@ def test_dask_workers_extract_and_find_neighbours_as_the_local_runner_does(
         np.testing.assert_array_equal(remote_features[name], vector, err_msg=name)
     assert remote_lists == local_lists and len(local_lists) == 9
 
-    from flows.neighbours import rebuild_neighbours
+    from lookalike.flows.neighbours import rebuild_neighbours
 
     rebuilt = rebuild_neighbours(k=K, database_url=dask_db)  # runner, address: the settings
     assert (rebuilt["task_runner"], rebuilt["neighbour_tasks"]) == ("dask", ROW_BLOCKS)
@@ -116,7 +116,7 @@ def test_dask_workers_extract_and_find_neighbours_as_the_local_runner_does(
 
 
 def test_a_dask_address_needs_the_dask_runner() -> None:
-    from flows.runners import build_task_runner
+    from lookalike.flows.runners import build_task_runner
 
     with pytest.raises(SettingsError, match="needs the dask task runner"):
         build_task_runner("local", "tcp://127.0.0.1:8786")
@@ -127,7 +127,7 @@ def test_a_dask_address_needs_the_dask_runner() -> None:
 def test_an_unreachable_scheduler_fails_in_one_line() -> None:
     import dask
 
-    from flows.runners import open_task_runner
+    from lookalike.flows.runners import open_task_runner
 
     with (
         dask.config.set({"distributed.comm.timeouts.connect": "2s"}),

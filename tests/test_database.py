@@ -7,8 +7,8 @@ import threading
 import pytest
 from sqlalchemy import inspect, text
 
-from sql.schema import metadata
-from tasks.database import (
+from lookalike.sql.schema import metadata
+from lookalike.tasks.database import (
     DatabaseError,
     connect_checked,
     create_db_engine,

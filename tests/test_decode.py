@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image, ImageFile
 
-from tasks.decode import (
+from lookalike.tasks.decode import (
     IMAGE_SUFFIXES,
     INPUT_SIZE,
     PREPROCESS_VERSION,

@@ -17,8 +17,8 @@ import pytest
 import sqlalchemy
 import yaml
 
-from sql.schema import mariadb_ddl
-from tasks.settings import ENV_PREFIX, Settings
+from lookalike.sql.schema import mariadb_ddl
+from lookalike.tasks.settings import ENV_PREFIX, Settings
 
 REPO = Path(__file__).resolve().parents[1]
 COMPOSE_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?:[:?-][^}]*)?\}")
@@ -325,7 +325,7 @@ def mariadb_init_files() -> list[Path]:
 
 @pytest.mark.mariadb
 def test_init_files_make_the_schema_and_an_account_that_can_only_read(mariadb_url: str) -> None:
-    from tasks.database import connect_checked
+    from lookalike.tasks.database import connect_checked
 
     url = sqlalchemy.engine.make_url(mariadb_url)
     user, password = f"ro_{uuid.uuid4().hex[:10]}", "it's a \\secret"

@@ -18,8 +18,8 @@ from typing import Any
 import pytest
 from sqlalchemy import func, select
 
-from sql.schema import STATUS_OK, image_names, image_neighbours, runs
-from tasks.database import connect_checked
+from lookalike.sql.schema import STATUS_OK, image_names, image_neighbours, runs
+from lookalike.tasks.database import connect_checked
 from tests.odd_images import write_photos
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -14,7 +14,7 @@ from typing import TypeVar
 import pytest
 from PIL import Image
 
-from tasks.discover import (
+from lookalike.tasks.discover import (
     Changes,
     DiscoveryError,
     KnownImage,

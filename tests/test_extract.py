@@ -9,10 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tasks.catalog import PendingImage
-from tasks.decode import INPUT_SIZE, decode_image
-from tasks.discover import hash_file
-from tasks.extract import (
+from lookalike.tasks.catalog import PendingImage
+from lookalike.tasks.decode import INPUT_SIZE, decode_image
+from lookalike.tasks.discover import hash_file
+from lookalike.tasks.extract import (
     WeightsError,
     batch_key,
     extract_batches,
@@ -21,7 +21,7 @@ from tasks.extract import (
     shard_is_staged,
     weights_identity,
 )
-from tasks.stage import feature_matrix, read_table
+from lookalike.tasks.stage import feature_matrix, read_table
 from tests.odd_images import write_odd_images, write_photos
 
 BATCH = 4  # small batches keep the CPU model fast in tests
@@ -80,8 +80,8 @@ def test_random_init_model_is_seeded_and_batch_independent() -> None:
 EMBED_IN_A_NEW_PROCESS = """
 import sys
 import numpy as np
-from tasks.decode import decode_image
-from tasks.extract import load_feature_model
+from lookalike.tasks.decode import decode_image
+from lookalike.tasks.extract import load_feature_model
 pixels = decode_image(sys.argv[1]).pixels[None]
 np.save(sys.argv[2], load_feature_model("none", 1).embed(pixels))
 """

@@ -22,8 +22,8 @@ from hypothesis import HealthCheck, given, settings
 from litestar import Litestar
 from litestar.testing import TestClient
 
-from api.app import create_app
-from sql.schema import image_names
+from lookalike.api.app import create_app
+from lookalike.sql.schema import image_names
 from tests.odd_images import HOSTILE_NAMES, small_jpeg
 from tests.test_api import OK_PHOTOS, STORED_K, Catalog, app_settings, build_catalog
 

@@ -34,20 +34,20 @@ from sqlalchemy import create_engine, func, insert, select, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError
 
-from sql.schema import image_features, image_names, image_neighbours, runs
-from tasks.catalog import (
+from lookalike.sql.schema import image_features, image_names, image_neighbours, runs
+from lookalike.tasks.catalog import (
     apply_changes,
     list_pending,
     open_collection,
     read_known,
     stale_neighbour_ids,
 )
-from tasks.database import connect_checked
-from tasks.decode import DecodedImage, ImageDecodeError, decode_image
-from tasks.discover import find_changes, hash_file
-from tasks.extract import Batch, decoded_batches, plan_batches, weights_identity
-from tasks.load import load_feature_batches, write_neighbour_table
-from tasks.stage import (
+from lookalike.tasks.database import connect_checked
+from lookalike.tasks.decode import DecodedImage, ImageDecodeError, decode_image
+from lookalike.tasks.discover import find_changes, hash_file
+from lookalike.tasks.extract import Batch, decoded_batches, plan_batches, weights_identity
+from lookalike.tasks.load import load_feature_batches, write_neighbour_table
+from lookalike.tasks.stage import (
     NEIGHBOURS_SCHEMA,
     StagingError,
     feature_batch_path,
@@ -122,7 +122,7 @@ def start_cli(root: Path, database_url: str, data_dir: Path, name: str, **env: s
         **env,
     )
     command = [
-        sys.executable, "-m", "flows.cli", "process", str(root), "--db", database_url,
+        sys.executable, "-m", "lookalike.flows.cli", "process", str(root), "--db", database_url,
         "--weights", "none", "--k", str(K), "--batch-size", str(BATCH), "--json",
         "--lock-timeout", "30",  # a lock a killed run failed to release shows up quickly
     ]  # fmt: skip

@@ -23,10 +23,10 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 from PIL import Image
 
-from sql.schema import image_names, metadata
-from tasks.catalog import apply_changes
-from tasks.decode import INPUT_SIZE, ImageDecodeError, decode_image, decode_image_bytes
-from tasks.discover import (
+from lookalike.sql.schema import image_names, metadata
+from lookalike.tasks.catalog import apply_changes
+from lookalike.tasks.decode import INPUT_SIZE, ImageDecodeError, decode_image, decode_image_bytes
+from lookalike.tasks.discover import (
     MAX_FILE_NAME_CHARS,
     DiscoveryError,
     any_image,
@@ -34,10 +34,10 @@ from tasks.discover import (
     find_changes,
     walk_files,
 )
-from tasks.knn import knn_all, knn_row_block, merge_row_blocks
+from lookalike.tasks.knn.passes import knn_all, knn_row_block, merge_row_blocks
 from tests.odd_images import BLUE, HOSTILE_NAMES, RED, small_jpeg, write_odd_images
 from tests.test_discover import within
-from tests.test_knn import assert_same_lists, brute_force
+from tests.test_knn_passes import assert_same_lists, brute_force
 
 pytestmark = pytest.mark.faults
 
@@ -121,7 +121,7 @@ def test_names_that_are_not_utf8_are_skipped_with_a_reason(
     )
     write_bytes_name(root, b"notes\xfe.txt", b"text")  # not an image: never looked at
 
-    with caplog.at_level(logging.WARNING, logger="tasks.discover"):
+    with caplog.at_level(logging.WARNING, logger="lookalike.tasks.discover"):
         changes = find_changes(root, {})
 
     assert [f.file_name for f in changes.new] == ["fine.jpg"]
@@ -416,7 +416,7 @@ def hostile_tree(tmp_path: Path) -> tuple[Path, dict[str, str], dict[str, str]]:
 @pytest.fixture
 def run_flow(prefect_harness: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):  # type: ignore[no-untyped-def]
     """process_images with random weights, small batches and a private data folder."""
-    from flows.process import process_images
+    from lookalike.flows.process import process_images
 
     monkeypatch.setenv("LOOKALIKE_DATA_DIR", str(tmp_path / "data"))
 

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from sqlalchemy import select
 
-from sql.schema import image_features, image_names, image_neighbours
-from tasks.catalog import CollectionMismatchError, NoImagesError
-from tasks.database import connect_checked
+from lookalike.sql.schema import image_features, image_names, image_neighbours
+from lookalike.tasks.catalog import CollectionMismatchError, NoImagesError
+from lookalike.tasks.database import connect_checked
 from tests.odd_images import write_odd_images, write_photos
 
 K = 5
@@ -21,7 +21,7 @@ BATCH = 4
 @pytest.fixture
 def run_flow(prefect_harness: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):  # type: ignore[no-untyped-def]
     """Call process_images with test defaults: random weights, small batches, a private data dir."""
-    from flows.process import process_images
+    from lookalike.flows.process import process_images
 
     monkeypatch.setenv("LOOKALIKE_DATA_DIR", str(tmp_path / "data"))
 

@@ -5,15 +5,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-import tasks.knn_rerank as rerank
-from tasks.knn_rerank import (
+import lookalike.tasks.knn.rerank as rerank
+from lookalike.tasks.knn.rerank import (
     _group_pair_sq_distances,
     _subtracted_pair_sq_distances,
     direct_distances,
     pair_sq_distances,
     sorted_list_columns,
 )
-from tasks.knn_space import FeatureSpace, PairMemo, prepare_space
+from lookalike.tasks.knn.space import FeatureSpace, PairMemo, prepare_space
 
 
 def grouped_pairs(clusters: int, size: int, d: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

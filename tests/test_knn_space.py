@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tasks.knn_space import (
+from lookalike.tasks.knn.space import (
     _CENTRE_SAMPLE_ROWS,
     NonFiniteFeaturesError,
     PairMemo,

@@ -8,13 +8,13 @@ import numpy as np
 import pytest
 from threadpoolctl import threadpool_info
 
-import tasks.knn as knn
-import tasks.knn_rerank as knn_rerank
-import tasks.knn_threads as knn_threads
-import tasks.knn_tiles as knn_tiles
-from tasks.knn_incremental import knn_update
-from tasks.knn_threads import TileWorkers, tile_workers
-from tests.test_knn import assert_same_lists, brute_force, clustered_features, shuffled_ids
+import lookalike.tasks.knn as knn
+import lookalike.tasks.knn.rerank as knn_rerank
+import lookalike.tasks.knn.threads as knn_threads
+import lookalike.tasks.knn.tiles as knn_tiles
+from lookalike.tasks.knn.incremental import knn_update
+from lookalike.tasks.knn.threads import TileWorkers, tile_workers
+from tests.test_knn_passes import assert_same_lists, brute_force, clustered_features, shuffled_ids
 
 
 @pytest.mark.parametrize("count", [1, 2, 3])

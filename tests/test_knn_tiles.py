@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from tasks.knn_tiles import CandidateLists
+from lookalike.tasks.knn.tiles import CandidateLists
 
 
 def test_best_of_some_slots_is_best_of_all_for_those_slots() -> None:

@@ -12,17 +12,17 @@ import pytest
 from sqlalchemy import Engine, insert, select, text
 from sqlalchemy.exc import DBAPIError
 
-from sql.schema import FEATURE_DIM, STATUS_PENDING, image_names
-from tasks import load
-from tasks.database import connect_checked, create_db_engine, is_mariadb
-from tasks.load import (
+from lookalike.sql.schema import FEATURE_DIM, STATUS_PENDING, image_names
+from lookalike.tasks import load
+from lookalike.tasks.database import connect_checked, create_db_engine, is_mariadb
+from lookalike.tasks.load import (
     LoadError,
     load_feature_batches,
     read_feature_rows,
     scratch_file,
     write_neighbour_table,
 )
-from tasks.stage import NEIGHBOURS_SCHEMA, write_feature_batch
+from lookalike.tasks.stage import NEIGHBOURS_SCHEMA, write_feature_batch
 
 
 def hash_of(name: str) -> str:

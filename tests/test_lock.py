@@ -6,8 +6,8 @@ import pytest
 from sqlalchemy import text
 from sqlalchemy.engine import make_url
 
-from tasks.database import create_db_engine
-from tasks.lock import RunLockError, confirm_run_lock, hold_run_lock, mariadb_lock_name
+from lookalike.tasks.database import create_db_engine
+from lookalike.tasks.lock import RunLockError, confirm_run_lock, hold_run_lock, mariadb_lock_name
 
 
 def lock_holder(url: str) -> int | None:

@@ -9,12 +9,12 @@ import pytest
 from litestar.testing import TestClient
 from sqlalchemy import insert, update
 
-from api.app import create_app
-from api.errors import BadRequestError
-from api.neighbour_cache import NeighbourCache
-from api.repository import ImageRepository
-from sql.schema import image_neighbours, runs
-from tasks.database import create_db_engine, create_reader_engine
+from lookalike.api.app import create_app
+from lookalike.api.errors import BadRequestError
+from lookalike.api.neighbour_cache import NeighbourCache
+from lookalike.api.repository import ImageRepository
+from lookalike.sql.schema import image_neighbours, runs
+from lookalike.tasks.database import create_db_engine, create_reader_engine
 from tests.test_api import Catalog, app_settings, build_catalog
 
 pytestmark = pytest.mark.mariadb

@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import ast
 import re
+import shutil
+import subprocess
 import sys
 import tomllib
+import zipfile
 from importlib.metadata import packages_distributions
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-PACKAGES = ("tasks", "flows", "api", "sql")
+PACKAGES = ("tasks", "flows", "api", "sql")  # folders, installed as lookalike.<folder>
+CACHES = shutil.ignore_patterns("__pycache__", "*.pyc")
 
 
 def imported_top_modules(path: Path) -> set[str]:
@@ -44,7 +48,7 @@ def third_party_imports() -> dict[str, set[str]]:
     for package in PACKAGES:
         for path in (ROOT / package).rglob("*.py"):
             for name in imported_top_modules(path):
-                if name in sys.stdlib_module_names or name in PACKAGES or name == "__future__":
+                if name in sys.stdlib_module_names or name in ("lookalike", "__future__"):
                     continue
                 found.setdefault(name, set()).add(str(path.relative_to(ROOT)))
     return found
@@ -65,4 +69,32 @@ def test_the_check_sees_the_engine_imports() -> None:
     # Guards the test above against passing vacuously (e.g. a wrong root or package list).
     found = third_party_imports()
     assert {"numpy", "threadpoolctl", "prefect", "litestar", "sqlalchemy"} <= set(found)
-    assert "tasks/knn_threads.py" in found["threadpoolctl"]
+    assert "tasks/knn/threads.py" in found["threadpoolctl"]
+
+
+def test_the_wheel_installs_one_import_namespace(tmp_path: Path) -> None:
+    # tasks/, flows/, api/ and sql/ must land under lookalike/, never as top-level packages
+    # that could collide with another distribution's `tasks` or `api`. Built from a copy:
+    # setuptools writes build/ and egg-info next to the sources it builds.
+    source = tmp_path / "source"
+    source.mkdir()
+    for name in ("pyproject.toml", "README.md", *PACKAGES):
+        copy = shutil.copytree if (ROOT / name).is_dir() else shutil.copy2
+        copy(ROOT / name, source / name, **({"ignore": CACHES} if copy is shutil.copytree else {}))
+    wheels = tmp_path / "wheels"
+    command = [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(wheels)]
+    subprocess.run([*command, str(source)], check=True, capture_output=True)
+    (wheel,) = wheels.glob("lookalike-*.whl")
+    archive = zipfile.ZipFile(wheel)
+    names = archive.namelist()
+    tops = {name.split("/")[0] for name in names if not name.split("/")[0].endswith(".dist-info")}
+    assert tops == {"lookalike"}
+    for module in (
+        "tasks/knn/passes.py",
+        "flows/process.py",
+        "api/static/app.js",
+        "sql/mariadb.sql",
+    ):
+        assert f"lookalike/{module}" in names
+    entry_points = next(name for name in names if name.endswith("entry_points.txt"))
+    assert "lookalike = lookalike.flows.cli:main" in archive.read(entry_points).decode()

@@ -21,11 +21,11 @@ import numpy as np
 import pytest
 from sqlalchemy import select, update
 
-from sql.schema import STATUS_PENDING, collection, image_features, image_names, runs
-from tasks.catalog import CollectionMismatchError
-from tasks.database import connect_checked
-from tasks.lock import RunLockError, hold_run_lock
-from tasks.report import PROGRESS_KEY, SUMMARY_KEY, staging_asset, table_asset
+from lookalike.sql.schema import STATUS_PENDING, collection, image_features, image_names, runs
+from lookalike.tasks.catalog import CollectionMismatchError
+from lookalike.tasks.database import connect_checked
+from lookalike.tasks.lock import RunLockError, hold_run_lock
+from lookalike.tasks.report import PROGRESS_KEY, SUMMARY_KEY, staging_asset, table_asset
 from tests.odd_images import write_photos
 
 K = 2
@@ -36,7 +36,7 @@ BROKEN_REASON = "corrupt image data"
 @pytest.fixture
 def run_flow(prefect_harness: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):  # type: ignore[no-untyped-def]
     """Call process_images with tiny settings and a private data folder."""
-    from flows.process import process_images
+    from lookalike.flows.process import process_images
 
     monkeypatch.setenv("LOOKALIKE_DATA_DIR", str(tmp_path / "data"))
 
@@ -340,7 +340,7 @@ def test_two_concurrent_cli_runs_never_interleave(  # type: ignore[no-untyped-de
         PREFECT_API_URL=str(PREFECT_API_URL.value()),  # the test's API: no server start-up each
     )
     command = [
-        sys.executable, "-m", "flows.cli", "process", str(root), "--db", database_url,
+        sys.executable, "-m", "lookalike.flows.cli", "process", str(root), "--db", database_url,
         "--weights", "none", "--k", str(K), "--batch-size", str(BATCH), "--json",
         "--lock-timeout", "300",
     ]  # fmt: skip

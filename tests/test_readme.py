@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from flows.cli import build_parser
-from tasks.settings import ENV_PREFIX, Settings
+from lookalike.flows.cli import build_parser
+from lookalike.tasks.settings import ENV_PREFIX, Settings
 
 ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text()
@@ -37,7 +37,7 @@ def test_every_command_and_option_is_documented(command: str) -> None:
 
 
 def test_every_route_is_documented() -> None:
-    from api.app import create_app
+    from lookalike.api.app import create_app
 
     app = create_app(Settings(database_url="sqlite://"))
     paths = {route.path for route in app.routes if not route.path.startswith("/schema")}

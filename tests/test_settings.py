@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tasks.settings import Settings, SettingsError
+from lookalike.tasks.settings import Settings, SettingsError
 
 
 def test_runner_and_lock_settings_come_from_the_environment() -> None:

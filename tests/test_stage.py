@@ -8,8 +8,8 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from sql.schema import FEATURE_DIM
-from tasks.stage import (
+from lookalike.sql.schema import FEATURE_DIM
+from lookalike.tasks.stage import (
     FEATURES_SCHEMA,
     NEIGHBOURS_SCHEMA,
     StagingError,

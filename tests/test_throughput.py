@@ -10,9 +10,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from tasks.catalog import PendingImage
-from tasks.decode import DecodedImage, decode_image
-from tasks.extract import (
+from lookalike.tasks.catalog import PendingImage
+from lookalike.tasks.decode import DecodedImage, decode_image
+from lookalike.tasks.extract import (
     PREFETCH_BATCHES,
     Batch,
     ExtractTimings,

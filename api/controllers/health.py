@@ -7,9 +7,9 @@ import logging
 from litestar import Response, get
 from sqlalchemy.exc import SQLAlchemyError
 
-from api.neighbour_cache import NeighbourCache
-from api.repository import ImageRepository
-from api.schemas import Health
+from lookalike.api.neighbour_cache import NeighbourCache
+from lookalike.api.repository import ImageRepository
+from lookalike.api.schemas import Health
 
 log = logging.getLogger(__name__)
 

@@ -10,20 +10,20 @@ from litestar import Controller, MediaType, Response, get
 from litestar.params import Parameter
 from litestar.response import File
 
-from api.controllers.params import ImageId
-from api.errors import BadRequestError, ServiceUnavailableError
-from api.fingerprint import render_png, render_svg
-from api.media import (
+from lookalike.api.controllers.params import ImageId
+from lookalike.api.errors import BadRequestError, ServiceUnavailableError
+from lookalike.api.fingerprint import render_png, render_svg
+from lookalike.api.media import (
     THUMBNAIL_SIZES,
     ensure_thumbnail,
     read_media_type,
     resolve_image_path,
     thumbnail_path,
 )
-from api.neighbour_cache import NeighbourLookup
-from api.repository import MAX_RANK, ImageRepository
-from api.schemas import Features, ImageDetail, ImagePage, Neighbour
-from tasks.settings import Settings
+from lookalike.api.neighbour_cache import NeighbourLookup
+from lookalike.api.repository import MAX_RANK, ImageRepository
+from lookalike.api.schemas import Features, ImageDetail, ImagePage, Neighbour
+from lookalike.tasks.settings import Settings
 
 _JSON = msgspec.json.Encoder()
 MAX_PAGE = 500

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from litestar import Controller, Response, get
 
-from api.controllers.images import fingerprint_svg_response
-from api.controllers.params import ImageId
-from api.repository import ImageRepository
-from api.schemas import LegacyNeighbour
+from lookalike.api.controllers.images import fingerprint_svg_response
+from lookalike.api.controllers.params import ImageId
+from lookalike.api.repository import ImageRepository
+from lookalike.api.schemas import LegacyNeighbour
 
 
 class LegacyController(Controller):

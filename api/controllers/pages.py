@@ -9,7 +9,7 @@ from litestar import Response, get
 from litestar.enums import MediaType
 from litestar.static_files import create_static_files_router
 
-from api.errors import reject_nul_in_path
+from lookalike.api.errors import reject_nul_in_path
 
 STATIC_DIR = Path(__file__).resolve().parent.parent / "static"
 

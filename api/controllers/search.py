@@ -11,10 +11,10 @@ from litestar.datastructures import UploadFile
 from litestar.enums import RequestEncodingType
 from litestar.params import Body, Parameter
 
-from api.errors import UploadTooLargeError
-from api.schemas import Neighbour
-from api.search_index import SimilaritySearch
-from tasks.settings import Settings
+from lookalike.api.errors import UploadTooLargeError
+from lookalike.api.schemas import Neighbour
+from lookalike.api.search_index import SimilaritySearch
+from lookalike.tasks.settings import Settings
 
 MAX_SEARCH_K = 100
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from litestar import get
 
-from api.repository import StatsCache
-from api.schemas import Stats
+from lookalike.api.repository import StatsCache
+from lookalike.api.schemas import Stats
 
 
 @get("/api/stats", sync_to_thread=True, tags=["service"])

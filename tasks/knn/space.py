@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tasks.knn_threads import on_all_cores
+from lookalike.tasks.knn.threads import on_all_cores
 
 log = logging.getLogger(__name__)
 

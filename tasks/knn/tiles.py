@@ -14,8 +14,8 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from tasks.knn_space import FeatureSpace, KnnInputError, Timings, available_memory, timed
-from tasks.knn_threads import cpu_cores
+from lookalike.tasks.knn.space import FeatureSpace, KnnInputError, Timings, available_memory, timed
+from lookalike.tasks.knn.threads import cpu_cores
 
 log = logging.getLogger(__name__)
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from tasks.knn_space import FeatureSpace, Timings, timed
-from tasks.knn_threads import cpu_cores, on_all_cores, tile_workers
-from tasks.knn_tiles import CandidateLists, TileBackend, TileShape
+from lookalike.tasks.knn.space import FeatureSpace, Timings, timed
+from lookalike.tasks.knn.threads import cpu_cores, on_all_cores, tile_workers
+from lookalike.tasks.knn.tiles import CandidateLists, TileBackend, TileShape
 
 _RERANK_CHUNK_ENTRIES = 1 << 22  # candidates re-ranked at once: bounds its temporaries
 _RERANK_CHUNK_PAIRS = 256  # 256 rows x 2048 floats = 2 MB: stays in cache

@@ -1,4 +1,4 @@
-"""Row-block kNN for a cluster: stage the features once, compute row blocks, merge them."""
+"""Row blocks of a full pass for a cluster: stage the features once, compute blocks, merge."""
 
 from __future__ import annotations
 
@@ -11,14 +11,19 @@ import numpy as np
 import pyarrow as pa
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
-from sqlalchemy import Engine, distinct, func, select
 
-from sql.schema import FEATURE_DIM, image_neighbours
-from tasks.catalog import count_images, stale_neighbour_ids
-from tasks.database import DATABASE_RETRIES, engine_for
-from tasks.knn import NeighbourLists, knn_row_block, list_length, merge_row_blocks
-from tasks.neighbours import INCREMENTAL_LIMIT, NeighbourPlan, read_features
-from tasks.stage import feature_matrix, read_table, write_neighbour_lists, write_table_atomically
+from lookalike.sql.schema import FEATURE_DIM
+from lookalike.tasks.catalog import stale_neighbour_ids
+from lookalike.tasks.database import DATABASE_RETRIES, engine_for
+from lookalike.tasks.knn import NeighbourLists, knn_row_block, list_length, merge_row_blocks
+from lookalike.tasks.knn.plan import PassKind
+from lookalike.tasks.neighbours import StagedNeighbours, read_features
+from lookalike.tasks.stage import (
+    feature_matrix,
+    read_table,
+    write_neighbour_lists,
+    write_table_atomically,
+)
 
 KNN_FEATURES_SCHEMA = pa.schema(
     [("image_id", pa.int64()), ("features", pa.list_(pa.float32(), FEATURE_DIM))]
@@ -42,18 +47,6 @@ class StagedRowBlock:
     path: str
     lists: int
     images: int
-
-
-def incremental_possible(engine: Engine, k: int) -> bool:
-    """True when tasks.neighbours would update the stored lists rather than start over."""
-    with engine.connect() as conn:
-        rows, images = conn.execute(
-            select(func.count(), func.count(distinct(image_neighbours.c.image_id)))
-        ).one()
-    if not images or rows != images * min(k, images - 1):
-        return False  # no lists yet, or lists of another length: a full pass
-    changed, _ = stale_neighbour_ids(engine)
-    return len(changed) <= INCREMENTAL_LIMIT * max(count_images(engine)["ok"], 1)
 
 
 def row_blocks(images: int, blocks: int) -> list[tuple[int, int]]:
@@ -107,7 +100,7 @@ def compute_row_block(matrix: str, start: int, stop: int, k: int, out: str) -> S
 
 def merge_blocks(
     parts: list[str], staging_dir: str, k: int, staged: RowBlockInput
-) -> NeighbourPlan:
+) -> StagedNeighbours:
     """Join the row blocks into one table of lists, staged like the local engine's."""
     width = list_length(k, staged.images)
     lists = merge_row_blocks([read_row_block(Path(part), width) for part in parts])
@@ -119,8 +112,8 @@ def merge_blocks(
         lists.neighbour_ids,
         lists.distances,
     )
-    return NeighbourPlan(
-        path, "full", staged.images, int(lists.neighbour_ids.size), staged.refreshed_ids
+    return StagedNeighbours(
+        path, PassKind.FULL, staged.images, int(lists.neighbour_ids.size), staged.refreshed_ids
     )
 
 
@@ -155,7 +148,7 @@ def knn_row_block_task(matrix: str, start: int, stop: int, k: int, out: str) -> 
 @task(name="merge-row-blocks", cache_policy=NO_CACHE)
 def merge_row_blocks_task(
     parts: list[str], staging_dir: str, k: int, staged: RowBlockInput
-) -> NeighbourPlan:
+) -> StagedNeighbours:
     """Join the row blocks into one table of lists (see merge_blocks)."""
     plan = merge_blocks(parts, staging_dir, k, staged)
     get_run_logger().info("merged %d row blocks: %d lists", len(parts), staged.images)

@@ -7,25 +7,24 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from tasks.knn import (
+from lookalike.tasks.knn.passes import (
     NeighbourLists,
     all_lists,
     assemble_lists,
     candidate_width,
     empty_lists,
-    knn_all,
-    list_length,
     rows_against_all,
     strip_candidates,
 )
-from tasks.knn_rerank import (
+from lookalike.tasks.knn.plan import list_length
+from lookalike.tasks.knn.rerank import (
     direct_distances,
     finalise_rows,
     proven_rows,
     sorted_list_columns,
     sq_reach,
 )
-from tasks.knn_space import (
+from lookalike.tasks.knn.space import (
     FeatureSpace,
     KnnInputError,
     PairMemo,
@@ -34,8 +33,8 @@ from tasks.knn_space import (
     checked_ids,
     prepare_space,
 )
-from tasks.knn_threads import tile_workers
-from tasks.knn_tiles import (
+from lookalike.tasks.knn.threads import tile_workers
+from lookalike.tasks.knn.tiles import (
     CandidateLists,
     TileBackend,
     TileShape,
@@ -66,7 +65,8 @@ def knn_update(
     images that are new or whose features changed, `deleted_ids` those gone since
     `previous`. New and changed rows are computed against all (m * n * d); every other
     row merges the new candidates into its kept list, and only a row that lost
-    neighbours and cannot prove its list complete is recomputed.
+    neighbours and cannot prove its list complete is recomputed. Whether an update is worth
+    it rather than a full pass is decided by knn.plan.choose_pass, not here.
     """
     ids = checked_ids(image_ids, features)
     check_k_and_metric(k, metric)
@@ -77,20 +77,8 @@ def knn_update(
     if kk == 0:
         return empty_lists(ids)
     is_changed = np.isin(ids, changed)
-    short = not _previous_long_enough(previous, k)
-    if short:
-        log.info("previous lists are shorter than k=%d: recomputing all lists", k)
-    # Half the rows against all costs as much as the symmetric full run.
-    if short or 2 * int(is_changed.sum()) >= len(ids):
-        return knn_all(
-            features,
-            ids,
-            k,
-            metric=metric,
-            block_rows=block_rows,
-            backend=backend,
-            timings=timings,
-        )
+    if not _previous_long_enough(previous, k):  # the caller's plan (knn.plan) rules this out
+        raise KnnInputError(f"the previous lists are shorter than k={k}: a full pass is needed")
     space = prepare_space(features, ids, metric, timings, keep_right=True)
     with open_backend(backend) as tiles:
         shape = tile_shape(space, block_rows, tiles)

@@ -8,8 +8,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from tasks.knn_rerank import finalise_rows
-from tasks.knn_space import (
+from lookalike.tasks.knn.plan import list_length
+from lookalike.tasks.knn.rerank import finalise_rows
+from lookalike.tasks.knn.space import (
     FeatureSpace,
     KnnInputError,
     Timings,
@@ -19,8 +20,8 @@ from tasks.knn_space import (
     prepare_space,
     timed,
 )
-from tasks.knn_threads import TileWorkers, tile_workers
-from tasks.knn_tiles import (
+from lookalike.tasks.knn.threads import TileWorkers, tile_workers
+from lookalike.tasks.knn.tiles import (
     CandidateLists,
     TileBackend,
     TileShape,
@@ -324,11 +325,6 @@ def _merge_update(side: Side, update: TileUpdate, source_positions: np.ndarray) 
         slots[update.bound_targets],
         update.bounds,
     )
-
-
-def list_length(k: int, n: int) -> int:
-    """Entries per list: k, or every other image when there are fewer."""
-    return max(0, min(int(k), n - 1))
 
 
 def candidate_width(kk: int, n: int) -> int:

@@ -1,4 +1,4 @@
-"""Row-block kNN without the Prefect engine: blocks, the staged matrix, merge, incremental check."""
+"""Row-block kNN without the Prefect engine: blocks, the staged matrix, the merge."""
 
 from __future__ import annotations
 
@@ -8,21 +8,27 @@ import numpy as np
 import pytest
 from sqlalchemy import insert
 
-from sql.schema import FEATURE_DIM, STATUS_OK, image_features, image_names, image_neighbours
-from tasks.database import connect_checked, engine_for
-from tasks.knn import knn_all
-from tasks.knn_blocks import (
+from lookalike.sql.schema import (
+    FEATURE_DIM,
+    STATUS_OK,
+    image_features,
+    image_names,
+    image_neighbours,
+)
+from lookalike.tasks.database import connect_checked, engine_for
+from lookalike.tasks.knn import knn_all
+from lookalike.tasks.knn.plan import PassKind
+from lookalike.tasks.neighbour_blocks import (
     KNN_FEATURES_SCHEMA,
     RowBlockInput,
     compute_row_block,
-    incremental_possible,
     merge_blocks,
     read_row_block,
     row_blocks,
     stage_knn_features,
     write_knn_features,
 )
-from tasks.stage import feature_matrix, read_table
+from lookalike.tasks.stage import feature_matrix, read_table
 
 K = 5
 
@@ -82,7 +88,12 @@ def test_row_blocks_merged_equal_the_local_engine(tmp_path: Path) -> None:
     assert [(p.lists, p.images) for p in parts] == [(b - a, n) for a, b in blocks]
     plan = merge_blocks([p.path for p in parts], str(tmp_path / "staging"), K, staged)
 
-    assert (plan.mode, plan.images, plan.rows, plan.refreshed_ids) == ("full", n, n * K, [5, 8])
+    assert (plan.kind, plan.images, plan.rows, plan.refreshed_ids) == (
+        PassKind.FULL,
+        n,
+        n * K,
+        [5, 8],
+    )
     assert plan.staged.parent == tmp_path / "staging" / "neighbours"
     merged = read_row_block(plan.staged, K)
     expected = knn_all(features, ids, K)
@@ -135,31 +146,6 @@ def add_lists(database_url: str, ids: list[int], width: int) -> None:
     with engine.begin() as conn:
         conn.execute(insert(image_neighbours), rows)
     engine.dispose()
-
-
-def possible(database_url: str, k: int) -> bool:
-    """incremental_possible on a fresh engine, disposed afterwards."""
-    engine = connect_checked(database_url)
-    try:
-        return incremental_possible(engine, k)
-    finally:
-        engine.dispose()
-
-
-def test_incremental_needs_lists_of_this_k_and_few_changes(database_url: str) -> None:
-    ids = add_images(database_url, 8, stale=2)  # 2 of 8 changed: at the 25 % limit
-    assert possible(database_url, 3) is False  # no lists yet
-
-    add_lists(database_url, ids, 2)
-    assert possible(database_url, 3) is False  # lists of another length: a full pass
-    assert possible(database_url, 2) is True  # the same length, 2 changed <= 0.25 * 8
-    assert possible(database_url, 100) is False  # k past the images asks for 7 entries
-
-    engine = connect_checked(database_url)
-    with engine.begin() as conn:  # a third changed image passes the limit
-        conn.execute(image_names.update().where(image_names.c.id == ids[0]).values(indexed=False))
-    engine.dispose()
-    assert possible(database_url, 2) is False
 
 
 def test_stage_knn_features_writes_every_ok_image_in_id_order(
