@@ -7,15 +7,8 @@ import io
 import sys
 from pathlib import Path
 
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-]
+from chromium_args import CHROMIUM, launch_chromium  # scripts/chromium_args.py, a sibling
+
 TIMEOUT_MS = 60_000
 ALL_IMAGES_LOADED = """() => {
     const images = [...document.querySelectorAll('#current-image, #neighbours img')];
@@ -43,7 +36,7 @@ def take_screenshot(url: str, out: Path, width: int, height: int, full_page: boo
 
     out.parent.mkdir(parents=True, exist_ok=True)
     with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        browser = launch_chromium(playwright)
         try:
             page = browser.new_page(viewport={"width": width, "height": height})
             page.goto(url, timeout=TIMEOUT_MS)
@@ -66,7 +59,7 @@ def save_small_png(png: bytes, out: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    if not Path(CHROMIUM).exists():
+    if not CHROMIUM.exists():
         print(f"error: {CHROMIUM} not found; install Debian's chromium package", file=sys.stderr)
         return 2
     take_screenshot(args.url, args.out, args.width, args.height, args.full_page)
