@@ -1,31 +1,29 @@
-"""The web page in a real headless Chromium: load, browse by clicking, search by path and upload."""
+"""The web page in real headless Chromium: browsing, search, upload, focus, races, announcements."""
 
 from __future__ import annotations
 
+import contextlib
 import re
 import socket
 import threading
 import time
 from collections.abc import Iterator
-from pathlib import Path
+from contextlib import contextmanager
 from typing import Any
+from urllib.parse import urlparse
 
 import pytest
+import sqlalchemy
 import uvicorn
+from playwright.sync_api import Error as PlaywrightError
 from playwright.sync_api import expect
 
 from lookalike.api.app import create_app
+from lookalike.sql.schema import metadata
+from lookalike.tasks.settings import Settings
+from scripts.chromium_args import CHROMIUM, launch_chromium
 from tests.test_api import Catalog, app_settings, build_catalog, model_vectors
 
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-]
 TIMEOUT_MS = 20_000
 
 pytestmark = [
@@ -43,22 +41,11 @@ def free_port() -> int:
         return int(probe.getsockname()[1])
 
 
-@pytest.fixture(scope="module")
-def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Catalog]]:
-    """The app on uvicorn in a thread, over a SQLite catalog whose features come from the model."""
-    from lookalike.tasks.extract import load_feature_model
-
-    base = tmp_path_factory.mktemp("browser")
-    catalog = build_catalog(
-        f"sqlite:///{base / 'db.sqlite'}", base, embed=model_vectors(load_feature_model("none", 1))
-    )
+@contextmanager
+def serving(settings: Settings) -> Iterator[str]:
+    """The app on uvicorn in a thread; yields its base URL."""
     port = free_port()
-    config = uvicorn.Config(
-        create_app(app_settings(catalog.url, base)),
-        host="127.0.0.1",
-        port=port,
-        log_level="warning",
-    )
+    config = uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_level="warning")
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
@@ -68,10 +55,35 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Cata
             raise RuntimeError("uvicorn did not start")
         time.sleep(0.05)
     try:
-        yield f"http://127.0.0.1:{port}", catalog
+        yield f"http://127.0.0.1:{port}"
     finally:
         server.should_exit = True
         thread.join(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Catalog]]:
+    """A SQLite catalog whose features come from the model, served."""
+    from lookalike.tasks.extract import load_feature_model
+
+    base = tmp_path_factory.mktemp("browser")
+    catalog = build_catalog(
+        f"sqlite:///{base / 'db.sqlite'}", base, embed=model_vectors(load_feature_model("none", 1))
+    )
+    with serving(app_settings(catalog.url, base)) as url:
+        yield url, catalog
+
+
+@pytest.fixture(scope="module")
+def served_empty(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A database with the tables and no images yet (as Docker Compose starts), served."""
+    base = tmp_path_factory.mktemp("browser-empty")
+    url = f"sqlite:///{base / 'db.sqlite'}"
+    engine = sqlalchemy.create_engine(url)
+    metadata.create_all(engine)
+    engine.dispose()
+    with serving(app_settings(url, base)) as served_url:
+        yield served_url
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +91,7 @@ def browser() -> Iterator[Any]:
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as playwright:
-        chromium = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        chromium = launch_chromium(playwright)
         try:
             yield chromium
         finally:
@@ -188,3 +200,154 @@ def test_upload_shows_the_most_similar_images(served: tuple[str, Catalog], page:
     first_result = page.locator("#neighbours .name").first.inner_text()
     assert first_result == "photos/photo_000_00003.jpg"
     assert "?id=" not in page.url
+
+
+# --- keyboard, races, screen readers, an empty collection ---------------------------------
+
+# The focused element, or the nearest ancestor a user can see when it is itself invisible
+# (the file input is transparent inside its label), and whether a focus ring is drawn on it.
+FOCUS_RING = """() => {
+    const focused = document.activeElement;
+    let shown = focused;
+    while (shown && (getComputedStyle(shown).opacity === "0"
+                     || shown.getBoundingClientRect().width < 2)) {
+        shown = shown.parentElement;
+    }
+    const style = getComputedStyle(shown);
+    const colour = style.outlineColor.match(/[\\d.]+/g).map(Number);
+    const outline = style.outlineStyle !== "none" && parseFloat(style.outlineWidth) >= 2
+        && (colour.length < 4 || colour[3] > 0);
+    return {
+        id: focused.id,
+        what: `${focused.tagName.toLowerCase()}#${focused.id}.${focused.className}`,
+        shown: `${shown.tagName.toLowerCase()}#${shown.id}.${shown.className}`,
+        ring: outline || style.boxShadow !== "none",
+        body: focused === document.body,
+    };
+}"""
+
+
+def test_keyboard_focus_is_visible_on_every_control(served: tuple[str, Catalog], page: Any) -> None:
+    url, catalog = served
+    page.goto(f"{url}/?id={catalog.ok_ids[0]}")
+    wait_for_neighbours(page, 4)
+    stops: list[dict[str, Any]] = []
+    for _ in range(30):
+        page.keyboard.press("Tab")
+        stop = page.evaluate(FOCUS_RING)
+        if stop["body"] or (stops and stop["what"] == stops[0]["what"]):
+            break
+        stops.append(stop)
+    reached = [stop["what"] for stop in stops]
+    assert "input#upload." in reached, reached
+    assert sum(".neighbour" in what for what in reached) == 4, reached
+    assert [stop["what"] for stop in stops if not stop["ring"]] == [], stops
+
+    # The upload control: the ring is drawn on its label, and only while the input has focus.
+    page.focus("#upload")
+    page.keyboard.press("Shift+Tab")
+    page.keyboard.press("Tab")
+    upload = page.evaluate(FOCUS_RING)
+    assert upload["id"] == "upload" and upload["shown"].startswith("label") and upload["ring"]
+    page.keyboard.press("Tab")
+    label_style = page.evaluate(
+        "() => getComputedStyle(document.querySelector('label.upload')).outlineStyle"
+    )
+    assert label_style == "none"
+
+
+def test_a_newer_click_cancels_a_slow_older_request(served: tuple[str, Catalog], page: Any) -> None:
+    url, catalog = served
+    first = catalog.ok_ids[0]
+    names = {image_id: name for name, image_id in catalog.ids.items()}
+    slow, fast = (image_id for image_id, _ in catalog.neighbours[first][:2])
+    page.goto(f"{url}/?id={first}")
+    wait_for_neighbours(page, 4)
+
+    held: list[Any] = []  # the slow image's request, answered only after the fast one
+    page.route(
+        lambda address: urlparse(address).path == f"/api/images/{slow}",
+        lambda route: held.append(route),
+    )
+    failed: list[tuple[str, str | None]] = []
+    page.on("requestfailed", lambda request: failed.append((request.url, request.failure)))
+
+    with page.expect_request(lambda request: request.url.endswith(f"/api/images/{slow}")):
+        page.locator("#neighbours button").nth(0).click()
+    page.locator("#neighbours button").nth(1).click()
+    expect(page.locator("#current-name")).to_have_text(names[fast], timeout=TIMEOUT_MS)
+    fast_first = catalog.neighbours[fast][0][0]
+    expect(page.locator("#neighbours button").first).to_have_attribute(
+        "data-id", str(fast_first), timeout=TIMEOUT_MS
+    )
+
+    assert len(held) == 1
+    # The page has aborted it, so Playwright may refuse; either way, let it through.
+    with contextlib.suppress(PlaywrightError):
+        held[0].continue_()
+    page.wait_for_timeout(1_000)  # time for a late answer to (wrongly) be drawn
+    assert current_name(page) == names[fast]
+    assert page.url.endswith(f"?id={fast}")
+    assert page.locator("#neighbours button").first.get_attribute("data-id") == str(fast_first)
+    assert [failure for address, failure in failed if address.endswith(f"/api/images/{slow}")] == [
+        "net::ERR_ABORTED"
+    ], failed
+    assert page.locator("#message").inner_text() == ""
+
+
+def test_each_neighbour_is_announced_once(served: tuple[str, Catalog], page: Any) -> None:
+    url, catalog = served
+    first = catalog.ok_ids[0]
+    names = {image_id: name for name, image_id in catalog.ids.items()}
+    page.goto(f"{url}/?id={first}")
+    wait_for_neighbours(page, 4)
+
+    # In the accessibility tree the list is named by its heading and each neighbour is one
+    # button whose name holds its file name once (no repeated alt text or tooltip).
+    tree = page.locator("#neighbours").aria_snapshot()
+    assert tree.startswith('- list "The 4 most similar"'), tree
+    for neighbour, _ in catalog.neighbours[first]:
+        assert tree.count(names[neighbour]) == 1, tree
+        button = page.get_by_role("button", name=names[neighbour], exact=False)
+        assert button.count() == 1
+    # The list is not itself live (which re-reads it whole); one polite sentence is.
+    live_ancestor = page.evaluate(
+        "() => !!document.getElementById('neighbours')"
+        ".closest('[aria-live], [role=status], [role=log], [role=alert]')"
+    )
+    assert live_ancestor is False
+    expect(page.locator("#announcement")).to_have_text(
+        f"{names[first]}. The 4 most similar.", timeout=TIMEOUT_MS
+    )
+    assert page.locator("#announcement").get_attribute("role") == "status"
+
+    # Going to a neighbour changes the live region once, with one sentence.
+    page.evaluate(
+        """() => {
+            window.announced = [];
+            new MutationObserver(() => window.announced.push(
+                document.getElementById('announcement').textContent))
+                .observe(document.getElementById('announcement'),
+                         {childList: true, characterData: true, subtree: true});
+        }"""
+    )
+    closest = catalog.neighbours[first][0][0]
+    page.locator("#neighbours button").first.click()
+    expect(page.locator("#announcement")).to_have_text(
+        f"{names[closest]}. The 4 most similar.", timeout=TIMEOUT_MS
+    )
+    page.wait_for_timeout(300)
+    assert page.evaluate("window.announced") == [f"{names[closest]}. The 4 most similar."]
+
+
+def test_an_empty_collection_says_how_to_fill_it(served_empty: str, page: Any) -> None:
+    page.goto(served_empty)
+    message = page.locator("#message")
+    expect(message).to_have_text(
+        "No images indexed yet: run `lookalike process FOLDER` first.", timeout=TIMEOUT_MS
+    )
+    expect(page.locator("#stats")).to_contain_text("0 images (0 indexed)", timeout=TIMEOUT_MS)
+    page.evaluate("document.getElementById('message').textContent = ''")
+    page.locator("#random").click()
+    expect(message).to_contain_text("lookalike process FOLDER", timeout=TIMEOUT_MS)
+    assert page.locator("#current").is_hidden()

@@ -2,14 +2,33 @@
 "use strict";
 
 const NEIGHBOURS = 20;
+const NO_IMAGES = "No images indexed yet: run `lookalike process FOLDER` first.";
 const $ = (id) => document.getElementById(id);
 let current = null; // the ImageDetail shown, or null while an upload is shown
 
+// One request at a time fills the page. Starting another (a click, an upload, Back) aborts
+// the one before, so a slow older answer never overwrites a newer one. Path searches fill
+// their own list and take turns among themselves.
+let pageRequest = null;
+let pathRequest = null;
+
+function takeTurn(previous) {
+  if (previous) previous.abort();
+  return new AbortController();
+}
+
+function newPageRequest() {
+  pageRequest = takeTurn(pageRequest);
+  return pageRequest.signal;
+}
+
 // --- talking to the API ---------------------------------------------------------------
 
-async function fetchJson(url, options) {
+// Rejects with an AbortError once options.signal is aborted, even after the answer arrived.
+async function fetchJson(url, options = {}) {
   const response = await fetch(url, options);
   const body = await response.json().catch(() => null);
+  if (options.signal) options.signal.throwIfAborted();
   if (!response.ok) {
     const detail = body && body.detail ? body.detail : response.statusText;
     throw new Error(`${detail} (HTTP ${response.status})`);
@@ -29,9 +48,11 @@ function idFromLocation() {
   return /^[1-9][0-9]*$/.test(raw || "") ? Number(raw) : null;
 }
 
-function rememberInUrl(id) {
+// how: "push" a new history entry, "replace" the current one, or "keep" the URL as it is.
+function rememberInUrl(id, how) {
   const target = `?id=${id}`;
-  if (window.location.search !== target || window.location.hash) {
+  if (how === "replace") history.replaceState({ id }, "", target);
+  else if (how === "push" && (window.location.search !== target || window.location.hash)) {
     history.pushState({ id }, "", target);
   }
 }
@@ -40,6 +61,12 @@ function rememberInUrl(id) {
 
 function showMessage(text) {
   $("message").textContent = text || "";
+}
+
+// Screen readers hear one sentence per change (a polite live region); the list itself is
+// not live, so each neighbour is read once, when the reader reaches it.
+function announce(text) {
+  $("announcement").textContent = text;
 }
 
 function describe(image) {
@@ -77,70 +104,80 @@ function renderUpload(file) {
 // Three significant digits: distances range from about 0.001 (random weights) to 100s.
 const formatDistance = (distance) => String(Number(distance.toPrecision(3)));
 
+// The button's name is "RANK. distance D FILE": the file name once (the thumbnail's alt is
+// empty, the tooltip sits on the name itself, which may be cut short on screen).
 function neighbourItem(neighbour) {
   const item = document.createElement("li");
   const button = document.createElement("button");
   button.type = "button";
   button.className = "neighbour";
   button.dataset.id = String(neighbour.id);
-  button.title = neighbour.file_name;
   const img = document.createElement("img");
   img.src = thumbnailUrl(neighbour.id, 256);
-  img.alt = neighbour.file_name;
+  img.alt = "";
   const distance = document.createElement("span");
   distance.className = "distance";
   distance.textContent = `${neighbour.rank}. distance ${formatDistance(neighbour.distance)}`;
   const name = document.createElement("span");
   name.className = "name";
   name.textContent = neighbour.file_name;
+  name.title = neighbour.file_name;
   button.append(img, distance, name);
   button.addEventListener("click", () => showImage(neighbour.id));
   item.append(button);
   return item;
 }
 
-function renderNeighbours(neighbours, title) {
+function renderNeighbours(neighbours, title, subject) {
+  const list = $("neighbours");
+  const focusWasInList = list.contains(document.activeElement);
+  const heading = neighbours.length ? title : "No similar images stored yet";
   $("neighbours-title").hidden = false;
-  $("neighbours-title").textContent = neighbours.length ? title : "No similar images stored yet";
-  $("neighbours").replaceChildren(...neighbours.map(neighbourItem));
+  $("neighbours-title").textContent = heading;
+  list.replaceChildren(...neighbours.map(neighbourItem));
+  announce(`${subject}. ${heading}.`);
+  // The clicked neighbour is gone with the old list: keep keyboard users on the new image.
+  if (focusWasInList) $("current-name").focus();
 }
 
 // --- actions -----------------------------------------------------------------------------
 
-async function showImage(id, { push = true } = {}) {
+// how: how the URL follows (see rememberInUrl).
+async function showImage(id, { how = "push" } = {}) {
+  const signal = newPageRequest();
   showMessage("");
   try {
-    const image = await fetchJson(`/api/images/${id}`);
+    const image = await fetchJson(`/api/images/${id}`, { signal });
     current = image;
     renderCurrent(image);
-    if (push) rememberInUrl(id);
-    const neighbours = await fetchJson(`/api/images/${id}/neighbours`);
-    renderNeighbours(neighbours, `The ${neighbours.length} most similar`);
+    rememberInUrl(id, how);
+    const neighbours = await fetchJson(`/api/images/${id}/neighbours`, { signal });
+    renderNeighbours(neighbours, `The ${neighbours.length} most similar`, image.file_name);
   } catch (error) {
-    showMessage(`Image ${id}: ${error.message}`);
+    if (!signal.aborted) showMessage(`Image ${id}: ${error.message}`);
   }
 }
 
-async function showFirstImage() {
-  const page = await fetchJson("/api/images?limit=1");
-  if (page.items.length === 0) {
-    showMessage("No images indexed yet: run `lookalike index FOLDER` first.");
-    return;
+// The image at offset (id order), or the message for an empty collection.
+async function showImageAt(offset, how) {
+  const signal = newPageRequest();
+  try {
+    const page = await fetchJson(`/api/images?limit=1&offset=${offset}`, { signal });
+    if (page.items.length === 0) return showMessage(NO_IMAGES);
+    await showImage(page.items[0].id, { how });
+  } catch (error) {
+    if (!signal.aborted) showMessage(error.message);
   }
-  current = null;
-  await showImage(page.items[0].id, { push: false });
-  history.replaceState({ id: page.items[0].id }, "", `?id=${page.items[0].id}`);
 }
 
 async function showRandomImage() {
+  const signal = newPageRequest();
   try {
-    const first = await fetchJson("/api/images?limit=1");
-    if (first.total === 0) return showMessage("No images indexed yet.");
-    const offset = Math.floor(Math.random() * first.total);
-    const page = await fetchJson(`/api/images?limit=1&offset=${offset}`);
-    if (page.items.length) await showImage(page.items[0].id);
+    const first = await fetchJson("/api/images?limit=1", { signal });
+    if (first.total === 0) return showMessage(NO_IMAGES);
+    await showImageAt(Math.floor(Math.random() * first.total), "push");
   } catch (error) {
-    showMessage(error.message);
+    if (!signal.aborted) showMessage(error.message);
   }
 }
 
@@ -148,14 +185,19 @@ async function searchByPath(event) {
   event.preventDefault();
   const query = $("path-query").value.trim();
   const results = $("path-results");
+  pathRequest = takeTurn(pathRequest);
+  const signal = pathRequest.signal;
   if (!query) {
     results.hidden = true;
     return;
   }
   try {
-    const page = await fetchJson(`/api/images?limit=50&q=${encodeURIComponent(query)}`);
+    const url = `/api/images?limit=50&q=${encodeURIComponent(query)}`;
+    const page = await fetchJson(url, { signal });
     const shown = page.items.length < page.total ? ` (first ${page.items.length})` : "";
-    $("path-results-title").textContent = `${page.total} paths contain \u201c${query}\u201d${shown}`;
+    const title = `${page.total} paths contain \u201c${query}\u201d${shown}`;
+    $("path-results-title").textContent = title;
+    announce(title + ".");
     $("path-results-list").replaceChildren(...page.items.map((image) => {
       const item = document.createElement("li");
       const button = document.createElement("button");
@@ -171,25 +213,28 @@ async function searchByPath(event) {
     }));
     results.hidden = false;
   } catch (error) {
-    showMessage(error.message);
+    if (!signal.aborted) showMessage(error.message);
   }
 }
 
 async function searchByUpload() {
   const file = $("upload").files[0];
   if (!file) return;
+  const signal = newPageRequest();
   showMessage("Searching\u2026");
   const form = new FormData();
   form.append("file", file);
   try {
-    const neighbours = await fetchJson(`/api/search?k=${NEIGHBOURS}`, { method: "POST", body: form });
+    const url = `/api/search?k=${NEIGHBOURS}`;
+    const neighbours = await fetchJson(url, { method: "POST", body: form, signal });
     current = null;
     renderUpload(file);
     history.pushState({ upload: true }, "", window.location.pathname);
-    renderNeighbours(neighbours, `The ${neighbours.length} most similar to your upload`);
+    const title = `The ${neighbours.length} most similar to your upload`;
+    renderNeighbours(neighbours, title, `Your upload ${file.name}`);
     showMessage("");
   } catch (error) {
-    showMessage(`Upload: ${error.message}`);
+    if (!signal.aborted) showMessage(`Upload: ${error.message}`);
   } finally {
     $("upload").value = "";
   }
@@ -213,12 +258,12 @@ function start() {
   $("upload").addEventListener("change", searchByUpload);
   window.addEventListener("popstate", () => {
     const id = idFromLocation();
-    if (id !== null) showImage(id, { push: false });
+    if (id !== null) showImage(id, { how: "keep" });
   });
   loadStats();
   const id = idFromLocation();
-  const first = id === null ? showFirstImage() : showImage(id, { push: false });
-  first.catch((error) => showMessage(error.message));
+  if (id === null) showImageAt(0, "replace");
+  else showImage(id, { how: "keep" });
 }
 
 start();
