@@ -289,9 +289,14 @@ def test_a_newer_click_cancels_a_slow_older_request(served: tuple[str, Catalog],
     assert current_name(page) == names[fast]
     assert page.url.endswith(f"?id={fast}")
     assert page.locator("#neighbours button").first.get_attribute("data-id") == str(fast_first)
-    assert [failure for address, failure in failed if address.endswith(f"/api/images/{slow}")] == [
-        "net::ERR_ABORTED"
-    ], failed
+
+    def slow_failures() -> list[str | None]:
+        return [failure for address, failure in failed if address.endswith(f"/api/images/{slow}")]
+
+    deadline = time.monotonic() + TIMEOUT_MS / 1000
+    while not slow_failures() and time.monotonic() < deadline:
+        page.wait_for_timeout(100)  # lets Playwright deliver the request's events
+    assert slow_failures() == ["net::ERR_ABORTED"], failed
     assert page.locator("#message").inner_text() == ""
 
 
