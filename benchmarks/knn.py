@@ -38,6 +38,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--block-rows", type=int, default=None)
     parser.add_argument(
+        "--backend",
+        choices=("numba", "numpy"),
+        default=None,
+        help="tile backend (default: the engine's choice, numba where installed)",
+    )
+    parser.add_argument(
         "--repeat",
         type=int,
         default=3,
@@ -186,7 +192,9 @@ def run_full(args: argparse.Namespace) -> dict[str, Any]:
     for _ in range(max(1, args.repeat)):  # alternating, so a busy spell hits all three
         run_timings: dict[str, float] = {}
         start = time.perf_counter()
-        lists = knn_all(x, ids, args.k, block_rows=args.block_rows, timings=run_timings)
+        lists = knn_all(
+            x, ids, args.k, block_rows=args.block_rows, backend=args.backend, timings=run_timings
+        )
         elapsed = time.perf_counter() - start
         if elapsed < best["ours"]:
             best["ours"], timings = elapsed, run_timings
