@@ -38,10 +38,24 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--block-rows", type=int, default=None)
     parser.add_argument(
+        "--backend",
+        choices=("numba", "numpy"),
+        default=None,
+        help="tile backend (default: the engine's choice, numba where installed)",
+    )
+    parser.add_argument(
         "--repeat",
         type=int,
         default=3,
         help="alternate runs, keep each one's best time (the machine may be busy in bursts)",
+    )
+    parser.add_argument(
+        "--no-faiss", action="store_true", help="skip FAISS (e.g. at --n 100000: minutes)"
+    )
+    parser.add_argument(
+        "--no-numpy-path",
+        action="store_true",
+        help="skip the numpy backend run that checks the compiled lists and gives its split",
     )
     parser.add_argument("--keep-blas-env", action="store_true", help="keep OPENBLAS_CORETYPE etc.")
     return parser.parse_args(argv)
@@ -176,43 +190,112 @@ def split_timings(timings: dict[str, float]) -> tuple[dict[str, float], dict[str
 
 
 def run_full(args: argparse.Namespace) -> dict[str, Any]:
-    """Time our engine, FAISS and a bare GEMM on one array; compare the lists."""
+    """Time our engine, the numpy path, FAISS and a bare GEMM on one array; compare lists."""
     x = clustered_features(args.n, args.d, args.seed)
     ids = np.arange(args.n, dtype=np.int64)
     feature_mb = x.nbytes / 2**20
     print(f"features: {args.n} x {args.d} float32 = {feature_mb:.0f} MB, k = {args.k}")
+    warm = warm_up(x, ids, args)
     best = {"ours": float("inf"), "faiss": float("inf"), "matmul": float("inf")}
+    numpy_path: dict[str, Any] = {"seconds": float("inf")}
     rss = 0.0
-    for _ in range(max(1, args.repeat)):  # alternating, so a busy spell hits all three
-        run_timings: dict[str, float] = {}
-        start = time.perf_counter()
-        lists = knn_all(x, ids, args.k, block_rows=args.block_rows, timings=run_timings)
-        elapsed = time.perf_counter() - start
+    reference = None
+    for _ in range(max(1, args.repeat)):  # alternating, so a busy spell hits all of them
+        lists, elapsed, run_timings = timed_knn_all(x, ids, args, args.backend)
         if elapsed < best["ours"]:
             best["ours"], timings = elapsed, run_timings
-        rss = rss or peak_rss_mb()  # before FAISS and the bare GEMM add their buffers
+        rss = rss or peak_rss_mb()  # before the other runs add their buffers
+        if compare_with_numpy(args):
+            plain, plain_seconds, plain_timings = timed_knn_all(x, ids, args, "numpy")
+            if plain_seconds < numpy_path["seconds"]:
+                numpy_path = {"seconds": plain_seconds, "timings": plain_timings}
+            numpy_path["identical"] = identical(lists, plain) and numpy_path.get("identical", True)
         best["matmul"] = min(best["matmul"], bare_matmul_seconds(x))
-        reference, faiss_seconds = faiss_lists(x, args.k, args.threads)
-        best["faiss"] = min(best["faiss"], faiss_seconds)
-    found = recall(lists.neighbour_ids, reference)
+        if not args.no_faiss:
+            reference, faiss_seconds = faiss_lists(x, args.k, args.threads)
+            best["faiss"] = min(best["faiss"], faiss_seconds)
+    found = recall(lists.neighbour_ids, reference) if reference is not None else float("nan")
     split, counts = split_timings(timings)
     report_full(args, best, found, rss, feature_mb, split, counts)
-    return {
+    result = {
         "benchmark": "knn",
         "n": args.n,
         "d": args.d,
         "k": args.k,
         "threads": args.threads,
+        "backend": args.backend or default_backend(),
         "seconds": round(best["ours"], 3),
-        "faiss_seconds": round(best["faiss"], 3),
-        "ratio": round(best["ours"] / best["faiss"], 4),
-        "recall": round(found, 6),
+        "faiss_seconds": round(best["faiss"], 3) if reference is not None else None,
+        "ratio": round(best["ours"] / best["faiss"], 4) if reference is not None else None,
+        "recall": round(found, 6) if reference is not None else None,
         "peak_rss_mb": round(rss, 1),
         "feature_mb": round(feature_mb, 1),
         "matmul_seconds": round(best["matmul"], 3),
         "ratio_to_matmul": round(best["ours"] / best["matmul"], 4),
+        "compile_or_load_seconds": round(warm, 3),
         "split": split,
         "counts": counts,
+    }
+    if "timings" in numpy_path:
+        result["numpy_path"] = report_numpy_path(numpy_path, best["ours"])
+    return result
+
+
+def default_backend() -> str:
+    """The backend knn_all picks here when none is named."""
+    from lookalike.tasks.knn.compiled import numba_installed
+
+    return "numba" if numba_installed() else "numpy"
+
+
+def compare_with_numpy(args: argparse.Namespace) -> bool:
+    """Whether to run the numpy path beside a compiled run."""
+    return not args.no_numpy_path and (args.backend or default_backend()) != "numpy"
+
+
+def warm_up(x: np.ndarray, ids: np.ndarray, args: argparse.Namespace) -> float:
+    """Compile (or load from numba's cache) the kernels on a small slice; its seconds.
+
+    Paid once per process; numba keeps the machine code on disk, so later processes only
+    load it.
+    """
+    start = time.perf_counter()
+    knn_all(x[:512], ids[:512], min(args.k, 16), backend=args.backend)
+    seconds = time.perf_counter() - start
+    print(f"kernels compiled or loaded in {seconds:.2f} s (not in the times below)")
+    return seconds
+
+
+def timed_knn_all(
+    x: np.ndarray, ids: np.ndarray, args: argparse.Namespace, backend: str | None
+) -> tuple[Any, float, dict[str, float]]:
+    """knn_all with the given backend: its lists, seconds and time split."""
+    run_timings: dict[str, float] = {}
+    start = time.perf_counter()
+    lists = knn_all(
+        x, ids, args.k, block_rows=args.block_rows, backend=backend, timings=run_timings
+    )
+    return lists, time.perf_counter() - start, run_timings
+
+
+def identical(one: Any, other: Any) -> bool:
+    """Same neighbours and bit-identical distances."""
+    return bool(
+        np.array_equal(one.neighbour_ids, other.neighbour_ids)
+        and np.array_equal(one.distances, other.distances)
+    )
+
+
+def report_numpy_path(numpy_path: dict[str, Any], ours: float) -> dict[str, Any]:
+    """Print and return the numpy path's figures beside the compiled run."""
+    split, _ = split_timings(numpy_path["timings"])
+    print(f"numpy path        : {numpy_path['seconds']:8.2f} s   time split {split}")
+    print(f"ratio ours/numpy  : {ours / numpy_path['seconds']:8.3f}")
+    print(f"identical lists   : {numpy_path['identical']} (ids and distances, bit for bit)")
+    return {
+        "seconds": round(numpy_path["seconds"], 3),
+        "split": split,
+        "identical": numpy_path["identical"],
     }
 
 
@@ -229,11 +312,16 @@ def report_full(
     flops = args.n * args.n * args.d / best["matmul"] / 1e9  # 2 flops per multiply-add
     print(f"lookalike knn_all : {best['ours']:8.2f} s   time split {split}  counts {counts}")
     print("  (matmul, selection and merge run on worker threads: their seconds are summed)")
-    print(f"faiss.knn (k+1)   : {best['faiss']:8.2f} s")
+    if args.no_faiss:
+        print("faiss.knn (k+1)   : not run (--no-faiss)")
+    else:
+        print(f"faiss.knn (k+1)   : {best['faiss']:8.2f} s")
     print(f"bare GEMM n^2*d/2 : {best['matmul']:8.2f} s   ({flops:.0f} GFLOP/s)")
-    print(f"ratio ours/FAISS  : {best['ours'] / best['faiss']:8.3f}")
+    if not args.no_faiss:
+        print(f"ratio ours/FAISS  : {best['ours'] / best['faiss']:8.3f}")
     print(f"ratio ours/GEMM   : {best['ours'] / best['matmul']:8.3f}")
-    print(f"recall@{args.k} vs FAISS: {found:.5f}")
+    if not args.no_faiss:
+        print(f"recall@{args.k} vs FAISS: {found:.5f}")
     limit = 1.5 * feature_mb + 1024
     print(f"peak RSS (ours)   : {rss:8.0f} MB  (limit 1.5 x features + 1 GB = {limit:.0f} MB)")
 
@@ -245,7 +333,8 @@ def run_incremental(args: argparse.Namespace) -> dict[str, Any]:
     added = max(1, round(args.n * 0.01))
     old = args.n - added
     print(f"features: {args.n} x {args.d}, k = {args.k}; adding {added} images to {old}")
-    previous = knn_all(x[:old], ids[:old], args.k, block_rows=args.block_rows)
+    warm_up(x, ids, args)
+    previous = knn_all(x[:old], ids[:old], args.k, block_rows=args.block_rows, backend=args.backend)
     seconds = full_seconds = float("inf")
     for _ in range(max(1, args.repeat)):  # alternating, so a busy spell hits both
         run_timings: dict[str, float] = {}
@@ -258,13 +347,14 @@ def run_incremental(args: argparse.Namespace) -> dict[str, Any]:
             deleted_ids=np.empty(0, dtype=np.int64),
             k=args.k,
             block_rows=args.block_rows,
+            backend=args.backend,
             timings=run_timings,
         )
         elapsed = time.perf_counter() - start
         if elapsed < seconds:
             seconds, timings = elapsed, run_timings
         start = time.perf_counter()
-        full = knn_all(x, ids, args.k, block_rows=args.block_rows)
+        full = knn_all(x, ids, args.k, block_rows=args.block_rows, backend=args.backend)
         full_seconds = min(full_seconds, time.perf_counter() - start)
     same_ids = bool(np.array_equal(updated.neighbour_ids, full.neighbour_ids))
     same_distances = bool(np.allclose(updated.distances, full.distances, rtol=1e-6))
@@ -296,9 +386,11 @@ def main() -> None:
     print(f"BLAS environment unset for this run: {removed or 'none was set'}")
     for line in describe_blas():
         print(f"BLAS: {line}")
-    faiss_kernel = give_faiss_the_same_kernel() if args.mode == "full" else None
+    faiss_kernel = None
+    if args.mode == "full" and not args.no_faiss:
+        faiss_kernel = give_faiss_the_same_kernel()
     result = run_full(args) if args.mode == "full" else run_incremental(args)
-    if args.mode == "full":
+    if faiss_kernel is not None:
         print(f"FAISS's OpenBLAS kernel: {faiss_kernel}")
         for line in describe_blas():  # FAISS brings its own OpenBLAS and OpenMP
             print(f"BLAS after FAISS: {line}")

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from lookalike.tasks.knn.backends import open_backend
 from lookalike.tasks.knn.passes import (
     NeighbourLists,
     all_lists,
@@ -38,7 +39,6 @@ from lookalike.tasks.knn.tiles import (
     CandidateLists,
     TileBackend,
     TileShape,
-    open_backend,
     tile_shape,
     worker_count,
 )
@@ -80,7 +80,7 @@ def knn_update(
     if not _previous_long_enough(previous, k):  # the caller's plan (knn.plan) rules this out
         raise KnnInputError(f"the previous lists are shorter than k={k}: a full pass is needed")
     space = prepare_space(features, ids, metric, timings, keep_right=True)
-    with open_backend(backend) as tiles:
+    with open_backend(backend, space) as tiles:
         shape = tile_shape(space, block_rows, tiles)
         positions, neighbours, distances = _updated_lists(
             space, tiles, shape, previous, is_changed, kk, timings

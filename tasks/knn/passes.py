@@ -8,6 +8,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from lookalike.tasks.knn.backends import open_backend
+from lookalike.tasks.knn.compiled import CompiledTiles
 from lookalike.tasks.knn.plan import list_length
 from lookalike.tasks.knn.rerank import finalise_rows
 from lookalike.tasks.knn.space import (
@@ -26,7 +28,6 @@ from lookalike.tasks.knn.tiles import (
     TileBackend,
     TileShape,
     TileUpdate,
-    open_backend,
     tile_shape,
     worker_count,
 )
@@ -69,7 +70,7 @@ def knn_all(
     if kk == 0:
         return empty_lists(ids)
     space = prepare_space(features, ids, metric, timings, keep_right=True)
-    with open_backend(backend) as tiles:
+    with open_backend(backend, space) as tiles:
         shape = tile_shape(space, block_rows, tiles)
         neighbours, distances = all_lists(space, tiles, kk, shape, timings)
     return assemble_lists(ids, np.arange(space.n), neighbours, distances)
@@ -98,7 +99,7 @@ def knn_row_block(
     if kk == 0:
         return empty_lists(ids[positions])
     space = prepare_space(features, ids, metric, timings)
-    with open_backend(backend) as tiles:
+    with open_backend(backend, space) as tiles:
         shape = tile_shape(space, block_rows, tiles)
         if len(positions) > shape.rows:
             with timed(timings, "prepare"):
@@ -297,6 +298,12 @@ def _apply_tile(tiles: TileBackend, workers: TileWorkers, tile: TileJob, timings
     entries through, which the merge then cuts back. Merges hold the lock.
     """
     row_side, col_side = tile.row_side, tile.col_side
+    if isinstance(tiles, CompiledTiles):
+        positions = (tile.row_positions, tile.col_positions)
+        right = tile.space.right(tile.columns)
+        feed = (row_side, col_side, positions, tile.self_pairs, workers.lock, timings)
+        tiles.feed(tile.left, right, *feed)
+        return
     row_limits = row_side[0].limits[row_side[1]]
     col_limits = None if col_side is None else col_side[0].limits[col_side[1]]
     width = row_side[0].width

@@ -10,6 +10,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -83,6 +84,7 @@ class FeatureSpace:
     sq_max: float = 0.0  # largest entry of sq
     right_rows: np.ndarray | None = None  # right() of every row, when memory allows
     pair_memo: PairMemo | None = None  # direct distances kept for reuse, when wanted
+    kernels: Any = None  # the numba kernels module while a compiled pass runs, else None
 
     @property
     def n(self) -> int:

@@ -2,14 +2,10 @@
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import shutil
 import subprocess
-import sys
-from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
@@ -19,7 +15,6 @@ from lookalike.tasks.knn.threads import cpu_cores
 
 log = logging.getLogger(__name__)
 
-BACKENDS = ("numpy", "tensorflow")
 # Square tiles on the CPU: with 4096 x 8192 ones a whole pass took 4.3-4.8 s against
 # 3.6 s (n = 20,000, d = 2048, 2 cores), the last long tiles leaving a core idle.
 _CPU_BLOCK_ROWS = 4096
@@ -160,7 +155,7 @@ class TileShape:
 
 def worker_count(tiles: TileBackend) -> int:
     """Worker threads for a pass: every core on the CPU; one feeding a GPU."""
-    return cpu_cores() if tiles.name == "numpy" else 1
+    return 1 if tiles.name == "tensorflow" else cpu_cores()
 
 
 class NumpyTiles:
@@ -361,42 +356,6 @@ class TensorFlowTiles:
             bounds = np.minimum(bounds, values[:, width])
             values, sources = values[:, :width], sources[:, :width]
         return TileUpdate.from_padded(np.arange(len(limits)), values, sources, bounds)
-
-
-@contextlib.contextmanager
-def open_backend(name: str | None) -> Iterator[TileBackend]:
-    """The tile backend: TensorFlow when asked or when a GPU is visible, else numpy.
-
-    Under TensorFlow, TF32 matmuls are switched off while the engine runs: they would make
-    the expansion too coarse for the error bound.
-    """
-    if name not in (None, *BACKENDS):
-        raise KnnInputError(f"unknown kNN backend {name!r}; use one of {', '.join(BACKENDS)}")
-    if name == "numpy" or (name is None and not gpu_visible()):
-        yield NumpyTiles()
-        return
-    import tensorflow as tf
-
-    tf32 = tf.config.experimental.tensor_float_32_execution_enabled()
-    tf.config.experimental.enable_tensor_float_32_execution(False)
-    try:
-        yield TensorFlowTiles()
-    finally:
-        tf.config.experimental.enable_tensor_float_32_execution(tf32)
-
-
-def gpu_visible() -> bool:
-    """True when TensorFlow sees a GPU; TensorFlow is only imported if a GPU may exist."""
-    if "tensorflow" not in sys.modules and not _gpu_device_files():
-        return False
-    import tensorflow as tf
-
-    return bool(tf.config.list_physical_devices("GPU"))
-
-
-def _gpu_device_files() -> bool:
-    dev = Path("/dev")
-    return any(dev.glob("nvidia[0-9]*")) or (dev / "dxg").exists() or (dev / "kfd").exists()
 
 
 def tile_shape(space: FeatureSpace, block_rows: int | None, tiles: TileBackend) -> TileShape:

@@ -1,0 +1,64 @@
+"""The tile backend of a pass: TensorFlow on a GPU, else compiled (numba) or numpy on the CPU."""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+from lookalike.tasks.knn.compiled import CompiledTiles, numba_installed
+from lookalike.tasks.knn.space import FeatureSpace, KnnInputError
+from lookalike.tasks.knn.tiles import NumpyTiles, TensorFlowTiles, TileBackend
+
+BACKENDS = ("numba", "numpy", "tensorflow")
+
+
+@contextlib.contextmanager
+def open_backend(name: str | None, space: FeatureSpace) -> Iterator[TileBackend]:
+    """The tile backend: TensorFlow when asked or when a GPU is visible, else numba, else numpy.
+
+    With numba the space's direct distances (the re-rank) are compiled too, for the pass.
+
+    Under TensorFlow, TF32 matmuls are switched off while the engine runs: they would make
+    the expansion too coarse for the error bound.
+    """
+    if name not in (None, *BACKENDS):
+        raise KnnInputError(f"unknown kNN backend {name!r}; use one of {', '.join(BACKENDS)}")
+    if name is None:
+        name = "tensorflow" if gpu_visible() else "numba" if numba_installed() else "numpy"
+    if name == "numpy":
+        yield NumpyTiles()
+        return
+    if name == "numba":
+        if not numba_installed():
+            raise KnnInputError("the numba kNN backend needs numba: pip install numba")
+        tiles = CompiledTiles()
+        space.kernels = tiles.kernels
+        try:
+            yield tiles
+        finally:
+            space.kernels = None
+        return
+    import tensorflow as tf
+
+    tf32 = tf.config.experimental.tensor_float_32_execution_enabled()
+    tf.config.experimental.enable_tensor_float_32_execution(False)
+    try:
+        yield TensorFlowTiles()
+    finally:
+        tf.config.experimental.enable_tensor_float_32_execution(tf32)
+
+
+def gpu_visible() -> bool:
+    """True when TensorFlow sees a GPU; TensorFlow is only imported if a GPU may exist."""
+    if "tensorflow" not in sys.modules and not _gpu_device_files():
+        return False
+    import tensorflow as tf
+
+    return bool(tf.config.list_physical_devices("GPU"))
+
+
+def _gpu_device_files() -> bool:
+    dev = Path("/dev")
+    return any(dev.glob("nvidia[0-9]*")) or (dev / "dxg").exists() or (dev / "kfd").exists()

@@ -1,0 +1,82 @@
+"""Compiled tile selection (numba): one scan of a distance tile feeds both sides' lists.
+
+The numpy selection finds a tile's candidates with a dozen whole-array passes per side
+(compare, flatnonzero, gathers, bincount, partition) and merges them in more; here one
+pass over the tile compares each entry with its row's and its column's limit and appends
+the few that pass straight into the candidate buffers, cutting a full buffer back to its
+best `width` on the spot. The multiply stays in BLAS. Without numba the engine keeps the
+numpy path (tiles.NumpyTiles), which gives the same lists.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import threading
+from typing import Any
+
+import numpy as np
+
+from lookalike.tasks.knn.space import Timings, timed
+from lookalike.tasks.knn.tiles import CandidateLists, NumpyTiles
+
+
+def numba_installed() -> bool:
+    """True when numba can be imported (checked without importing it: that takes 0.3 s)."""
+    try:
+        return importlib.util.find_spec("numba") is not None
+    except ValueError:  # sys.modules["numba"] is None: imports of numba are blocked
+        return False
+
+
+def compiled_kernels() -> Any:
+    """The kernels module; numba compiles each kernel on its first call, or loads it from
+    its cache on disk (beside the module), once per process."""
+    from lookalike.tasks.knn import kernels
+
+    return kernels
+
+
+def _side(lists: CandidateLists, slots: np.ndarray) -> tuple[np.ndarray, ...]:
+    return (slots, lists.values, lists.sources, lists.fill, lists.limits)
+
+
+class CompiledTiles(NumpyTiles):
+    """Tiles by BLAS on the CPU; candidates by one compiled scan per tile (see module doc)."""
+
+    name = "numba"
+
+    def __init__(self) -> None:
+        self.kernels = compiled_kernels()
+
+    def feed(
+        self,
+        left: np.ndarray,
+        right: np.ndarray,
+        row_side: tuple[CandidateLists, np.ndarray],
+        col_side: tuple[CandidateLists, np.ndarray] | None,
+        positions: tuple[np.ndarray, np.ndarray],
+        self_pairs: tuple[np.ndarray, np.ndarray],
+        lock: threading.Lock,
+        timings: Timings,
+    ) -> None:
+        """Multiply (no lock), then scan the tile into both sides' lists (under the lock)."""
+        with timed(timings, "matmul"):
+            tile = left @ right.T
+        tile[self_pairs] = np.inf
+        rows = _side(*row_side)
+        cols = rows if col_side is None else _side(*col_side)
+        width = row_side[0].width
+        scratch = np.empty(2 * width, dtype=np.float32)
+        row_positions, col_positions = positions
+        # The lists are shared by every worker; the scan is short next to the multiply.
+        with lock, timed(timings, "selection"):
+            self.kernels.scan_tile(
+                tile,
+                rows,
+                cols,
+                col_side is not None,
+                row_positions.astype(np.int32),
+                col_positions.astype(np.int32),
+                width,
+                scratch,
+            )

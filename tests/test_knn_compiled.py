@@ -1,0 +1,131 @@
+"""The compiled (numba) tile selection and re-rank: the same lists as the numpy path."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from lookalike.tasks.knn import knn_all, knn_row_block, knn_update
+from lookalike.tasks.knn.compiled import compiled_kernels
+from lookalike.tasks.knn.passes import NeighbourLists
+from lookalike.tasks.knn.tiles import CandidateLists
+from tests.test_knn_passes import (
+    brute_force,
+    clustered_features,
+    duplicate_features,
+    shuffled_ids,
+)
+
+kernels = compiled_kernels()
+
+
+def assert_identical(compiled: NeighbourLists, plain: NeighbourLists) -> None:
+    """Bit for bit: ids, neighbours and distances."""
+    np.testing.assert_array_equal(compiled.image_ids, plain.image_ids)
+    np.testing.assert_array_equal(compiled.neighbour_ids, plain.neighbour_ids)
+    np.testing.assert_array_equal(compiled.distances, plain.distances)
+
+
+def near_ties(n: int, d: int, seed: int = 3) -> np.ndarray:
+    """Exact and near duplicates (a few ulps apart) among clustered rows."""
+    x = clustered_features(n, d, seed=seed)
+    x[1::7] = x[::7][: len(x[1::7])]  # exact copies
+    x[2::7] = np.nextafter(x[::7][: len(x[2::7])], np.float32(np.inf))  # one ulp apart
+    return x
+
+
+@pytest.mark.parametrize(
+    ("features", "metric", "block_rows"),
+    [
+        (clustered_features(700, 48, seed=1), "euclidean", None),
+        (clustered_features(700, 48, seed=2), "euclidean", 96),  # many tiles, fresh columns
+        (near_ties(600, 32), "euclidean", 128),
+        (duplicate_features(40, 6, 16), "euclidean", 64),
+        (clustered_features(500, 40, seed=4) + 3.0, "cosine", 100),
+    ],
+)
+def test_compiled_and_numpy_passes_give_identical_lists(
+    features: np.ndarray, metric: str, block_rows: int | None
+) -> None:
+    ids = shuffled_ids(len(features))
+    options = dict(metric=metric, block_rows=block_rows)
+    compiled = knn_all(features, ids, 12, backend="numba", **options)
+    assert_identical(compiled, knn_all(features, ids, 12, backend="numpy", **options))
+    expected = brute_force(features, ids, 12, metric)
+    np.testing.assert_array_equal(compiled.neighbour_ids, expected.neighbour_ids)
+
+
+def test_compiled_row_blocks_and_updates_match_numpy() -> None:
+    x = near_ties(500, 24, seed=5)
+    ids = shuffled_ids(500)
+    rows = slice(100, 260)
+    assert_identical(
+        knn_row_block(x, ids, rows, 9, backend="numba", block_rows=64),
+        knn_row_block(x, ids, rows, 9, backend="numpy", block_rows=64),
+    )
+    previous = knn_all(x[:480], ids[:480], 9, backend="numpy")
+    change = dict(changed_ids=ids[480:], deleted_ids=ids[:0], k=9, block_rows=64)
+    assert_identical(
+        knn_update(previous, x, ids, backend="numba", **change),
+        knn_update(previous, x, ids, backend="numpy", **change),
+    )
+
+
+@pytest.mark.parametrize("count", [2, 9, 216, 1000])
+def test_kth_smallest_is_np_partition(count: int) -> None:
+    rng = np.random.default_rng(count)
+    values = rng.integers(0, 7, count).astype(np.float32)  # many equal values
+    for kth in {0, count // 2, count - 1}:
+        scratch = values.copy()
+        assert kernels.kth_smallest(scratch, count, kth) == np.partition(values, kth)[kth]
+
+
+def test_a_scanned_tile_keeps_each_side_best_and_limits_bound_the_dropped() -> None:
+    rng = np.random.default_rng(8)
+    tile = rng.random((300, 500), dtype=np.float32)
+    tile[5, 7] = np.inf  # an image against itself never counts
+    width = 20
+    lists = CandidateLists(800, width)
+    lists.limits[300 + 250 :] = -np.inf  # these columns take nothing
+    rows = (np.arange(300), lists.values, lists.sources, lists.fill, lists.limits)
+    cols = (np.arange(300, 800), lists.values, lists.sources, lists.fill, lists.limits)
+    positions = np.arange(300, 800, dtype=np.int32), np.arange(300, dtype=np.int32)
+    scratch = np.empty(2 * width, np.float32)
+    kernels.scan_tile(tile, rows, cols, True, positions[1], positions[0], width, scratch)
+    values, sources = lists.best()
+    np.testing.assert_array_equal(np.sort(values[:300], axis=1), np.sort(tile, axis=1)[:, :width])
+    np.testing.assert_array_equal(
+        np.sort(values[300:550], axis=1), np.sort(tile[:, :250].T, axis=1)[:, :width]
+    )
+    assert (lists.fill[550:] == 0).all()
+    taken = np.take_along_axis(tile, sources[:300] - 300, axis=1)
+    np.testing.assert_array_equal(taken, values[:300])
+    for row in range(300):  # everything not kept is at or above the row's limit
+        dropped = np.setdiff1d(np.arange(500), sources[row] - 300)
+        assert (tile[row, dropped] >= lists.limits[row]).all()
+
+
+def test_without_numba_the_numpy_path_runs_and_numba_is_refused_clearly() -> None:
+    script = """
+import sys
+sys.modules["numba"] = None  # as if numba were not installed
+import numpy as np
+from lookalike.tasks.knn import knn_all
+from lookalike.tasks.knn.space import KnnInputError
+x = np.random.default_rng(0).standard_normal((50, 8), dtype=np.float32)
+lists = knn_all(x, np.arange(50), 5)
+print(lists.neighbour_ids.shape, "numba" in sys.modules and sys.modules["numba"] is not None)
+try:
+    knn_all(x, np.arange(50), 5, backend="numba")
+except KnnInputError as exc:
+    print(exc)
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == [
+        "(50, 5) False",
+        "the numba kNN backend needs numba: pip install numba",
+    ]
