@@ -11,7 +11,8 @@ import time
 from collections.abc import Sequence
 from typing import Any, TextIO
 
-from lookalike.tasks.settings import TASK_RUNNERS, Settings, SettingsError
+from lookalike.tasks.errors import LookalikeError, first_line
+from lookalike.tasks.settings import TASK_RUNNERS, Settings
 
 log = logging.getLogger("lookalike")
 
@@ -223,11 +224,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("lookalike: interrupted", file=sys.stderr)
         return 130
-    except Exception as exc:  # one line for the user, the traceback only in the debug log
-        if not is_user_error(exc):
-            raise
+    except LookalikeError as exc:  # one line for the user, the traceback only in the debug log
         log.debug("command failed", exc_info=True)
-        print(f"lookalike: error: {exc}", file=sys.stderr)
+        print(f"lookalike: error: {first_line(exc)}", file=sys.stderr)
         return 2
 
 
@@ -252,15 +251,6 @@ def dispatch(args: argparse.Namespace) -> int:
     else:
         print_process_summary(summary)
     return 0
-
-
-def is_user_error(exc: BaseException) -> bool:
-    """Errors caused by input or environment, reported in one line without a traceback."""
-    if isinstance(exc, SettingsError):  # decided without importing Prefect and the tasks
-        return True
-    from lookalike.tasks.errors import USER_ERRORS
-
-    return isinstance(exc, USER_ERRORS)
 
 
 if __name__ == "__main__":

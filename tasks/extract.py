@@ -30,6 +30,7 @@ from lookalike.tasks.decode import (
     ImageDecodeError,
     decode_image,
 )
+from lookalike.tasks.errors import LookalikeError
 from lookalike.tasks.progress import report_progress
 from lookalike.tasks.report import (
     advance_extraction_progress,
@@ -55,7 +56,7 @@ CPU_DECODE_NICENESS = 10
 REDUCED_SCALE_TAG = "jpeg-draft-reduced-scale"
 
 
-class WeightsError(ValueError):
+class WeightsError(LookalikeError, ValueError):
     """The --weights value cannot be used; one line for the user."""
 
 

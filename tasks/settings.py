@@ -7,11 +7,13 @@ from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
+from lookalike.tasks.errors import LookalikeError
+
 ENV_PREFIX = "LOOKALIKE_"
 TASK_RUNNERS = ("local", "dask")
 
 
-class SettingsError(ValueError):
+class SettingsError(LookalikeError):
     """A setting has a value that cannot be used."""
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from lookalike.tasks.errors import LookalikeError
 from lookalike.tasks.knn.threads import on_all_cores
 
 log = logging.getLogger(__name__)
@@ -29,7 +30,7 @@ Timings = dict[str, float] | None
 _TIMINGS_LOCK = threading.Lock()
 
 
-class NonFiniteFeaturesError(ValueError):
+class NonFiniteFeaturesError(LookalikeError, ValueError):
     """A feature vector holds NaN or Inf (or overflows float32 when squared)."""
 
 
