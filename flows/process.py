@@ -323,7 +323,6 @@ def submit_shard(
         batch_size=settings.batch_size,
         workers=settings.decode_workers,
         max_pixels=settings.max_image_pixels,
-        total=progress.total,
         progress_token=progress.token,
     )
     return runner.submit(task, parameters)

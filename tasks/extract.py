@@ -31,9 +31,8 @@ from lookalike.tasks.decode import (
     decode_image,
 )
 from lookalike.tasks.errors import LookalikeError
-from lookalike.tasks.progress import report_progress
+from lookalike.tasks.progress import advance_progress
 from lookalike.tasks.report import (
-    advance_extraction_progress,
     count_image_reads,
     record_staging_asset,
 )
@@ -432,17 +431,12 @@ def extract_shard_task(
     batch_size: int,
     workers: int,
     max_pixels: int,
-    total: int,
     progress_token: str = "",
 ) -> ShardResult:
     """Extract and stage the features of a few batches; cached by their content keys."""
     started = time.perf_counter()
     staging = Path(staging_dir)
     todo = [b for b in batches if not feature_batch_path(staging, b.key).exists()]
-
-    def on_progress(images: int) -> None:
-        report_progress("extract", images, total)
-        advance_extraction_progress(progress_token, images)
 
     with count_image_reads(root) as reads:
         paths = extract_batches(
@@ -453,7 +447,7 @@ def extract_shard_task(
             batch_size=batch_size,
             workers=workers,
             max_pixels=max_pixels,
-            on_progress=on_progress,
+            on_progress=functools.partial(advance_progress, progress_token),
         )
     result = ShardResult(
         paths=[str(path) for path in paths],
