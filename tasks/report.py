@@ -188,11 +188,11 @@ class ProgressArtifact:
     """The process-images-progress artifact: a listener of the extraction's StageProgress."""
 
     def __init__(self, total_images: int) -> None:
-        self._sent = -1.0
+        self._sent = 0.0 if total_images else 100.0  # the figure the artifact starts with
         self._sent_at = 0.0
         self.artifact_id = _artifact_id(
             create_progress_artifact(
-                progress=0.0 if total_images else 100.0,
+                progress=self._sent,
                 key=PROGRESS_KEY,
                 description=f"feature extraction of {total_images} images",
             )
