@@ -1,12 +1,27 @@
-"""The API's exceptions and the one place where they, and database errors, become HTTP answers."""
+"""The API's exceptions (Litestar's, by cause) and the one place where errors become answers."""
 
 from __future__ import annotations
 
 import logging
 from typing import Any
 
-from litestar import Request, Response
-from litestar.status_codes import HTTP_500_INTERNAL_SERVER_ERROR
+from litestar import MediaType, Request, Response
+from litestar.exceptions import (
+    ClientException,
+    HTTPException,
+    InternalServerException,
+    NotFoundException,
+    PermissionDeniedException,
+    ServiceUnavailableException,
+    ValidationException,
+)
+from litestar.status_codes import (
+    HTTP_400_BAD_REQUEST,
+    HTTP_413_REQUEST_ENTITY_TOO_LARGE,
+    HTTP_422_UNPROCESSABLE_ENTITY,
+    HTTP_500_INTERNAL_SERVER_ERROR,
+    HTTP_503_SERVICE_UNAVAILABLE,
+)
 from litestar.types import ExceptionHandlersMap
 from sqlalchemy.exc import SQLAlchemyError
 
@@ -15,66 +30,66 @@ from lookalike.tasks.database import describe_db_error
 log = logging.getLogger(__name__)
 
 
-class ApiError(Exception):
-    """An error meant for the client; ``detail`` is one line, ``status_code`` its HTTP status."""
-
-    status_code = 500
-
-    def __init__(self, detail: str) -> None:
-        super().__init__(detail)
-        self.detail = detail
+# Litestar's own exceptions, one subclass per cause so that the code raising them says why;
+# handle_http_exception answers them, and Litestar's, with {"status_code": ..., "detail": ...}.
 
 
-class BadRequestError(ApiError):
-    """A parameter is outside what the route accepts."""
-
-    status_code = 400
+class BadRequestError(ValidationException):
+    """A parameter is outside what the route accepts (400)."""
 
 
-class ImageNotFoundError(ApiError):
-    """No image, feature vector or file exists for the id."""
-
-    status_code = 404
+class ImageNotFoundError(NotFoundException):
+    """No image, feature vector or file exists for the id (404)."""
 
 
-class PathOutsideRootError(ApiError):
-    """A stored file name resolves outside the collection root (symlink, ``..``)."""
-
-    status_code = 403
+class PathOutsideRootError(PermissionDeniedException):
+    """A stored file name resolves outside the collection root: symlink, ``..`` (403)."""
 
 
-class UploadTooLargeError(ApiError):
-    """The uploaded file is larger than Settings.upload_limit_mb."""
+class UploadTooLargeError(ClientException):
+    """The uploaded file is larger than Settings.upload_limit_mb (413)."""
 
-    status_code = 413
-
-
-class UnreadableImageError(ApiError):
-    """The bytes are not an image we can decode, or decoding would be a decompression bomb."""
-
-    status_code = 422
+    status_code = HTTP_413_REQUEST_ENTITY_TOO_LARGE
 
 
-class CorruptFeaturesError(ApiError):
-    """A stored feature vector does not have 2048 float32 values."""
+class UnreadableImageError(ClientException):
+    """Bytes that are no image we can decode, or whose decoding would be a bomb (422)."""
 
-    status_code = 500
-
-
-class ServiceUnavailableError(ApiError):
-    """Something the route needs (database, model) is not available right now."""
-
-    status_code = 503
+    status_code = HTTP_422_UNPROCESSABLE_ENTITY
 
 
-def error_body(status_code: int, detail: str) -> dict[str, Any]:
-    """The JSON body of every error answer, in the shape Litestar uses for its own."""
-    return {"status_code": status_code, "detail": detail}
+class CorruptFeaturesError(InternalServerException):
+    """A stored feature vector does not have 2048 float32 values (500, with its detail)."""
 
 
-def handle_api_error(_: Request[Any, Any, Any], exc: ApiError) -> Response[dict[str, Any]]:
-    """Answer with the error's own status and one-line detail."""
-    return Response(error_body(exc.status_code, exc.detail), status_code=exc.status_code)
+class ServiceUnavailableError(ServiceUnavailableException):
+    """Something the route needs (database, model) is not available right now (503)."""
+
+
+def error_response(
+    status_code: int, detail: str, exc: HTTPException | None = None
+) -> Response[dict[str, Any]]:
+    """A JSON error answer in Litestar's shape, whatever the route's own media type."""
+    body: dict[str, Any] = {"status_code": status_code, "detail": detail}
+    if exc is not None and exc.extra:  # Litestar's validation errors name the bad parameter
+        body["extra"] = exc.extra
+    headers = exc.headers if exc is not None else None
+    return Response(body, status_code=status_code, headers=headers, media_type=MediaType.JSON)
+
+
+def handle_http_exception(
+    request: Request[Any, Any, Any], exc: HTTPException
+) -> Response[dict[str, Any]]:
+    """Litestar's exceptions and ours: status and detail, as JSON even on an SVG or file route.
+
+    A 500 from Litestar itself (bad configuration, unserialisable answer) is a bug: its detail
+    stays in the log. CorruptFeaturesError is a 500 whose detail the client is meant to see.
+    """
+    if exc.status_code == HTTP_500_INTERNAL_SERVER_ERROR and not isinstance(
+        exc, CorruptFeaturesError
+    ):
+        return handle_unexpected_error(request, exc)
+    return error_response(exc.status_code, exc.detail, exc)
 
 
 def handle_database_error(
@@ -85,7 +100,7 @@ def handle_database_error(
         "database error on %s %s: %s", request.method, request.url.path, describe_db_error(exc)
     )
     log.debug("database error details", exc_info=exc)
-    return Response(error_body(503, "database unavailable"), status_code=503)
+    return error_response(HTTP_503_SERVICE_UNAVAILABLE, "database unavailable")
 
 
 def handle_undecodable_text(
@@ -98,17 +113,16 @@ def handle_undecodable_text(
     """
     log.warning("undecodable text in %s %s: %s", request.method, request.url.path, exc)
     detail = "request data that should be text is not UTF-8 (send images as file parts)"
-    return Response(error_body(400, detail), status_code=400)
+    return error_response(HTTP_400_BAD_REQUEST, detail)
 
 
-async def reject_nul_in_path(request: Request[Any, Any, Any]) -> Response[dict[str, Any]] | None:
+async def reject_nul_in_path(request: Request[Any, Any, Any]) -> None:
     """404 for a path holding a NUL byte: no route or file has one, and os.stat would raise.
 
     Async on purpose: Litestar runs a sync before_request hook in a worker thread.
     """
     if "\x00" in request.scope["path"]:
-        return Response(error_body(404, "Not Found"), status_code=404)
-    return None
+        raise NotFoundException()
 
 
 def handle_unexpected_error(
@@ -116,14 +130,14 @@ def handle_unexpected_error(
 ) -> Response[dict[str, Any]]:
     """500 without a stack trace for the client; the trace goes to the log."""
     log.error("unexpected error on %s %s", request.method, request.url.path, exc_info=exc)
-    return Response(error_body(500, "internal server error"), status_code=500)
+    return error_response(HTTP_500_INTERNAL_SERVER_ERROR, "internal server error")
 
 
+# By class, not by status code: Litestar looks a status code up before the class, so a 500
+# handler would also take CorruptFeaturesError; Exception catches everything else.
 EXCEPTION_HANDLERS: ExceptionHandlersMap = {
-    ApiError: handle_api_error,  # type: ignore[dict-item]
+    HTTPException: handle_http_exception,  # type: ignore[dict-item]
     SQLAlchemyError: handle_database_error,  # type: ignore[dict-item]
     UnicodeDecodeError: handle_undecodable_text,  # type: ignore[dict-item]
-    # Litestar uses a 500 handler for every exception that is not one of its HTTPExceptions;
-    # those (validation 400, unknown route 404, body too large 413) keep its default answer.
-    HTTP_500_INTERNAL_SERVER_ERROR: handle_unexpected_error,
+    Exception: handle_unexpected_error,
 }

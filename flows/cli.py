@@ -3,15 +3,31 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
 import sys
-import time
-from collections.abc import Sequence
-from typing import Any, TextIO
+import threading
+from collections.abc import Iterator, Sequence
+from typing import Any
 
-from lookalike.tasks.settings import TASK_RUNNERS, Settings, SettingsError
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    ProgressColumn,
+    Task,
+    TaskID,
+    TextColumn,
+    TimeRemainingColumn,
+)
+from rich.text import Text
+
+from lookalike.tasks.errors import LookalikeError, first_line
+from lookalike.tasks.progress import ProgressUpdate, watch_progress
+from lookalike.tasks.settings import TASK_RUNNERS, Settings
 
 log = logging.getLogger("lookalike")
 
@@ -45,6 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_runner_options(process)
     _add_lock_timeout(process)
     process.add_argument("--json", action="store_true", help="print the summary as one JSON line")
+    process.set_defaults(func=command_process)
 
     neighbours = commands.add_parser("neighbours", help="recompute neighbours from stored features")
     _add_db_options(neighbours)
@@ -54,11 +71,13 @@ def build_parser() -> argparse.ArgumentParser:
     neighbours.add_argument(
         "--json", action="store_true", help="print the summary as one JSON line"
     )
+    neighbours.set_defaults(func=command_neighbours)
 
     serve = commands.add_parser("serve", help="start the web service and page")
     _add_db_options(serve)
     serve.add_argument("--host", help="address to listen on (default 127.0.0.1)")
     serve.add_argument("--port", type=int, help="port to listen on (default 5000)")
+    serve.set_defaults(func=command_serve)
     return parser
 
 
@@ -102,25 +121,71 @@ def _add_lock_timeout(parser: argparse.ArgumentParser) -> None:
     )
 
 
-class ProgressBar:
-    """A one-line progress bar on a terminal; silent when output is not a terminal."""
+class RateColumn(ProgressColumn):
+    """Items per second, as measured by rich over the last half minute."""
 
-    def __init__(self, stream: TextIO) -> None:
-        self.stream = stream
-        self.enabled = stream.isatty()
-        self.done = 0
-        self.started = time.perf_counter()
+    def render(self, task: Task) -> Text:
+        speed = task.finished_speed or task.speed
+        return Text(f"{speed:.1f}/s" if speed else "-/s", style="progress.data.speed")
 
-    def __call__(self, stage: str, advance: int, total: int) -> None:
-        self.done += advance
-        if not self.enabled or total <= 0:
+
+class TerminalBar:
+    """rich progress bars of a run's stages, drawn on a terminal while a stage runs."""
+
+    def __init__(self, console: Console) -> None:
+        self.progress = Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("images"),
+            RateColumn(),
+            TimeRemainingColumn(),
+            console=console,
+            redirect_stdout=False,  # stdout carries the summary and nothing else
+        )
+        self._stages: dict[str, TaskID] = {}
+        self._running: set[str] = set()
+        self._lock = threading.Lock()
+
+    def __call__(self, update: ProgressUpdate) -> None:
+        """Draw one update; the display ends when no stage runs any more."""
+        if update.total <= 0:
             return
-        rate = self.done / max(time.perf_counter() - self.started, 1e-9)
-        filled = int(30 * self.done / total)
-        bar = "#" * filled + "." * (30 - filled)
-        end = "\n" if self.done >= total else ""
-        self.stream.write(f"\r{stage} [{bar}] {self.done}/{total} images, {rate:.1f}/s{end}")
-        self.stream.flush()
+        with self._lock:
+            task = self._stages.get(update.stage)
+            if task is None:
+                task = self._begin(update.stage, update.total)
+            self.progress.update(task, completed=update.done, total=update.total)
+            if update.final:
+                self.progress.stop_task(task)
+                self._running.discard(update.stage)
+                if not self._running:
+                    self.progress.stop()
+
+    def _begin(self, stage: str, total: int) -> TaskID:
+        """A bar for a new stage; the display starts with the first."""
+        task = self._stages[stage] = self.progress.add_task(stage, total=total)
+        self._running.add(stage)
+        self.progress.start()
+        return task
+
+    def close(self) -> None:
+        """Stop drawing, also when a stage never ended (the run failed or was interrupted)."""
+        self.progress.stop()
+
+
+@contextlib.contextmanager
+def terminal_progress(enabled: bool) -> Iterator[None]:
+    """Progress bars on stderr for the stages run in the block, if enabled and on a terminal."""
+    if not enabled or not sys.stderr.isatty():  # a log file or a pipe gets no bar
+        yield
+        return
+    bar = TerminalBar(Console(stderr=True))
+    try:
+        with watch_progress(bar):
+            yield
+    finally:
+        bar.close()
 
 
 def quiet_prefect_console(verbose: bool) -> None:
@@ -145,22 +210,20 @@ def run_process(args: argparse.Namespace) -> dict[str, Any]:
     )
     from lookalike.flows.process import check_inputs, process_images
     from lookalike.flows.runners import build_task_runner
-    from lookalike.tasks.progress import set_progress_hook
 
     check_inputs(args.root, settings, args.recompute)  # one clear line before Prefect starts
     build_task_runner(settings.task_runner, settings.dask_address)
     tell_if_waiting(settings.resolved_database_url, settings.lock_timeout)
-    if not args.json:
-        set_progress_hook(ProgressBar(sys.stderr))
-    return process_images(
-        root=args.root,
-        batch_size=args.batch_size,
-        k=args.k,
-        weights=args.weights,
-        database_url=args.database_url,
-        recompute=args.recompute,
-        **runner_options(args),
-    )
+    with terminal_progress(enabled=not args.json):
+        return process_images(
+            root=args.root,
+            batch_size=args.batch_size,
+            k=args.k,
+            weights=args.weights,
+            database_url=args.database_url,
+            recompute=args.recompute,
+            **runner_options(args),
+        )
 
 
 def runner_options(args: argparse.Namespace) -> dict[str, Any]:
@@ -219,31 +282,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.data_dir:
         os.environ["LOOKALIKE_DATA_DIR"] = args.data_dir
     try:
-        return dispatch(args)
+        return int(args.func(args))
     except KeyboardInterrupt:
         print("lookalike: interrupted", file=sys.stderr)
         return 130
-    except Exception as exc:  # one line for the user, the traceback only in the debug log
-        if not is_user_error(exc):
-            raise
+    except LookalikeError as exc:  # one line for the user, the traceback only in the debug log
         log.debug("command failed", exc_info=True)
-        print(f"lookalike: error: {exc}", file=sys.stderr)
+        print(f"lookalike: error: {first_line(exc)}", file=sys.stderr)
         return 2
 
 
-def dispatch(args: argparse.Namespace) -> int:
-    """Run the chosen command."""
-    if args.command == "serve":
-        from lookalike.api.app import run_server
-
-        run_server(
-            Settings.from_env(database_url=args.database_url, host=args.host, port=args.port)
-        )
-        return 0
-    if args.command == "neighbours":
-        summary = run_neighbours(args)
-        print(json.dumps(summary) if args.json else f"neighbours rebuilt: {summary}")
-        return 0
+def command_process(args: argparse.Namespace) -> int:
+    """lookalike process: bring the database up to date with the folder, then print a summary."""
     summary = run_process(args)
     if summary["weights"].startswith("none"):
         print(RANDOM_WEIGHTS_NOTE, file=sys.stderr)
@@ -254,13 +304,19 @@ def dispatch(args: argparse.Namespace) -> int:
     return 0
 
 
-def is_user_error(exc: BaseException) -> bool:
-    """Errors caused by input or environment, reported in one line without a traceback."""
-    if isinstance(exc, SettingsError):  # decided without importing Prefect and the tasks
-        return True
-    from lookalike.tasks.errors import USER_ERRORS
+def command_neighbours(args: argparse.Namespace) -> int:
+    """lookalike neighbours: recompute every neighbour list and print what was done."""
+    summary = run_neighbours(args)
+    print(json.dumps(summary) if args.json else f"neighbours rebuilt: {summary}")
+    return 0
 
-    return isinstance(exc, USER_ERRORS)
+
+def command_serve(args: argparse.Namespace) -> int:
+    """lookalike serve: the API and the page, until stopped."""
+    from lookalike.api.app import run_server
+
+    run_server(Settings.from_env(database_url=args.database_url, host=args.host, port=args.port))
+    return 0
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ from lookalike.tasks.catalog import (
 )
 from lookalike.tasks.database import connect_checked, engine_for, parse_database_url
 from lookalike.tasks.discover import any_image, check_root
+from lookalike.tasks.errors import first_line
 from lookalike.tasks.extract import (
     Batch,
     ShardResult,
@@ -175,8 +176,7 @@ def run_locked(plan: RunPlan, started: float, lock_wait: float, bytes_read: int)
     try:
         summary = update_database(plan, started, lock_wait, bytes_read)
     except BaseException as exc:
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        finish_run_task(db, run_id, "failed", {"error": reason})
+        finish_run_task(db, run_id, "failed", {"error": first_line(exc)})
         raise
     finish_run_task(db, run_id, "completed", asdict(summary))
     publish_run_summary(asdict(summary))
@@ -323,7 +323,6 @@ def submit_shard(
         batch_size=settings.batch_size,
         workers=settings.decode_workers,
         max_pixels=settings.max_image_pixels,
-        total=progress.total,
         progress_token=progress.token,
     )
     return runner.submit(task, parameters)

@@ -9,7 +9,7 @@ from typing import Any
 
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 
-from lookalike.tasks.settings import TASK_RUNNERS, SettingsError
+from lookalike.tasks.settings import SettingsError, check_task_runner
 
 # Without an address: a temporary cluster on this machine, one model per worker process.
 LOCAL_DASK_CLUSTER = {"n_workers": 2, "processes": True, "threads_per_worker": 1}
@@ -25,13 +25,11 @@ def build_task_runner(kind: str, dask_address: str | None = None) -> TaskRunner[
     local: one thread in the flow's process (the model uses every core by itself).
     dask: prefect-dask's DaskTaskRunner on the scheduler at dask_address, or on a temporary
     local cluster when there is none. Workers must see the image root and the staging folder
-    under the same paths as the flow.
+    under the same paths as the flow. An unknown kind or a misplaced address fails with the
+    settings' own message.
     """
-    if kind not in TASK_RUNNERS:
-        raise TaskRunnerError(f"task runner must be one of {', '.join(TASK_RUNNERS)}, not {kind!r}")
+    check_task_runner(kind, dask_address or "")
     if kind == "local":
-        if dask_address:
-            raise TaskRunnerError("a Dask address needs the dask task runner (--task-runner dask)")
         return ThreadPoolTaskRunner(max_workers=1)
     try:
         from prefect_dask import DaskTaskRunner

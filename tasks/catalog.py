@@ -26,6 +26,7 @@ from lookalike.sql.schema import (
 )
 from lookalike.tasks.database import DATABASE_RETRIES, engine_for
 from lookalike.tasks.discover import Changes, HashedFile, KnownImage, find_changes
+from lookalike.tasks.errors import LookalikeError
 
 log = logging.getLogger(__name__)
 
@@ -33,11 +34,11 @@ MODEL_NAME = "InceptionV3"
 CHUNK = 5000  # ids per IN (...) list, well under every driver's parameter limit
 
 
-class NoImagesError(RuntimeError):
+class NoImagesError(LookalikeError, RuntimeError):
     """The folder holds no image files; nothing is changed in the database."""
 
 
-class CollectionMismatchError(RuntimeError):
+class CollectionMismatchError(LookalikeError, RuntimeError):
     """The database belongs to another folder or another model; one line for the user."""
 
 

@@ -19,6 +19,7 @@ from sqlalchemy.exc import (
 )
 
 from lookalike.sql.schema import metadata
+from lookalike.tasks.errors import LookalikeError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +29,7 @@ TRANSIENT_MARIADB_CODES = {2002, 2003, 2006, 2013, 1205, 1213, 1053}
 READER_PING_AFTER_S = 5.0
 
 
-class DatabaseError(RuntimeError):
+class DatabaseError(LookalikeError, RuntimeError):
     """The database cannot be used; the message is one line meant for the user."""
 
 
@@ -132,7 +133,7 @@ def describe_db_error(exc: BaseException) -> str:
     args: tuple[Any, ...] = tuple(getattr(orig, "args", ()))
     if len(args) >= 2 and isinstance(args[1], str):
         return args[1].splitlines()[0]
-    return str(orig).splitlines()[0] if str(orig) else type(orig).__name__
+    return first_line(orig)
 
 
 def create_schema(engine: Engine) -> None:

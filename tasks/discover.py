@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from lookalike.tasks.decode import IMAGE_SUFFIXES, sniff_image_type
+from lookalike.tasks.errors import LookalikeError
 
 log = logging.getLogger(__name__)
 
@@ -20,7 +21,7 @@ SNIFF_BYTES = 16
 MAX_FILE_NAME_CHARS = 768
 
 
-class DiscoveryError(RuntimeError):
+class DiscoveryError(LookalikeError, RuntimeError):
     """The root folder cannot be scanned; the message is one line for the user."""
 
 

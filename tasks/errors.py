@@ -1,24 +1,23 @@
-"""The errors caused by input or environment: reported to users in one line, no traceback."""
+"""The base of every error caused by input or environment, and the one line users see of it.
+
+Nothing of lookalike is imported here, so that any module (and the CLI, before Prefect and
+the tasks are imported) can use LookalikeError without import cycles or start-up cost.
+"""
 
 from __future__ import annotations
 
-from lookalike.tasks.catalog import CollectionMismatchError, NoImagesError
-from lookalike.tasks.database import DatabaseError
-from lookalike.tasks.discover import DiscoveryError
-from lookalike.tasks.extract import WeightsError
-from lookalike.tasks.knn.space import NonFiniteFeaturesError
-from lookalike.tasks.load import LoadError
-from lookalike.tasks.settings import SettingsError
-from lookalike.tasks.stage import StagingError
 
-USER_ERRORS: tuple[type[BaseException], ...] = (
-    CollectionMismatchError,
-    DatabaseError,
-    DiscoveryError,
-    LoadError,
-    NoImagesError,
-    NonFiniteFeaturesError,
-    SettingsError,
-    StagingError,
-    WeightsError,
-)
+class LookalikeError(Exception):
+    """Bad input or environment (folder, database, weights, settings): one line, no traceback.
+
+    The CLI prints the first line of the message and exits with status 2; anything else that
+    escapes is a bug and keeps its traceback.
+    """
+
+
+def first_line(exc: BaseException) -> str:
+    """The first non-blank line of the exception's message; its class name when there is none."""
+    for line in str(exc).splitlines():
+        if line.strip():
+            return line.strip()
+    return type(exc).__name__

@@ -30,9 +30,9 @@ from lookalike.tasks.decode import (
     ImageDecodeError,
     decode_image,
 )
-from lookalike.tasks.progress import report_progress
+from lookalike.tasks.errors import LookalikeError
+from lookalike.tasks.progress import advance_progress
 from lookalike.tasks.report import (
-    advance_extraction_progress,
     count_image_reads,
     record_staging_asset,
 )
@@ -55,7 +55,7 @@ CPU_DECODE_NICENESS = 10
 REDUCED_SCALE_TAG = "jpeg-draft-reduced-scale"
 
 
-class WeightsError(ValueError):
+class WeightsError(LookalikeError, ValueError):
     """The --weights value cannot be used; one line for the user."""
 
 
@@ -431,17 +431,12 @@ def extract_shard_task(
     batch_size: int,
     workers: int,
     max_pixels: int,
-    total: int,
     progress_token: str = "",
 ) -> ShardResult:
     """Extract and stage the features of a few batches; cached by their content keys."""
     started = time.perf_counter()
     staging = Path(staging_dir)
     todo = [b for b in batches if not feature_batch_path(staging, b.key).exists()]
-
-    def on_progress(images: int) -> None:
-        report_progress("extract", images, total)
-        advance_extraction_progress(progress_token, images)
 
     with count_image_reads(root) as reads:
         paths = extract_batches(
@@ -452,7 +447,7 @@ def extract_shard_task(
             batch_size=batch_size,
             workers=workers,
             max_pixels=max_pixels,
-            on_progress=on_progress,
+            on_progress=functools.partial(advance_progress, progress_token),
         )
     result = ShardResult(
         paths=[str(path) for path in paths],

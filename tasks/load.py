@@ -48,6 +48,7 @@ from lookalike.tasks.database import (
     is_mariadb,
     parse_database_url,
 )
+from lookalike.tasks.errors import LookalikeError
 from lookalike.tasks.report import record_table_assets
 from lookalike.tasks.stage import NEIGHBOURS_SCHEMA, StagingError, feature_matrix, read_table
 
@@ -57,7 +58,7 @@ FEATURE_CHUNK_ROWS = 4096  # images per transaction (and per LOAD DATA file): 32
 LOAD_CONNECTIONS = 2  # MariaDB feature chunks loading at once, each in its own transaction
 
 
-class LoadError(RuntimeError):
+class LoadError(LookalikeError, RuntimeError):
     """A bulk load did not write what it should have; one line for the user."""
 
 

@@ -24,7 +24,7 @@ from lookalike.tasks.database import (
 )
 from lookalike.tasks.settings import Settings, SettingsError
 
-DEFAULT_LOCK_TIMEOUT = Settings().lock_timeout  # one source of the default: the settings
+DEFAULT_LOCK_TIMEOUT: float = Settings.model_fields["lock_timeout"].default  # the settings' default
 POLL_SECONDS = 0.25
 MARIADB_LOCK_NAME_LIMIT = 64  # GET_LOCK names longer than this are an error
 

@@ -26,6 +26,7 @@ from sqlalchemy import func, select
 from lookalike.sql.schema import image_features, image_names, image_neighbours
 from lookalike.tasks.catalog import MODEL_NAME, read_collection
 from lookalike.tasks.database import engine_for, parse_database_url
+from lookalike.tasks.progress import ProgressUpdate, StageProgress
 
 SUMMARY_KEY = "process-images-summary"
 FAILED_KEY = "process-images-failed"
@@ -183,76 +184,37 @@ def _artifact_id(created: Any) -> UUID:
     return cast(UUID, created)
 
 
-class ExtractionProgress:
-    """A progress artifact for the extraction step.
-
-    Tasks running in this process advance it per batch (see advance_extraction_progress); the
-    flow advances it per finished shard, which is all it hears of shards run elsewhere (Dask).
-    The shown figure is the larger of the two counts, so it never goes back.
-    """
+class ProgressArtifact:
+    """The process-images-progress artifact: a listener of the extraction's StageProgress."""
 
     def __init__(self, total_images: int) -> None:
-        self.total = total_images
-        self._batch_images = 0
-        self._shard_images = 0
-        self._sent = -1.0
+        self._sent = 0.0 if total_images else 100.0  # the figure the artifact starts with
         self._sent_at = 0.0
-        self._lock = threading.Lock()
         self.artifact_id = _artifact_id(
             create_progress_artifact(
-                progress=0.0 if total_images else 100.0,
+                progress=self._sent,
                 key=PROGRESS_KEY,
                 description=f"feature extraction of {total_images} images",
             )
         )
-        _progress_by_token[self.token] = self
 
-    @property
-    def token(self) -> str:
-        """What tasks are given to find this tracker (only in this process)."""
-        return str(self.artifact_id)
-
-    def advance_batch(self, images: int) -> None:
-        """A batch of images was extracted by a task in this process."""
-        with self._lock:
-            self._batch_images += images
-        self._publish(force=False)
-
-    def finish_shard(self, images: int) -> None:
-        """A shard finished, wherever it ran."""
-        with self._lock:
-            self._shard_images += images
-        self._publish(force=False)
-
-    def close(self, completed: bool) -> None:
-        """Extraction is over: forget the tracker; show 100 % when it completed."""
-        _progress_by_token.pop(self.token, None)
-        if completed:
-            with self._lock:
-                self._batch_images = self._shard_images = self.total
-        self._publish(force=True)
-
-    def _publish(self, force: bool) -> None:
-        """Send the figure, at most once per PROGRESS_INTERVAL unless forced or complete."""
-        with self._lock:
-            done = max(self._batch_images, self._shard_images)
-            percent = round(100.0 * min(done, self.total) / self.total, 1) if self.total else 100.0
-            now = time.monotonic()
-            due = force or percent >= 100.0 or now - self._sent_at >= PROGRESS_INTERVAL
-            if percent == self._sent or not due:
-                return
-            self._sent, self._sent_at = percent, now
+    def __call__(self, update: ProgressUpdate) -> None:
+        """Send the figure, at most once per PROGRESS_INTERVAL unless final or complete."""
+        total = update.total
+        percent = round(100.0 * update.done / total, 1) if total else 100.0
+        now = time.monotonic()
+        due = update.final or percent >= 100.0 or now - self._sent_at >= PROGRESS_INTERVAL
+        if percent == self._sent or not due:
+            return
+        self._sent, self._sent_at = percent, now
         update_progress_artifact(artifact_id=self.artifact_id, progress=percent)
 
 
-_progress_by_token: dict[str, ExtractionProgress] = {}
+class ExtractionProgress(StageProgress):
+    """The extraction step's progress: the artifact, and whoever watches the run (the CLI)."""
 
-
-def advance_extraction_progress(token: str, images: int) -> None:
-    """Advance the run's progress artifact from a task, when the flow runs in this process."""
-    tracker = _progress_by_token.get(token)
-    if tracker is not None:
-        tracker.advance_batch(images)
+    def __init__(self, total_images: int) -> None:
+        super().__init__("extract", total_images, [ProgressArtifact(total_images)])
 
 
 # ---------------------------------------------------------------------------------------------

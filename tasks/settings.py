@@ -2,26 +2,48 @@
 
 from __future__ import annotations
 
-import os
-from dataclasses import dataclass, fields, replace
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
+
+from pydantic import ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from lookalike.tasks.errors import LookalikeError
 
 ENV_PREFIX = "LOOKALIKE_"
 TASK_RUNNERS = ("local", "dask")
 
+# What a value of the field's type looks like, by pydantic's error type.
+_EXPECTED = {
+    "int_parsing": "an integer",
+    "int_from_float": "an integer",
+    "int_type": "an integer",
+    "float_parsing": "a number",
+    "float_type": "a number",
+    "bool_parsing": "true or false",
+    "bool_type": "true or false",
+}
 
-class SettingsError(ValueError):
+
+class SettingsError(LookalikeError):
     """A setting has a value that cannot be used."""
 
 
-@dataclass(frozen=True)
-class Settings:
+class Settings(BaseSettings):
     """Every knob of lookalike; the CLI, flows, API and compose file use the same names.
 
     The environment variable of a field is LOOKALIKE_ plus its name in capitals,
-    e.g. ``database_url`` is read from ``LOOKALIKE_DATABASE_URL``.
+    e.g. ``database_url`` is read from ``LOOKALIKE_DATABASE_URL``; an empty one counts as
+    unset. Values given to the constructor win over the environment. A bad value, wherever
+    it comes from, is a SettingsError with one line naming it.
     """
+
+    # extra="forbid": a misspelt keyword fails; unknown LOOKALIKE_* variables are not read.
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX, env_ignore_empty=True, frozen=True, extra="forbid"
+    )
 
     data_dir: Path = Path("data")
     database_url: str = ""  # empty: SQLite file in data_dir
@@ -42,51 +64,52 @@ class Settings:
     dask_address: str = ""  # scheduler of a Dask cluster; empty with dask: a temporary local one
     lock_timeout: float = 3600.0  # seconds a run waits for another run on the same database
 
+    def __init__(self, **values: Any) -> None:
+        """The environment's values under the given ones, checked."""
+        with _one_line_errors(values):
+            super().__init__(**values)
+
     @classmethod
-    def from_env(cls, environ: dict[str, str] | None = None, **overrides: Any) -> Settings:
+    def from_env(cls, **overrides: Any) -> Settings:
         """Read settings from the environment; keyword overrides that are not None win.
 
         An explicit task_runner="local" also sets aside LOOKALIKE_DASK_ADDRESS, so that
         `--task-runner local` works where the environment names a cluster.
         """
-        env = os.environ if environ is None else environ
-        values: dict[str, Any] = {}
-        for field in fields(cls):
-            raw = env.get(ENV_PREFIX + field.name.upper())
-            if raw is not None and raw != "":
-                values[field.name] = _parse(field.name, str(field.type), raw)
-        if overrides.get("task_runner") == "local" and overrides.get("dask_address") is None:
-            values.pop("dask_address", None)
-        values.update({key: value for key, value in overrides.items() if value is not None})
-        settings = cls(**values)
-        settings.validate()
-        return settings
+        given = _given(overrides)
+        if given.get("task_runner") == "local":
+            given.setdefault("dask_address", "")
+        return cls(**given)
 
-    def validate(self) -> None:
-        """Refuse values that would fail later in a less clear place."""
+    def with_overrides(self, **overrides: Any) -> Settings:
+        """A copy with the given non-None values replaced, checked like the original."""
+        given = _given(overrides)
+        with _one_line_errors(given):
+            # model_validate validates without reading the environment again.
+            return type(self).model_validate({**self.model_dump(), **given})
+
+    @field_validator("reduced_scale_decode", "neighbour_cache", mode="before")
+    @classmethod
+    def _strip_flag(cls, value: Any) -> Any:
+        """' true ' reads as 'true' (pydantic takes true/false, 1/0, yes/no, on/off, any case)."""
+        return value.strip() if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _check_values(self) -> Self:
+        """Refuse values that would fail later in a less clear place.
+
+        SettingsError is no ValueError, so pydantic lets it through unwrapped.
+        """
         if self.batch_size < 1:
             raise SettingsError(f"batch size must be at least 1, got {self.batch_size}")
         if self.k < 1:
             raise SettingsError(f"k must be at least 1, got {self.k}")
         if self.decode_workers < 0:
             raise SettingsError(f"decode workers must be 0 or more, got {self.decode_workers}")
-        self._validate_runner()
+        check_task_runner(self.task_runner, self.dask_address)
         if not 0 <= self.lock_timeout < float("inf"):
             raise SettingsError(f"the lock timeout must be 0 s or more, got {self.lock_timeout:g}")
-
-    def _validate_runner(self) -> None:
-        """The task runner is known, and a Dask address comes with the dask runner."""
-        if self.task_runner not in TASK_RUNNERS:
-            raise SettingsError(
-                f"task runner must be one of {', '.join(TASK_RUNNERS)}, not {self.task_runner!r}"
-            )
-        if self.dask_address and self.task_runner != "dask":
-            raise SettingsError(
-                "a Dask address needs the dask task runner "
-                "(--task-runner dask or LOOKALIKE_TASK_RUNNER=dask)"
-            )
-        if any(char.isspace() for char in self.dask_address):
-            raise SettingsError(f"Dask address must not contain spaces: {self.dask_address!r}")
+        return self
 
     @property
     def resolved_database_url(self) -> str:
@@ -105,36 +128,47 @@ class Settings:
         """Where the API caches thumbnails."""
         return self.thumbnail_dir or self.data_dir / "thumbnails"
 
-    def with_overrides(self, **overrides: Any) -> Settings:
-        """A copy with the given non-None values replaced."""
-        changed = replace(self, **{k: v for k, v in overrides.items() if v is not None})
-        changed.validate()
-        return changed
+
+def check_task_runner(kind: str, dask_address: str = "") -> None:
+    """The task runner is known, and a Dask address (without spaces) comes with the dask one."""
+    if kind not in TASK_RUNNERS:
+        raise SettingsError(f"task runner must be one of {', '.join(TASK_RUNNERS)}, not {kind!r}")
+    if dask_address and kind != "dask":
+        raise SettingsError(
+            "a Dask address needs the dask task runner "
+            "(--task-runner dask or LOOKALIKE_TASK_RUNNER=dask)"
+        )
+    if any(char.isspace() for char in dask_address):
+        raise SettingsError(f"Dask address must not contain spaces: {dask_address!r}")
 
 
-def _parse(name: str, type_name: str, raw: str) -> Any:
-    """Convert one environment string to the field's type."""
-    if type_name in ("int", "float"):
-        kind = int if type_name == "int" else float
-        try:
-            return kind(raw)
-        except ValueError:
-            article = "an integer" if kind is int else "a number"
-            raise SettingsError(
-                f"{ENV_PREFIX}{name.upper()} must be {article}, got {raw!r}"
-            ) from None
-    if "Path" in type_name:
-        return Path(raw)
-    if type_name == "bool":
-        return _parse_bool(name, raw)
-    return raw
+def env_name(field: str) -> str:
+    """The environment variable a field is read from, e.g. LOOKALIKE_BATCH_SIZE."""
+    return ENV_PREFIX + field.upper()
 
 
-def _parse_bool(name: str, raw: str) -> bool:
-    """true/false, 1/0, yes/no, on/off, in any case."""
-    value = raw.strip().lower()
-    if value in ("1", "true", "yes", "on"):
-        return True
-    if value in ("0", "false", "no", "off"):
-        return False
-    raise SettingsError(f"{ENV_PREFIX}{name.upper()} must be true or false, got {raw!r}")
+def _given(overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """The overrides that were given: None means "not given"."""
+    return {name: value for name, value in overrides.items() if value is not None}
+
+
+@contextmanager
+def _one_line_errors(given: Mapping[str, Any]) -> Iterator[None]:
+    """Turn pydantic's report on a bad value into a one-line SettingsError."""
+    try:
+        yield
+    except ValidationError as exc:
+        raise SettingsError(describe_invalid(exc, given)) from None
+
+
+def describe_invalid(exc: ValidationError, given: Mapping[str, Any]) -> str:
+    """One line on the first bad value, named as it was set: keyword, else environment variable."""
+    error = exc.errors()[0]
+    field = str(error["loc"][0]) if error["loc"] else "settings"
+    if error["type"] == "extra_forbidden":
+        return f"unknown setting {field!r}"
+    name = field if field in given else env_name(field)
+    expected = _EXPECTED.get(error["type"])
+    if expected is None:
+        return f"{name}: {error['msg']}, got {error['input']!r}"
+    return f"{name} must be {expected}, got {error['input']!r}"

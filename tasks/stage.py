@@ -12,6 +12,7 @@ import numpy as np
 import pyarrow as pa
 
 from lookalike.sql.schema import FEATURE_DIM
+from lookalike.tasks.errors import LookalikeError
 
 FEATURES_SCHEMA = pa.schema(
     [
@@ -34,7 +35,7 @@ NEIGHBOURS_SCHEMA = pa.schema(
 )
 
 
-class StagingError(RuntimeError):
+class StagingError(LookalikeError, RuntimeError):
     """The staging folder cannot be written; one line for the user."""
 
 

@@ -2,17 +2,24 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
+import pty
+import re
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
+from rich.console import Console
 
+from lookalike.flows.cli import TerminalBar, main, terminal_progress
 from lookalike.tasks.catalog import PendingImage
 from lookalike.tasks.discover import hash_file
 from lookalike.tasks.extract import batch_key, weights_identity
+from lookalike.tasks.progress import ProgressUpdate, StageProgress
 from lookalike.tasks.stage import feature_batch_path
 from tests.odd_images import write_photos
 
@@ -153,3 +160,120 @@ def test_process_json_summary_is_the_last_line(cli_env: dict[str, str], tmp_path
     staging = Path(cli_env["LOOKALIKE_DATA_DIR"]) / "staging"
     assert staged_batch_files(staging) == {feature_batch_path(staging, key)}
     assert "not ImageNet" in result.stderr  # random weights are never used silently
+
+
+ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+
+
+def run_on_terminal(*args: str, env: dict[str, str]) -> tuple[int, str, str]:
+    """Run the console script with stderr on a pseudo-terminal: (status, stdout, terminal)."""
+    controller, terminal = pty.openpty()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "lookalike.flows.cli", *args],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=terminal,
+        env={**env, "COLUMNS": "120", "LINES": "40"},
+    )
+    os.close(terminal)
+    chunks: list[bytes] = []
+
+    def read_terminal() -> None:
+        while True:
+            try:
+                chunk = os.read(controller, 4096)
+            except OSError:  # EIO: the program closed its end
+                return
+            if not chunk:
+                return
+            chunks.append(chunk)
+
+    reader = threading.Thread(target=read_terminal)
+    reader.start()
+    stdout, _ = process.communicate(timeout=300)
+    reader.join(timeout=10)
+    os.close(controller)
+    shown = ANSI.sub("", b"".join(chunks).decode(errors="replace"))
+    return process.returncode, stdout.decode(), shown
+
+
+def test_process_draws_a_progress_bar_on_a_terminal(
+    cli_env: dict[str, str], tmp_path: Path
+) -> None:
+    write_photos(tmp_path / "images", 3)
+    args = ["process", str(tmp_path / "images"), "--weights", "none", "--k", "2"]
+    status, stdout, shown = run_on_terminal(*args, "--batch-size", "2", env=cli_env)
+    assert status == 0, shown
+    # The tasks' batches reach the bar through Prefect: the final line counts every image.
+    assert re.search(r"extract .*3/3 images", shown), shown
+    assert "Traceback" not in shown
+    assert stdout.startswith("processed ") and "extracted 3" in stdout
+
+
+def test_the_bar_draws_the_stages_of_a_run() -> None:
+    screen = io.StringIO()
+    bar = TerminalBar(Console(file=screen, force_terminal=True, width=100))
+    bar(ProgressUpdate("extract", 0, 0))  # nothing to extract: no bar
+    assert not bar.progress.live.is_started
+    for done in (0, 2, 3):
+        bar(ProgressUpdate("extract", done, 3))
+    bar(ProgressUpdate("extract", 3, 3, final=True))
+    assert not bar.progress.live.is_started  # the display ends with the last stage
+    assert re.search(r"extract .*3/3 images", ANSI.sub("", screen.getvalue()))
+
+
+def read_available(fd: int) -> bytes:
+    """What a pseudo-terminal has received so far."""
+    os.set_blocking(fd, False)
+    try:
+        return os.read(fd, 65536)
+    except BlockingIOError:
+        return b""
+
+
+def show_a_stage(enabled: bool) -> None:
+    """Run a three-item stage under terminal_progress."""
+    with terminal_progress(enabled):
+        tracker = StageProgress("extract", 3)
+        tracker.advance_batch(3)
+        tracker.close(completed=True)
+
+
+def test_no_bar_without_a_terminal_or_with_json(
+    monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
+) -> None:
+    controller, terminal = pty.openpty()
+    with os.fdopen(terminal, "w") as terminal_stream:
+        monkeypatch.setattr(sys, "stderr", io.StringIO())  # not a terminal
+        show_a_stage(enabled=True)
+        assert sys.stderr.getvalue() == ""
+        monkeypatch.setattr(sys, "stderr", terminal_stream)
+        show_a_stage(enabled=False)  # --json
+        assert read_available(controller) == b""
+        show_a_stage(enabled=True)
+        drawn = ANSI.sub("", read_available(controller).decode())
+        monkeypatch.undo()
+    os.close(controller)
+    assert re.search(r"extract .*3/3 images", drawn), drawn
+    assert capfd.readouterr() == ("", "")
+
+
+def test_a_multi_line_error_is_shown_by_its_first_line(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    for name in [name for name in os.environ if name.startswith("LOOKALIKE_")]:
+        monkeypatch.delenv(name)
+    # What main() sets in os.environ, set here first so that monkeypatch restores it.
+    for name, value in {
+        "PREFECT_LOGGING_EXTRA_LOGGERS": "lookalike",
+        "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
+        "PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL": "CRITICAL",
+        "TF_CPP_MIN_LOG_LEVEL": "2",
+        "LOOKALIKE_DATA_DIR": str(tmp_path),
+    }.items():
+        monkeypatch.setenv(name, os.environ.get(name, value))
+    missing = tmp_path / "no such\nfolder"  # the path, and so the message, spans two lines
+    status = main(["process", str(missing), "--data-dir", str(tmp_path)])
+    out, err = capsys.readouterr()
+    assert (status, out) == (2, "")
+    assert err == f"lookalike: error: folder not found: {tmp_path}/no such\n"

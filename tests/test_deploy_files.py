@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import importlib
 import inspect
 import os
@@ -51,7 +50,7 @@ def published_ports(service: dict[str, Any]) -> list[tuple[str, int, int]]:
 
 
 def settings_env_names() -> set[str]:
-    return {ENV_PREFIX + field.name.upper() for field in dataclasses.fields(Settings)}
+    return {ENV_PREFIX + name.upper() for name in Settings.model_fields}
 
 
 # --- docker-compose.yml ---------------------------------------------------------------

@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from lookalike.tasks.errors import LookalikeError
 from lookalike.tasks.knn.threads import on_all_cores
 
 log = logging.getLogger(__name__)
@@ -30,7 +31,7 @@ Timings = dict[str, float] | None
 _TIMINGS_LOCK = threading.Lock()
 
 
-class NonFiniteFeaturesError(ValueError):
+class NonFiniteFeaturesError(LookalikeError, ValueError):
     """A feature vector holds NaN or Inf (or overflows float32 when squared)."""
 
 
