@@ -184,6 +184,7 @@ def test_artifacts_assets_logs_and_an_unchanged_rerun(  # type: ignore[no-untype
         ("finish-run", "Completed"),
         ("open-collection", "Completed"),
         ("plan-batches", "Completed"),
+        ("plan-neighbour-pass", "Completed"),  # finds the lists current: no kNN task runs
         ("sync-catalog", "Completed"),
     ]
     assert PROGRESS_KEY not in artifacts_of(again["flow_run_id"])
