@@ -3,18 +3,29 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 DEMO_DIR ?= demo-images
+# Exact versions of every installed distribution, written by `make lock` from a working venv.
+CONSTRAINTS := constraints.txt
 # Extra pytest arguments, e.g. make test PYTEST_ARGS='-m "not browser"'
 PYTEST_ARGS ?=
 
-.PHONY: install demo test lint services schema clean
+.PHONY: install lock demo test lint services schema clean
 
 install: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml $(CONSTRAINTS)
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	$(BIN)/python -m pip install --quiet --upgrade -c $(CONSTRAINTS) pip
+	$(BIN)/python -m pip install --quiet -c $(CONSTRAINTS) -e '.[dev]'
 	touch $@
+
+# Pin what the venv holds now (after changing pyproject.toml: install, test, then lock).
+# No dependency on install: locking only reads the venv, it never changes it.
+lock:
+	@test -x $(BIN)/python || { echo "no venv at $(VENV): run make install first" >&2; exit 1; }
+	{ echo "# Exact versions for pip install -c $(CONSTRAINTS); written by make lock, do not edit."; \
+	  $(BIN)/python -m pip freeze --all --exclude-editable \
+	    --exclude lookalike --exclude setuptools --exclude wheel; } > $(CONSTRAINTS).tmp
+	mv $(CONSTRAINTS).tmp $(CONSTRAINTS)
 
 demo: install
 	$(BIN)/python scripts/make_demo_images.py $(DEMO_DIR)
