@@ -15,15 +15,16 @@ RUN useradd --create-home --uid 10001 lookalike \
 
 WORKDIR /app
 
-# The code stays in /app as well: prefect.yaml's entrypoints are paths relative to it.
-COPY pyproject.toml README.md prefect.yaml ./
-COPY sql/ sql/
-COPY tasks/ tasks/
-COPY flows/ flows/
-COPY api/ api/
-
+# The code is installed once, into site-packages, at the versions of constraints.txt. The
+# sources are only mounted for this step (writable: the build writes its metadata next to
+# them), so no second copy lands in the image; prefect.yaml names the flows by module path.
 # The pip cache survives between builds, so a code change does not download TensorFlow again.
-RUN --mount=type=cache,target=/root/.cache/pip pip install ".[dask]"
+RUN --mount=type=bind,target=/src,rw \
+    --mount=type=cache,target=/root/.cache/pip \
+    pip install -c /src/constraints.txt "/src[dask]"
+
+# `prefect deploy --all` in the worker reads the deployments from the working directory.
+COPY prefect.yaml ./
 
 USER lookalike
 EXPOSE 5000

@@ -1,44 +1,55 @@
 #!/usr/bin/env bash
-# Makes sure the services the tests use are present and running on this machine:
-# MariaDB at 127.0.0.1:3306 (root, empty password) and Debian's Chromium for the browser tests.
+# Installs the programs the tests need when they are missing, and nothing else: the MariaDB
+# server binaries (mariadbd, mariadb-install-db and its helper my_print_defaults: Debian's
+# mariadb-server-core and mariadb-client-core) and Chromium.
+# It starts no server and changes no account: the tests run a throwaway MariaDB of their own.
+#
+#   scripts/ensure_services.sh            install what is missing, through sudo when not root
+#   scripts/ensure_services.sh --no-sudo  install only when running as root; otherwise say
+#                                         what is missing in one line and exit 1 (`make test`)
+# With LOOKALIKE_TEST_DATABASE_URL set the tests use that server, so mariadbd is not needed.
 set -euo pipefail
 
-as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
-apt_updated=0
-apt_install() {
-  if [ "$apt_updated" = 0 ]; then as_root apt-get update -qq; apt_updated=1; fi
-  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >/dev/null
+mode=${1:-}
+case "$mode" in
+  "" | --no-sudo) ;;
+  *) echo "usage: $0 [--no-sudo]" >&2; exit 2 ;;
+esac
+
+# An executable file of that name on PATH or in the sbin folders, where mariadbd lives (often
+# outside a non-root user's PATH). Not `command -v`: bash falls back to non-executable files.
+have() {
+  local dir
+  local IFS=:
+  for dir in $PATH /usr/sbin /usr/local/sbin; do
+    if [ -f "$dir/$1" ] && [ -x "$dir/$1" ]; then return 0; fi
+  done
+  return 1
 }
 
-mariadb_ping() { mariadb-admin --host=127.0.0.1 --user=root ping >/dev/null 2>&1; }
-
-if ! command -v mariadbd >/dev/null 2>&1 && [ ! -x /usr/sbin/mariadbd ]; then
-  echo "installing MariaDB from Debian packages"
-  apt_install mariadb-server mariadb-client
-  fresh_install=1
+missing=()
+if [ -z "${LOOKALIKE_TEST_DATABASE_URL:-}" ]; then
+  # The server binaries without the system service: nothing gets started or configured.
+  { have mariadbd && have mariadb-install-db; } || missing+=(mariadb-server-core)
+  have my_print_defaults || missing+=(mariadb-client-core)
+fi
+if [ ! -x /usr/bin/chromium ]; then  # the browser tests drive Debian's Chromium
+  missing+=(chromium)
+fi
+if [ ${#missing[@]} = 0 ]; then
+  exit 0
 fi
 
-if ! mariadb_ping; then
-  echo "starting MariaDB"
-  as_root mkdir -p /run/mysqld
-  as_root chown mysql:mysql /run/mysqld 2>/dev/null || true
-  as_root start-stop-daemon --start --oknodo --background --exec /usr/sbin/mariadbd
-  for _ in $(seq 1 60); do mariadb_ping && break; sleep 1; done
+if [ "$(id -u)" = 0 ]; then
+  as_root=()
+elif [ "$mode" = --no-sudo ]; then
+  echo "missing test programs (Debian packages: ${missing[*]}): run \`sudo make services\`" \
+    "or set LOOKALIKE_TEST_DATABASE_URL to a MariaDB admin URL" >&2
+  exit 1
+else
+  as_root=(sudo)
 fi
-
-if ! mariadb --host=127.0.0.1 --user=root -e 'SELECT 1' >/dev/null 2>&1; then
-  # A fresh Debian install lets root in through the socket only; the tests log in over TCP.
-  echo "allowing root with an empty password over TCP (test machine only)"
-  as_root mariadb -e "ALTER USER 'root'@'localhost' IDENTIFIED VIA mysql_native_password USING PASSWORD(''); \
-    CREATE USER IF NOT EXISTS 'root'@'127.0.0.1' IDENTIFIED BY ''; \
-    GRANT ALL PRIVILEGES ON *.* TO 'root'@'127.0.0.1' WITH GRANT OPTION; FLUSH PRIVILEGES;"
-fi
-mariadb --host=127.0.0.1 --user=root -e 'CREATE DATABASE IF NOT EXISTS test'
-echo "MariaDB: $(mariadb --host=127.0.0.1 --user=root -N -e 'SELECT VERSION()')"
-
-if [ ! -x /usr/bin/chromium ]; then
-  echo "installing Chromium from Debian packages"
-  apt_install chromium
-fi
-echo "Chromium: $(/usr/bin/chromium --version 2>/dev/null || echo missing)"
-: "${fresh_install:=0}"
+echo "installing Debian packages for the tests: ${missing[*]} (apt-get; nothing is started)"
+"${as_root[@]}" apt-get update -qq
+"${as_root[@]}" env DEBIAN_FRONTEND=noninteractive \
+  apt-get install -y -qq "${missing[@]}" >/dev/null

@@ -1,4 +1,10 @@
-"""Shared fixtures: a temporary Prefect home, and a fresh database per test (SQLite or MariaDB)."""
+"""Shared fixtures: a temporary Prefect home, and a fresh database per test (SQLite or MariaDB).
+
+MariaDB tests run on a private server that this session starts on first use and removes at the
+end (tests/mariadb_server.py), or on the server that LOOKALIKE_TEST_DATABASE_URL names: an
+admin SQLAlchemy URL such as mysql+pymysql://root:PASSWORD@HOST:3306/test. Either way each test
+gets a database of its own, created before it and dropped after it.
+"""
 
 from __future__ import annotations
 
@@ -9,9 +15,11 @@ from pathlib import Path
 
 import pytest
 
-MARIADB_ADMIN_URL = os.environ.get(
-    "LOOKALIKE_TEST_MARIADB", "mysql+pymysql://root:@127.0.0.1:3306/test"
-)
+from tests.mariadb_server import MariaDBUnavailable, PrivateMariaDB
+
+TEST_DATABASE_ENV = "LOOKALIKE_TEST_DATABASE_URL"
+# Read before the LOOKALIKE_* variables are cleared below: no code under test may see it.
+GIVEN_ADMIN_URL = os.environ.get(TEST_DATABASE_ENV, "")
 
 # Keep Prefect out of the user's home and off the network before it is imported anywhere.
 _PREFECT_HOME = Path(os.environ.get("TMPDIR", "/tmp")) / f"lookalike-test-prefect-{os.getpid()}"
@@ -21,8 +29,15 @@ os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 for _name in list(os.environ):
-    if _name.startswith("LOOKALIKE_") and _name != "LOOKALIKE_TEST_MARIADB":
+    if _name.startswith("LOOKALIKE_"):
         del os.environ[_name]
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Every test that takes a MariaDB database is marked mariadb, so -m can select it."""
+    for item in items:
+        if "mariadb_url" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.mariadb)
 
 
 @pytest.fixture(scope="session")
@@ -34,34 +49,54 @@ def prefect_harness() -> Iterator[None]:
         yield
 
 
-def mariadb_available() -> bool:
-    """True when the MariaDB server of the test setup answers."""
+def answers(admin_url: str) -> str | None:
+    """None when the server behind this URL accepts the login, else the error, on one line."""
     import sqlalchemy
 
+    engine = sqlalchemy.create_engine(admin_url)
     try:
-        engine = sqlalchemy.create_engine(MARIADB_ADMIN_URL)
         with engine.connect():
-            pass
+            return None
+    except Exception as exc:
+        return " ".join(str(exc).split())[:300]
+    finally:
         engine.dispose()
-        return True
-    except Exception:
-        return False
+
+
+@pytest.fixture(scope="session")
+def mariadb_admin_url() -> Iterator[str]:
+    """Admin URL of this session's MariaDB: LOOKALIKE_TEST_DATABASE_URL's, else a private one."""
+    if GIVEN_ADMIN_URL:
+        error = answers(GIVEN_ADMIN_URL)
+        if error:
+            pytest.fail(f"{TEST_DATABASE_ENV} does not answer: {error}", pytrace=False)
+        yield GIVEN_ADMIN_URL
+        return
+    try:
+        server = PrivateMariaDB.launch()
+    except MariaDBUnavailable as exc:
+        pytest.fail(
+            f"{exc}; run `sudo make services` to install them, or set {TEST_DATABASE_ENV}",
+            pytrace=False,
+        )
+    try:
+        yield server.url("mysql")
+    finally:
+        server.remove()
 
 
 @pytest.fixture
-def mariadb_url() -> Iterator[str]:
+def mariadb_url(mariadb_admin_url: str) -> Iterator[str]:
     """A MariaDB database made for this test and dropped after it."""
     import sqlalchemy
 
-    if not mariadb_available():
-        pytest.fail(f"MariaDB is not reachable at {MARIADB_ADMIN_URL}; start it (see .ci/run)")
     name = f"lookalike_test_{uuid.uuid4().hex[:12]}"
-    admin = sqlalchemy.create_engine(MARIADB_ADMIN_URL, isolation_level="AUTOCOMMIT")
+    admin = sqlalchemy.create_engine(mariadb_admin_url, isolation_level="AUTOCOMMIT")
     with admin.connect() as conn:
         conn.exec_driver_sql(
             f"CREATE DATABASE `{name}` CHARACTER SET utf8mb4 COLLATE utf8mb4_nopad_bin"
         )
-    url = sqlalchemy.engine.make_url(MARIADB_ADMIN_URL).set(database=name)
+    url = sqlalchemy.engine.make_url(mariadb_admin_url).set(database=name)
     try:
         yield url.render_as_string(hide_password=False)
     finally:

@@ -18,10 +18,13 @@ import yaml
 
 from lookalike.sql.schema import mariadb_ddl
 from lookalike.tasks.settings import ENV_PREFIX, Settings
+from tests.test_packaging import locked_versions
 
 REPO = Path(__file__).resolve().parents[1]
 COMPOSE_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?:[:?-][^}]*)?\}")
 SERVICES = {"mariadb", "prefect-server", "worker", "api"}
+PYTHON_IMAGE = "python:3.11-slim"  # the Dockerfile's base; the Prefect server runs the same Python
+SOURCE_FOLDERS = ("tasks", "flows", "api", "sql")
 # Read by prefect.yaml's templates when deploying, not by Settings.
 DEPLOY_VARS = {"LOOKALIKE_PROJECT_DIR", "LOOKALIKE_IMAGE_ROOT"}
 
@@ -59,13 +62,29 @@ def settings_env_names() -> set[str]:
 def test_compose_has_the_four_services_with_their_ports() -> None:
     services = load_yaml("docker-compose.yml")["services"]
     assert set(services) == SERVICES
-    assert services["mariadb"]["image"] == "mariadb:11"
-    assert services["prefect-server"]["image"] == "prefecthq/prefect:3-python3.11"
+    assert re.fullmatch(r"mariadb:11\.\d+\.\d+", services["mariadb"]["image"])
+    assert services["prefect-server"]["image"].startswith("prefecthq/prefect:3.")
     assert services["worker"]["build"] == "." and services["api"]["build"] == "."
     assert published_ports(services["mariadb"]) == [("127.0.0.1", 3308, 3306)]
     assert published_ports(services["prefect-server"]) == [("127.0.0.1", 4200, 4200)]
     assert published_ports(services["api"]) == [("127.0.0.1", 5000, 5000)]
     assert published_ports(services["worker"]) == []
+
+
+def test_pulled_images_are_pinned_and_the_prefect_server_matches_the_lock() -> None:
+    services = load_yaml("docker-compose.yml")["services"]
+    pulled = {name: s["image"] for name, s in services.items() if "build" not in s}
+    assert set(pulled) == {"mariadb", "prefect-server"}
+    for name, image in pulled.items():
+        # An exact release: no floating major tag such as mariadb:11 or prefect:3-..., no latest.
+        tag = image.partition(":")[2]
+        assert re.match(r"\d+\.\d+\.\d+(-|$)", tag), f"{name}: {image} is not an exact version"
+    python = PYTHON_IMAGE.partition(":")[2].removesuffix("-slim")
+    assert (
+        pulled["prefect-server"]
+        == f"prefecthq/prefect:{locked_versions()['prefect']}-python{python}"
+    )
+    assert load_yaml("prefect.yaml")["prefect-version"] == locked_versions()["prefect"]
 
 
 def test_every_service_has_a_healthcheck_and_waits_for_healthy_dependencies() -> None:
@@ -170,14 +189,15 @@ def test_worker_creates_a_process_pool_deploys_and_polls_it() -> None:
 # --- Dockerfile ---------------------------------------------------------------------
 
 
+def dockerfile_instructions() -> list[str]:
+    """The Dockerfile's instructions, continuation lines joined, comments left out."""
+    text = re.sub(r"\\\n\s*", " ", (REPO / "Dockerfile").read_text())
+    return [line.strip() for line in text.splitlines() if line.strip() and line[0] != "#"]
+
+
 def test_dockerfile_installs_the_project_as_a_non_root_user() -> None:
-    lines = [
-        line.strip()
-        for line in (REPO / "Dockerfile").read_text().splitlines()
-        if line.strip() and not line.startswith("#")
-    ]
-    assert lines[0] == "FROM python:3.11-slim"
-    assert any('pip install ".[dask]"' in line for line in lines)
+    lines = dockerfile_instructions()
+    assert lines[0] == f"FROM {PYTHON_IMAGE}"
     users = [line.split()[1] for line in lines if line.startswith("USER ")]
     assert users and users[-1] not in ("root", "0")
     for line in lines:
@@ -189,6 +209,34 @@ def test_dockerfile_installs_the_project_as_a_non_root_user() -> None:
     assert ".env" in (REPO / ".dockerignore").read_text().splitlines()
 
 
+def test_dockerfile_installs_one_copy_of_the_code_at_the_locked_versions() -> None:
+    lines = dockerfile_instructions()
+    (install,) = [line for line in lines if "pip install" in line]
+    # The build context is mounted for the install only; the package lands in site-packages.
+    assert install.startswith("RUN --mount=type=bind,target=/src,rw ")
+    assert install.endswith('pip install -c /src/constraints.txt "/src[dask]"')
+    assert " -e " not in install
+    copied = [
+        source
+        for line in lines
+        if line.startswith(("COPY ", "ADD "))
+        for source in line.split()[1:-1]
+    ]
+    assert copied == ["prefect.yaml"], "only the deployment file is copied, never the sources"
+    ignored = (REPO / ".dockerignore").read_text().splitlines()
+    for needed in ("constraints.txt", "pyproject.toml", "README.md", *SOURCE_FOLDERS):
+        assert needed not in ignored and f"{needed}/" not in ignored, needed
+
+
+def test_make_install_and_ci_use_the_constraints() -> None:
+    makefile = (REPO / "Makefile").read_text()
+    assert "CONSTRAINTS := constraints.txt" in makefile
+    assert "pip install --quiet -c $(CONSTRAINTS) -e '.[dev]'" in makefile
+    assert "$(VENV)/.installed: pyproject.toml $(CONSTRAINTS)" in makefile
+    ci = [line for line in (REPO / ".ci" / "run").read_text().splitlines() if line[:1] != "#"]
+    assert "make test" in ci and "make lint" in ci
+
+
 # --- prefect.yaml -------------------------------------------------------------------
 
 
@@ -197,9 +245,9 @@ def deployments() -> dict[str, dict[str, Any]]:
 
 
 def resolve_entrypoint(entrypoint: str) -> Any:
-    path, _, name = entrypoint.partition(":")
-    module = importlib.import_module(path.removesuffix(".py").replace("/", "."))
-    return getattr(module, name)
+    """The object a module-path entrypoint (package.module.name) names."""
+    module, _, name = entrypoint.rpartition(".")
+    return getattr(importlib.import_module(module), name)
 
 
 def test_deployments_point_at_real_flows_with_real_parameters() -> None:
@@ -213,8 +261,21 @@ def test_deployments_point_at_real_flows_with_real_parameters() -> None:
         accepted = set(inspect.signature(flow.fn).parameters)
         assert set(deployment["parameters"]) <= accepted, name
         assert deployment["work_pool"]["name"] == "lookalike"
-    assert found["process-images"]["entrypoint"] == "flows/process.py:process_images"
-    assert found["rebuild-neighbours"]["entrypoint"] == "flows/neighbours.py:rebuild_neighbours"
+    assert found["process-images"]["entrypoint"] == "lookalike.flows.process.process_images"
+    assert (
+        found["rebuild-neighbours"]["entrypoint"] == "lookalike.flows.neighbours.rebuild_neighbours"
+    )
+
+
+def test_prefect_loads_the_entrypoints_from_the_installed_package(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from prefect.flows import load_flow_from_entrypoint
+
+    monkeypatch.chdir(tmp_path)  # no source folder here: only the installed package can answer
+    for name, deployment in deployments().items():
+        flow: Any = load_flow_from_entrypoint(deployment["entrypoint"], use_placeholder_flow=False)
+        assert flow is resolve_entrypoint(deployment["entrypoint"]), name
 
 
 def test_process_images_runs_nightly_one_at_a_time() -> None:

@@ -103,13 +103,21 @@ def test_deployment_runs_on_a_process_worker(prefect_env: dict[str, str], tmp_pa
     database_url = f"sqlite:///{tmp_path / 'lookalike.sqlite'}"
     api_url = prefect_env["PREFECT_API_URL"]
 
+    # The flows run in a folder without any source: the module-path entrypoints must come
+    # from the installed package, as in the Docker image, never from files beside prefect.yaml.
+    workdir = tmp_path / "workdir"
+    workdir.mkdir()
+
     prefect("work-pool", "create", "lookalike", "--type", "process", env=prefect_env)
     deploy_env = dict(
-        prefect_env, LOOKALIKE_PROJECT_DIR=str(ROOT), LOOKALIKE_IMAGE_ROOT=str(images)
+        prefect_env, LOOKALIKE_PROJECT_DIR=str(workdir), LOOKALIKE_IMAGE_ROOT=str(images)
     )
     prefect("--no-prompt", "deploy", "--all", env=deploy_env)
     deployments = api_call(api_url, "/deployments/filter", {})
-    assert sorted(d["name"] for d in deployments) == ["process-images", "rebuild-neighbours"]
+    assert {d["name"]: d["entrypoint"] for d in deployments} == {
+        "process-images": "lookalike.flows.process.process_images",
+        "rebuild-neighbours": "lookalike.flows.neighbours.rebuild_neighbours",
+    }
     assert all(d["description"] for d in deployments)
 
     started = prefect(
@@ -123,8 +131,7 @@ def test_deployment_runs_on_a_process_worker(prefect_env: dict[str, str], tmp_pa
     worker_env = dict(
         prefect_env,
         LOOKALIKE_DATABASE_URL=database_url,  # from the worker's environment, never the file
-        LOOKALIKE_WEIGHTS="none",
-        LOOKALIKE_DATA_DIR=str(tmp_path / "data"),
+        LOOKALIKE_WEIGHTS="none",  # LOOKALIKE_DATA_DIR left at its default: data, relative
     )
     prefect(
         "worker", "start", "--pool", "lookalike", "--type", "process", "--run-once",
@@ -147,3 +154,5 @@ def test_deployment_runs_on_a_process_worker(prefect_env: dict[str, str], tmp_pa
         run_rows = conn.execute(select(runs.c.status)).scalars().all()
     engine.dispose()
     assert (ok, neighbours, run_rows) == (3, 3 * 2, ["completed"])
+    # The pull step ran the flow in LOOKALIKE_PROJECT_DIR: the relative data folder is there.
+    assert list((workdir / "data" / "staging" / "features").rglob("*.arrow"))

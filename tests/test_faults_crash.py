@@ -15,10 +15,8 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -53,6 +51,7 @@ from lookalike.tasks.stage import (
     feature_batch_path,
     write_feature_batch,
 )
+from tests.mariadb_server import MariaDBUnavailable, PrivateMariaDB
 from tests.odd_images import write_photos
 
 pytestmark = [pytest.mark.faults, pytest.mark.slow]
@@ -407,93 +406,14 @@ def task_run_counts(flow_run_id: str) -> dict[str, int]:
     return {t.name.rsplit("-", 1)[0]: t.run_count for t in task_runs}
 
 
-def free_port() -> int:
-    """A TCP port nothing listens on now."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
-SERVER_OPTIONS = ["--innodb-log-file-size=8M", "--innodb-buffer-pool-size=32M"]
-
-
-@dataclass
-class PrivateMariaDB:
-    """A mariadbd of this test's own: own data folder, port and socket; never the shared one."""
-
-    folder: Path
-    port: int
-    process: subprocess.Popen[bytes] | None = None
-
-    def url(self, database: str) -> str:
-        """SQLAlchemy URL of a database on this server (root, empty password)."""
-        return f"mysql+pymysql://root:@127.0.0.1:{self.port}/{database}"
-
-    def start(self, timeout: float = 60) -> None:
-        """Start the server on its data folder (crash recovery included) and wait for it."""
-        command = [
-            "mariadbd", "--no-defaults", f"--datadir={self.folder / 'data'}",
-            f"--port={self.port}", "--bind-address=127.0.0.1",
-            f"--socket={self.folder / 'sock'}", f"--pid-file={self.folder / 'pid'}",
-            "--user=root", "--skip-log-bin", "--local-infile=1", *SERVER_OPTIONS,
-        ]  # fmt: skip
-        with (self.folder / "server.log").open("ab") as log:
-            self.process = subprocess.Popen(command, stdout=log, stderr=log)
-        deadline = time.monotonic() + timeout
-        while not self.answers():
-            if self.process.poll() is not None or time.monotonic() > deadline:
-                self.stop()
-                log_tail = (self.folder / "server.log").read_text(errors="replace")[-800:]
-                raise RuntimeError(f"private mariadbd did not start: {log_tail}")
-            time.sleep(0.1)
-
-    def answers(self) -> bool:
-        """True when the server accepts a connection."""
-        engine = create_engine(self.url("mysql"))
-        try:
-            with engine.connect():
-                return True
-        except DBAPIError:
-            return False
-        finally:
-            engine.dispose()
-
-    def kill(self) -> None:
-        """kill -9: the server dies mid-statement, as in a crash."""
-        if self.process is not None:
-            self.process.kill()
-            self.process.wait(timeout=60)
-
-    def stop(self) -> None:
-        """A clean shutdown (SIGTERM), then SIGKILL if it does not end within a minute."""
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                self.kill()
-
-
 @pytest.fixture
 def private_mariadb() -> Iterator[PrivateMariaDB]:
-    """A fresh private MariaDB server with a `lookalike` database; skipped when none can run."""
-    if not (shutil.which("mariadbd") and shutil.which("mariadb-install-db")):
-        pytest.skip("mariadbd and mariadb-install-db are not installed")
-    folder = Path(tempfile.mkdtemp(prefix="lk-mdb-"))  # short: a socket path has 107 bytes
-    server = PrivateMariaDB(folder, free_port())
+    """A fresh MariaDB server of this test's own (it gets killed), with a `lookalike` database."""
     try:
-        installed = subprocess.run(
-            ["mariadb-install-db", "--no-defaults", f"--datadir={folder / 'data'}",
-             "--user=root", "--auth-root-authentication-method=normal", "--skip-test-db",
-             *SERVER_OPTIONS],
-            capture_output=True, text=True, timeout=120,
-        )  # fmt: skip
-        if installed.returncode != 0:
-            pytest.skip(f"mariadb-install-db failed: {installed.stderr.strip()[-300:]}")
-        try:
-            server.start()
-        except RuntimeError as exc:
-            pytest.skip(str(exc))
+        server = PrivateMariaDB.launch()
+    except MariaDBUnavailable as exc:
+        pytest.skip(f"needs a MariaDB server it may kill: {exc}")
+    try:
         admin = create_engine(server.url("mysql"), isolation_level="AUTOCOMMIT")
         with admin.connect() as conn:
             conn.exec_driver_sql(
@@ -502,8 +422,7 @@ def private_mariadb() -> Iterator[PrivateMariaDB]:
         admin.dispose()
         yield server
     finally:
-        server.stop()
-        shutil.rmtree(folder, ignore_errors=True)
+        server.remove()
 
 
 def test_mariadb_killed_mid_load_and_restarted_the_run_retries_and_completes(

@@ -1,4 +1,4 @@
-"""The package declares every third-party module its code imports (dev extras do not count)."""
+"""Packaging: every import declared, one import namespace, and constraints.txt pins them all."""
 
 from __future__ import annotations
 
@@ -9,12 +9,17 @@ import subprocess
 import sys
 import tomllib
 import zipfile
-from importlib.metadata import packages_distributions
+from importlib.metadata import PackageNotFoundError, packages_distributions, version
 from pathlib import Path
+
+from packaging.requirements import Requirement
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("tasks", "flows", "api", "sql")  # folders, installed as lookalike.<folder>
 CACHES = shutil.ignore_patterns("__pycache__", "*.pyc")
+CONSTRAINTS = ROOT / "constraints.txt"
+# Their next major release may drop what this code calls: pyproject.toml must stop before it.
+BOUNDED = {"prefect", "tensorflow", "keras", "numpy", "sqlalchemy", "litestar", "pymysql"}
 
 
 def imported_top_modules(path: Path) -> set[str]:
@@ -98,3 +103,60 @@ def test_the_wheel_installs_one_import_namespace(tmp_path: Path) -> None:
         assert f"lookalike/{module}" in names
     entry_points = next(name for name in names if name.endswith("entry_points.txt"))
     assert "lookalike = lookalike.flows.cli:main" in archive.read(entry_points).decode()
+
+
+def all_requirements() -> list[Requirement]:
+    """Every requirement of pyproject.toml: dependencies and all extras, dev included."""
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    specs = [*project["dependencies"]]
+    for extra_specs in project.get("optional-dependencies", {}).values():
+        specs.extend(extra_specs)
+    return [Requirement(spec) for spec in specs]
+
+
+def locked_versions() -> dict[str, str]:
+    """Normalised name -> exact version of each `name==version` line of constraints.txt."""
+    pins = {}
+    for line in CONSTRAINTS.read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            name, sep, pinned = line.partition("==")
+            assert sep and re.fullmatch(r"[\w.+!-]+", pinned), f"not an exact pin: {line}"
+            pins[normalised(name)] = pinned
+    return pins
+
+
+def test_constraints_pin_every_requirement_within_its_bounds() -> None:
+    pins = locked_versions()
+    assert "lookalike" not in pins  # the project itself is installed from the checkout
+    for requirement in all_requirements():
+        name = normalised(requirement.name)
+        assert name in pins, f"{name} is not pinned: run make lock"
+        assert requirement.specifier.contains(pins[name], prereleases=True), (
+            f"{name}=={pins[name]} is outside {requirement}: run make install and make lock"
+        )
+
+
+def test_major_releases_that_would_break_are_excluded() -> None:
+    bounded = {
+        normalised(r.name)
+        for r in all_requirements()
+        if any(spec.operator in ("<", "<=", "~=", "==") for spec in r.specifier)
+    }
+    assert not BOUNDED - bounded, f"no upper bound: {sorted(BOUNDED - bounded)}"
+    names = {normalised(r.name) for r in all_requirements()}
+    assert {"pyyaml", "packaging"} <= names  # imported by the tests
+
+
+def test_the_venv_holds_the_locked_versions_of_the_requirements() -> None:
+    # What the tests run against is what constraints.txt promises (make install uses it).
+    pins = locked_versions()
+    drift = {}
+    for requirement in all_requirements():
+        name = normalised(requirement.name)
+        try:
+            installed = version(requirement.name)
+        except PackageNotFoundError:
+            installed = "missing"
+        if installed != pins.get(name):
+            drift[name] = f"installed {installed}, locked {pins.get(name)}"
+    assert drift == {}, f"the venv differs from constraints.txt (make install): {drift}"
