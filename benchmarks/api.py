@@ -36,7 +36,9 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-ADMIN_URL = os.environ.get("LOOKALIKE_TEST_MARIADB", "mysql+pymysql://root:@127.0.0.1:3306/test")
+ADMIN_URL = os.environ.get(
+    "LOOKALIKE_TEST_DATABASE_URL", "mysql+pymysql://root:@127.0.0.1:3306/test"
+)
 TARGET_P99_MS = 20.0
 TARGET_RATIO = 0.5
 TARGET_SEARCH_MS = 300.0

@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/load.py                 # n=20000 images, k=100: 2M rows
     .venv/bin/python benchmarks/load.py --n 5000 --k 50 --rounds 1
 
-Runs against the local MariaDB (--url, default $LOOKALIKE_TEST_MARIADB or root@127.0.0.1) in a
+Runs against the local MariaDB (--url, default $LOOKALIKE_TEST_DATABASE_URL or root@127.0.0.1) in a
 database it creates and drops. Neighbours: lookalike's load_neighbour_table (staged Arrow ->
 pyarrow CSV -> LOAD DATA LOCAL into a fresh table -> RENAME TABLE swap) against a raw
 LOAD DATA LOCAL INFILE of an already-written CSV of the same rows into an empty table, and
@@ -49,7 +49,7 @@ from lookalike.tasks.load import (  # noqa: E402
 from lookalike.tasks.stage import read_table, write_feature_batch, write_neighbour_lists  # noqa: E402
 
 DEFAULT_ADMIN_URL = os.environ.get(
-    "LOOKALIKE_TEST_MARIADB", "mysql+pymysql://root:@127.0.0.1:3306/test"
+    "LOOKALIKE_TEST_DATABASE_URL", "mysql+pymysql://root:@127.0.0.1:3306/test"
 )
 BATCH = 64  # images per staged feature batch, as extraction stages them
 NEIGHBOUR_COLUMNS = "(image_id, `rank`, neighbour_id, distance)"
