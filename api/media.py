@@ -43,12 +43,23 @@ def resolve_image_path(root: Path, file_name: str) -> Path:
         raise ImageNotFoundError("the stored path of this image is not a valid file name")
     if Path(file_name).is_absolute():
         raise PathOutsideRootError("the stored path of this image is outside the collection")
-    candidate = (real_root / file_name).resolve()  # follows symlinks and "..", then we check
+    try:
+        candidate = (real_root / file_name).resolve()  # follows symlinks and "..", then we check
+    except (RuntimeError, OSError):  # a symlink loop (RuntimeError before Python 3.13)
+        raise ImageNotFoundError(_MISSING) from None
     if not candidate.is_relative_to(real_root):
         raise PathOutsideRootError("the stored path of this image is outside the collection")
-    if not candidate.is_file():
+    if not _is_file(candidate):
         raise ImageNotFoundError(_MISSING)
     return candidate
+
+
+def _is_file(path: Path) -> bool:
+    """True for a regular file (after symlinks); False also when the system refuses the name."""
+    try:
+        return path.is_file()
+    except OSError:  # e.g. a component longer than the file system allows
+        return False
 
 
 def read_media_type(path: Path) -> str:
