@@ -70,7 +70,7 @@ class ImageRepository:
         with self.engine.connect() as conn:
             conn.execute(select(collection.c.id).limit(1)).all()
 
-    def count_images(self) -> int:
+    def count_all_images(self) -> int:
         """How many images the collection knows, whatever their status."""
         with self.engine.connect() as conn:
             return int(conn.execute(select(func.count()).select_from(image_names)).scalar_one())

@@ -260,7 +260,7 @@ def list_pending(engine: Engine) -> list[PendingImage]:
         return [PendingImage(r.id, r.file_name, r.content_hash) for r in conn.execute(query)]
 
 
-def count_images(engine: Engine) -> dict[str, int]:
+def count_by_status(engine: Engine) -> dict[str, int]:
     """Rows per status, plus neighbour rows."""
     with engine.connect() as conn:
         by_status: dict[str, int] = dict(

@@ -25,7 +25,7 @@ from lookalike.tasks.catalog import (
     CollectionMismatchError,
     PendingImage,
     apply_changes,
-    count_images,
+    count_by_status,
     finish_run,
     list_failed,
     list_pending,
@@ -150,7 +150,7 @@ def test_other_weights_are_refused_without_recompute(engine: Engine, tmp_path: P
     assert WEIGHTS in str(info.value) and "other-weights" in str(info.value)
     assert "--recompute" in str(info.value)
     assert read_collection(engine)["weights"] == WEIGHTS  # type: ignore[index]
-    assert count_images(engine) == {"ok": 2, "failed": 0, "pending": 0, "neighbours": 0}
+    assert count_by_status(engine) == {"ok": 2, "failed": 0, "pending": 0, "neighbours": 0}
 
 
 def test_recompute_resets_every_image_and_drops_features_and_neighbours(
@@ -169,7 +169,7 @@ def test_recompute_resets_every_image_and_drops_features_and_neighbours(
 
     assert open_collection(engine, tmp_path, "other-weights", recompute=True) is True
 
-    assert count_images(engine) == {"ok": 0, "failed": 0, "pending": 4, "neighbours": 0}
+    assert count_by_status(engine) == {"ok": 0, "failed": 0, "pending": 4, "neighbours": 0}
     assert feature_ids(engine) == []
     rows = image_rows(engine)
     assert {(r["error"], r["width"], r["height"], bool(r["indexed"])) for r in rows.values()} == {
@@ -283,7 +283,7 @@ def test_unreadable_files_become_failed_rows_with_the_reason(engine: Engine) -> 
     new = image_rows(engine)["new.jpg"]
     assert (new["content_hash"], new["size"], new["mtime_ns"]) == ("", 0, 0)
     assert feature_ids(engine) == [ids["other.jpg"]]
-    assert count_images(engine) == {"ok": 1, "failed": 2, "pending": 0, "neighbours": 0}
+    assert count_by_status(engine) == {"ok": 1, "failed": 2, "pending": 0, "neighbours": 0}
 
 
 def test_file_readable_again_with_the_same_bytes_is_pending_again(
@@ -318,7 +318,7 @@ def test_file_names_are_case_sensitive(engine: Engine, tmp_path: Path) -> None:
     apply_changes(engine, find_changes(tmp_path, read_known(engine)))
 
     assert sorted(read_known(engine)) == ["A.jpg", "a.jpg", "Ä.jpg", "ä.jpg"]
-    assert count_images(engine)["pending"] == 4
+    assert count_by_status(engine)["pending"] == 4
     # A second scan finds nothing new: each name matched its own row.
     again = find_changes(tmp_path, read_known(engine))
     assert (again.new, again.unchanged, again.deleted_ids) == ([], 4, [])
@@ -370,7 +370,7 @@ def test_list_pending_is_ordered_by_file_name(engine: Engine) -> None:
     assert pending[0] == PendingImage(ids["A.jpg"], "A.jpg", "a" * 32)
 
 
-def test_count_images_counts_each_status_and_neighbour_rows(engine: Engine) -> None:
+def test_count_by_status_counts_each_status_and_neighbour_rows(engine: Engine) -> None:
     ids = add_images(engine, *(f"{i}.jpg" for i in range(7)))
     mark_ok(engine, {k: ids[k] for k in ("0.jpg", "1.jpg", "2.jpg")})
     apply_changes(engine, Changes(unreadable={"3.jpg": "unreadable: x", "new.jpg": "gone"}))
@@ -383,11 +383,11 @@ def test_count_images_counts_each_status_and_neighbour_rows(engine: Engine) -> N
         ],
     )
 
-    assert count_images(engine) == {"ok": 3, "failed": 2, "pending": 3, "neighbours": 3}
+    assert count_by_status(engine) == {"ok": 3, "failed": 2, "pending": 3, "neighbours": 3}
 
 
-def test_count_images_of_an_empty_database(engine: Engine) -> None:
-    assert count_images(engine) == {"ok": 0, "failed": 0, "pending": 0, "neighbours": 0}
+def test_count_by_status_of_an_empty_database(engine: Engine) -> None:
+    assert count_by_status(engine) == {"ok": 0, "failed": 0, "pending": 0, "neighbours": 0}
 
 
 def test_stale_neighbour_ids_and_mark_indexed(engine: Engine) -> None:
