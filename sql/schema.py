@@ -24,9 +24,16 @@ from sqlalchemy.dialects import mysql
 from sqlalchemy.schema import CreateIndex, CreateTable
 
 FEATURE_DIM = 2048
+# image_names.status
 STATUS_OK = "ok"
 STATUS_FAILED = "failed"
 STATUS_PENDING = "pending"  # discovered, not yet extracted
+# runs.status: running until the run records how it ended; a row still running when the next
+# run takes the run lock belongs to a run whose process died, and becomes interrupted.
+RUN_RUNNING = "running"
+RUN_COMPLETED = "completed"
+RUN_FAILED = "failed"
+RUN_INTERRUPTED = "interrupted"
 
 metadata = MetaData()
 _MARIADB: dict[str, Any] = {

@@ -13,6 +13,10 @@ from sqlalchemy import Engine, func, insert, select, update
 
 from lookalike.sql.schema import (
     FEATURE_DIM,
+    RUN_COMPLETED,
+    RUN_FAILED,
+    RUN_INTERRUPTED,
+    RUN_RUNNING,
     STATUS_OK,
     image_features,
     image_names,
@@ -25,6 +29,7 @@ from lookalike.tasks.catalog import (
     CollectionMismatchError,
     PendingImage,
     apply_changes,
+    close_interrupted_runs,
     count_by_status,
     finish_run,
     list_failed,
@@ -425,12 +430,12 @@ def test_start_and_finish_run_store_status_and_summary(engine: Engine) -> None:
     assert second == first + 1
 
     summary = ChangeCounts(found=5, new=2, changed=1, deleted=0, unchanged=2, unreadable=0)
-    finish_run(engine, first, "completed", summary)
-    finish_run(engine, second, "failed", {"error": "MariaDB went away", "ü": [1, 2]})
+    finish_run(engine, first, RUN_COMPLETED, summary)
+    finish_run(engine, second, RUN_FAILED, {"error": "MariaDB went away", "ü": [1, 2]})
 
     with engine.connect() as conn:
         rows = {r.id: r for r in conn.execute(select(runs))}
-    assert rows[first].status == "completed"
+    assert rows[first].status == RUN_COMPLETED
     assert rows[first].weights == WEIGHTS
     assert json.loads(rows[first].summary) == {
         "found": 5,
@@ -441,7 +446,7 @@ def test_start_and_finish_run_store_status_and_summary(engine: Engine) -> None:
         "unreadable": 0,
     }
     assert rows[first].finished_at >= rows[first].started_at
-    assert rows[second].status == "failed"
+    assert rows[second].status == RUN_FAILED
     assert json.loads(rows[second].summary) == {"error": "MariaDB went away", "ü": [1, 2]}
 
 
@@ -449,4 +454,23 @@ def test_a_started_run_is_running_until_finished(engine: Engine) -> None:
     run_id = start_run(engine, WEIGHTS)
     with engine.connect() as conn:
         row = conn.execute(select(runs).where(runs.c.id == run_id)).one()
-    assert (row.status, row.finished_at, row.summary) == ("running", None, None)
+    assert (row.status, row.finished_at, row.summary) == (RUN_RUNNING, None, None)
+
+
+def test_a_run_ends_only_completed_or_failed(engine: Engine) -> None:
+    run_id = start_run(engine, WEIGHTS)
+    for status in ("complete", RUN_RUNNING, RUN_INTERRUPTED):
+        with pytest.raises(ValueError, match="a run ends 'completed' or 'failed'"):
+            finish_run(engine, run_id, status, {})
+    with engine.connect() as conn:
+        assert conn.execute(select(runs.c.status)).scalar_one() == RUN_RUNNING
+
+
+def test_runs_left_running_become_interrupted_and_ended_runs_stay(engine: Engine) -> None:
+    ended, died, also_died = (start_run(engine, WEIGHTS) for _ in range(3))
+    finish_run(engine, ended, RUN_COMPLETED, {})
+    assert close_interrupted_runs(engine) == 2
+    assert close_interrupted_runs(engine) == 0
+    with engine.connect() as conn:
+        statuses = dict(conn.execute(select(runs.c.id, runs.c.status)).tuples().all())
+    assert statuses == {ended: RUN_COMPLETED, died: RUN_INTERRUPTED, also_died: RUN_INTERRUPTED}
