@@ -24,7 +24,6 @@ import numpy as np
 from PIL import Image
 from sqlalchemy import Engine, func, select
 
-from lookalike.api.search_index import SEARCH_BATCH_SIZE
 from lookalike.sql.schema import (
     RUN_COMPLETED,
     STATUS_PENDING,
@@ -54,9 +53,9 @@ from tests.odd_images import write_photos
 WEIGHTS = "none"  # seeded random init: no download
 # One image per batch: a staged batch is then keyed by one image's bytes, so a photo any earlier
 # catalog of this test process extracted is never run through the model again (the pipeline's
-# own cache), and the model is the one the API's search builds (tasks.extract keeps one per
-# batch size).
-BATCH_SIZE = SEARCH_BATCH_SIZE
+# own cache). It is also the batch size of the API's search (api.search_index), and
+# tasks.extract keeps one model per batch size: the tests build the model once.
+BATCH_SIZE = 1
 PHOTOS = 5
 BROKEN = "photos/Broken.jpg"  # not an image: failed
 BROKEN_REASON = "not an image (unrecognised content)"

@@ -87,7 +87,10 @@ def mentions(text: str, term: str) -> bool:
 
 def setting_variables() -> list[str]:
     """The environment variable of every field of the settings object."""
-    return [f"{ENV_PREFIX}{field.name.upper()}" for field in fields(Settings)]
+    # A pydantic model lists its fields in model_fields; a dataclass answers fields().
+    model_fields = getattr(Settings, "model_fields", None)
+    names = list(model_fields) if model_fields else [field.name for field in fields(Settings)]
+    return [f"{ENV_PREFIX}{name.upper()}" for name in names]
 
 
 def parsers() -> dict[str, argparse.ArgumentParser]:
