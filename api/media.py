@@ -11,33 +11,29 @@ from pathlib import Path
 from PIL import Image, ImageOps
 
 from lookalike.api.errors import ImageNotFoundError, PathOutsideRootError, UnreadableImageError
+from lookalike.tasks.image_files import read_head, sniff_image_type
 
 log = logging.getLogger(__name__)
 
 THUMBNAIL_SIZES = (64, 128, 256, 512, 1024)
-SNIFF_BYTES = 16
 
-# Magic numbers of the formats a browser shows; anything else is served as octet-stream so a
-# stored file can never be interpreted as HTML or SVG by the browser.
-_SIGNATURES: tuple[tuple[bytes, str], ...] = (
-    (b"\xff\xd8\xff", "image/jpeg"),
-    (b"\x89PNG\r\n\x1a\n", "image/png"),
-    (b"GIF87a", "image/gif"),
-    (b"GIF89a", "image/gif"),
-    (b"BM", "image/bmp"),
-    (b"II*\x00", "image/tiff"),
-    (b"MM\x00*", "image/tiff"),
-)
+# The formats a browser shows, by tasks.image_files.sniff_image_type's names; anything else is
+# served as octet-stream so a stored file can never be interpreted as HTML or SVG by the browser.
+_MEDIA_TYPES = {
+    "jpeg": "image/jpeg",
+    "png": "image/png",
+    "webp": "image/webp",
+    "gif": "image/gif",
+    "bmp": "image/bmp",
+    "tiff": "image/tiff",
+}
+OCTET_STREAM = "application/octet-stream"
+_MISSING = "the image file is missing from the collection folder"
 
 
 def sniff_media_type(head: bytes) -> str:
     """The media type told by the first bytes of a file; application/octet-stream if unknown."""
-    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
-        return "image/webp"
-    for signature, media_type in _SIGNATURES:
-        if head.startswith(signature):
-            return media_type
-    return "application/octet-stream"
+    return _MEDIA_TYPES.get(sniff_image_type(head) or "", OCTET_STREAM)
 
 
 def resolve_image_path(root: Path, file_name: str) -> Path:
@@ -47,18 +43,28 @@ def resolve_image_path(root: Path, file_name: str) -> Path:
         raise ImageNotFoundError("the stored path of this image is not a valid file name")
     if Path(file_name).is_absolute():
         raise PathOutsideRootError("the stored path of this image is outside the collection")
-    candidate = (real_root / file_name).resolve()  # follows symlinks and "..", then we check
+    try:
+        candidate = (real_root / file_name).resolve()  # follows symlinks and "..", then we check
+    except (RuntimeError, OSError):  # a symlink loop (RuntimeError before Python 3.13)
+        raise ImageNotFoundError(_MISSING) from None
     if not candidate.is_relative_to(real_root):
         raise PathOutsideRootError("the stored path of this image is outside the collection")
-    if not candidate.is_file():
-        raise ImageNotFoundError("the image file is missing from the collection folder")
+    if not _is_file(candidate):
+        raise ImageNotFoundError(_MISSING)
     return candidate
 
 
+def _is_file(path: Path) -> bool:
+    """True for a regular file (after symlinks); False also when the system refuses the name."""
+    try:
+        return path.is_file()
+    except OSError:  # e.g. a component longer than the file system allows
+        return False
+
+
 def read_media_type(path: Path) -> str:
-    """Sniff the media type of a file from its content."""
-    with path.open("rb") as handle:
-        return sniff_media_type(handle.read(SNIFF_BYTES))
+    """Sniff the media type of a file from its content (a FIFO swapped in is never waited on)."""
+    return sniff_media_type(read_head(path))
 
 
 def thumbnail_path(cache_dir: Path, image_id: int, content_hash: str, size: int) -> Path:

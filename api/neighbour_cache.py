@@ -35,7 +35,7 @@ GROUP_CONCAT_LIMIT = 1 << 24  # bytes per list; 32767 ranks of ~20 characters fi
 
 
 @dataclass(frozen=True)
-class NeighbourLists:
+class CachedNeighbourLists:
     """All lists of one completed state: image id -> slice of the flat arrays."""
 
     marker: RunMarker
@@ -51,7 +51,7 @@ class NeighbourCache:
     def __init__(self, repository: ImageRepository, poll_seconds: float = POLL_SECONDS) -> None:
         self.repository = repository
         self.poll_seconds = poll_seconds
-        self._lists: NeighbourLists | None = None
+        self._lists: CachedNeighbourLists | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -117,7 +117,7 @@ class NeighbourCache:
         if self._lists is not None and self._lists.marker == marker:
             return
         self._lists = None  # from now until the reload ends, the database answers
-        lists = load_lists(self.repository.engine, marker)
+        lists = read_all_lists(self.repository.engine, marker)
         if self.repository.latest_run_marker() == marker:  # no run completed meanwhile
             self._lists = lists
             log.info("neighbour cache: %d lists in memory", len(lists.spans))
@@ -142,7 +142,7 @@ class NeighbourLookup:
         return await sync_to_thread(self.repository.get_neighbours, image_id, k)
 
 
-def load_lists(engine: Engine, marker: RunMarker) -> NeighbourLists:
+def read_all_lists(engine: Engine, marker: RunMarker) -> CachedNeighbourLists:
     """Every image's neighbour list and every file name, read in two queries."""
     spans: dict[int, tuple[int, int]] = {}
     id_parts: list[np.ndarray] = []
@@ -157,7 +157,7 @@ def load_lists(engine: Engine, marker: RunMarker) -> NeighbourLists:
             filled += len(id_parts[-1])
         rows = conn.execute(text("SELECT id, file_name FROM image_names")).tuples()
         names: dict[int, str] = {int(image_id): name for image_id, name in rows}
-    return NeighbourLists(
+    return CachedNeighbourLists(
         marker,
         spans,
         np.concatenate(id_parts) if id_parts else np.empty(0, np.int32),

@@ -14,6 +14,7 @@ from lookalike.api.errors import BadRequestError, CorruptFeaturesError, ImageNot
 from lookalike.api.schemas import ImageDetail, ImagePage, ImageSummary, Neighbour, Stats
 from lookalike.sql.schema import (
     FEATURE_DIM,
+    RUN_COMPLETED,
     STATUS_FAILED,
     STATUS_OK,
     STATUS_PENDING,
@@ -70,7 +71,7 @@ class ImageRepository:
         with self.engine.connect() as conn:
             conn.execute(select(collection.c.id).limit(1)).all()
 
-    def count_images(self) -> int:
+    def count_all_images(self) -> int:
         """How many images the collection knows, whatever their status."""
         with self.engine.connect() as conn:
             return int(conn.execute(select(func.count()).select_from(image_names)).scalar_one())
@@ -198,7 +199,7 @@ class ImageRepository:
         """When the last completed run finished (cheap: the runs table is tiny)."""
         with self.engine.connect() as conn:
             return conn.execute(
-                select(func.max(runs.c.finished_at)).where(runs.c.status == "completed")
+                select(func.max(runs.c.finished_at)).where(runs.c.status == RUN_COMPLETED)
             ).scalar_one()
 
     def latest_run_marker(self) -> RunMarker:

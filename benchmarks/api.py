@@ -43,7 +43,6 @@ TARGET_P99_MS = 20.0
 TARGET_RATIO = 0.5
 TARGET_SEARCH_MS = 300.0
 LOAD_ROWS = 10_000  # rows per generated chunk of a load file
-WEIGHTS_ID = "none (random init, seed 0)"
 
 
 @get("/bare", sync_to_thread=False)
@@ -87,8 +86,12 @@ def scratch_database(keep: str | None) -> Iterator[tuple[str, bool]]:
 
 def fill_database(url: str, images: int, k: int, folder: Path) -> None:
     """Synthetic rows through LOAD DATA LOCAL INFILE: names, features and k neighbours each."""
-    from lookalike.sql.schema import collection, image_neighbours, metadata, runs
+    from lookalike.sql.schema import RUN_COMPLETED, collection, image_neighbours, metadata, runs
+    from lookalike.tasks.catalog import MODEL_NAME
     from lookalike.tasks.database import create_db_engine
+    from lookalike.tasks.extract import weights_identity
+
+    weights_id = weights_identity("none")  # what `lookalike process --weights none` stores
 
     engine = create_db_engine(url, local_infile=True)
     metadata.create_all(engine)
@@ -96,12 +99,12 @@ def fill_database(url: str, images: int, k: int, folder: Path) -> None:
     with engine.begin() as conn:
         conn.execute(
             collection.insert().values(
-                id=1, root=str(folder), model="InceptionV3", weights=WEIGHTS_ID, created_at=now
+                id=1, root=str(folder), model=MODEL_NAME, weights=weights_id, created_at=now
             )
         )
         conn.execute(
             runs.insert().values(
-                started_at=now, finished_at=now, status="completed", weights=WEIGHTS_ID
+                started_at=now, finished_at=now, status=RUN_COMPLETED, weights=weights_id
             )
         )
     loads = [

@@ -19,7 +19,7 @@ from prefect import flow, get_run_logger
 from prefect.futures import PrefectFuture
 
 from lookalike.flows.runners import TaskRunnerSession, build_task_runner, runner_threads
-from lookalike.tasks.catalog import count_images
+from lookalike.tasks.catalog import count_by_status
 from lookalike.tasks.database import connect_checked, engine_for
 from lookalike.tasks.knn.plan import PassKind
 from lookalike.tasks.load import load_neighbours_task
@@ -58,11 +58,11 @@ def refresh_neighbours(
     """Bring the lists up to date by the pass the plan chooses; nothing when they are current."""
     kind = plan_neighbour_pass_task(db, k, rebuild)
     if kind is PassKind.UNCHANGED:
-        counts = count_images(engine_for(db))
+        counts = count_by_status(engine_for(db))
         get_run_logger().info("neighbour lists are up to date: nothing to do")
         return NeighbourRefresh(kind, counts["ok"], counts["neighbours"], tasks=0)
     staged, tasks = compute_lists(db, staging, k, kind, session)
-    return NeighbourRefresh(staged.kind, staged.images, load_lists(db, staging, staged), tasks)
+    return NeighbourRefresh(staged.kind, staged.images, swap_in_lists(db, staging, staged), tasks)
 
 
 def compute_lists(
@@ -73,7 +73,7 @@ def compute_lists(
     On Dask a full pass runs as row-block tasks on the cluster; an incremental update
     (about changed * n * d) stays in one task in the flow's process, whatever the runner.
     """
-    fan_out = session.kind == "dask" and count_images(engine_for(db))["ok"] > 1
+    fan_out = session.kind == "dask" and count_by_status(engine_for(db))["ok"] > 1
     if fan_out and kind is PassKind.FULL:
         return fan_out_full_pass(db, staging, k, session)
     return compute_neighbours_task(db, staging, k, kind), 1
@@ -109,7 +109,7 @@ def fan_out_full_pass(
     return merged, len(blocks)
 
 
-def load_lists(db: str, staging: str, lists: StagedNeighbours) -> int:
+def swap_in_lists(db: str, staging: str, lists: StagedNeighbours) -> int:
     """Swap the staged lists in as the neighbour table: its row count."""
     confirm_run_lock(db)  # the lock may have gone with a dropped connection: never write without
     return load_neighbours_task.with_options(

@@ -15,6 +15,7 @@ from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 
 from lookalike.flows.neighbours import NeighbourRefresh, refresh_neighbours
 from lookalike.flows.runners import TaskRunnerSession, build_task_runner
+from lookalike.sql.schema import RUN_COMPLETED, RUN_FAILED
 from lookalike.tasks.catalog import (
     ChangeCounts,
     NoImagesError,
@@ -176,9 +177,9 @@ def run_locked(plan: RunPlan, started: float, lock_wait: float, bytes_read: int)
     try:
         summary = update_database(plan, started, lock_wait, bytes_read)
     except BaseException as exc:
-        finish_run_task(db, run_id, "failed", {"error": first_line(exc)})
+        finish_run_task(db, run_id, RUN_FAILED, {"error": first_line(exc)})
         raise
-    finish_run_task(db, run_id, "completed", asdict(summary))
+    finish_run_task(db, run_id, RUN_COMPLETED, asdict(summary))
     publish_run_summary(asdict(summary))
     publish_failed_images(list_failed(engine_for(db)))
     return summary

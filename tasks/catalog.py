@@ -15,6 +15,10 @@ from prefect.cache_policies import NO_CACHE
 from sqlalchemy import Connection, Engine, Row, delete, func, insert, select, update
 
 from lookalike.sql.schema import (
+    RUN_COMPLETED,
+    RUN_FAILED,
+    RUN_INTERRUPTED,
+    RUN_RUNNING,
     STATUS_FAILED,
     STATUS_OK,
     STATUS_PENDING,
@@ -261,7 +265,7 @@ def list_pending(engine: Engine) -> list[PendingImage]:
         return [PendingImage(r.id, r.file_name, r.content_hash) for r in conn.execute(query)]
 
 
-def count_images(engine: Engine) -> dict[str, int]:
+def count_by_status(engine: Engine) -> dict[str, int]:
     """Rows per status, plus neighbour rows."""
     with engine.connect() as conn:
         by_status: dict[str, int] = dict(
@@ -293,7 +297,7 @@ def start_run(engine: Engine, weights_id: str) -> int:
     """Record a run as running; its id."""
     with engine.begin() as conn:
         result = conn.execute(
-            insert(runs).values(started_at=utcnow(), status="running", weights=weights_id)
+            insert(runs).values(started_at=utcnow(), status=RUN_RUNNING, weights=weights_id)
         )
         return int(result.inserted_primary_key[0])  # type: ignore[index]
 
@@ -306,13 +310,15 @@ def close_interrupted_runs(engine: Engine) -> int:
     """
     with engine.begin() as conn:
         result = conn.execute(
-            update(runs).where(runs.c.status == "running").values(status="interrupted")
+            update(runs).where(runs.c.status == RUN_RUNNING).values(status=RUN_INTERRUPTED)
         )
     return int(result.rowcount)
 
 
 def finish_run(engine: Engine, run_id: int, status: str, summary: Any) -> None:
-    """Record how a run ended, with its summary as JSON."""
+    """Record how a run ended (RUN_COMPLETED or RUN_FAILED), with its summary as JSON."""
+    if status not in (RUN_COMPLETED, RUN_FAILED):
+        raise ValueError(f"a run ends {RUN_COMPLETED!r} or {RUN_FAILED!r}, not {status!r}")
     body = json.dumps(asdict(summary) if hasattr(summary, "__dataclass_fields__") else summary)
     with engine.begin() as conn:
         conn.execute(

@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import errno
 import io
 import logging
-import os
-import stat
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cache
@@ -15,6 +12,13 @@ from typing import IO
 
 import numpy as np
 from PIL import ExifTags, Image, ImageFile
+
+from lookalike.tasks.image_files import (
+    HEAD_BYTES,
+    NotARegularFileError,
+    open_regular_file,
+    sniff_image_type,
+)
 
 log = logging.getLogger(__name__)
 
@@ -32,9 +36,6 @@ IMAGE_SUFFIXES: frozenset[str] = frozenset(
     # recorded with a clear failure reason instead of being silently skipped by discovery.
     | {".heic", ".heif", ".avif", ".jxl"}
 )
-
-# How many leading bytes the magic-number checks look at.
-_HEAD_BYTES = 16
 
 _RESAMPLE = Image.Resampling.LANCZOS
 # Box-reduce by an integer factor first when shrinking more than 3x: much faster, same quality.
@@ -72,23 +73,6 @@ class DecodedImage:
     height: int
 
 
-def sniff_image_type(head: bytes) -> str | None:
-    """Name the decodable image format from a file's first bytes, or None when unknown."""
-    if head.startswith(b"\xff\xd8\xff"):
-        return "jpeg"
-    if head.startswith(b"\x89PNG\r\n\x1a\n"):
-        return "png"
-    if head.startswith(b"RIFF") and head[8:12] == b"WEBP":
-        return "webp"
-    if head.startswith((b"GIF87a", b"GIF89a")):
-        return "gif"
-    if head.startswith(b"BM"):
-        return "bmp"
-    if head.startswith((b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")):
-        return "tiff"
-    return None
-
-
 def decode_image(
     path: Path,
     *,
@@ -104,11 +88,13 @@ def decode_image(
     JPEGs at 1/2, 1/4 or 1/8 scale (much faster, slightly different pixels).
     """
     try:
-        with _open_regular_file(Path(path)) as stream:
+        with open_regular_file(path) as stream:
             return _decode_stream(
                 stream, size=size, max_pixels=max_pixels, reduced_scale=reduced_scale
             )
     # Only opening can raise these: _decode_stream turns every later failure into ImageDecodeError.
+    except NotARegularFileError as exc:
+        raise ImageDecodeError("not a regular file (a pipe, socket or device)") from exc
     except FileNotFoundError as exc:
         raise ImageDecodeError("file disappeared before extraction") from exc
     except IsADirectoryError as exc:
@@ -117,22 +103,6 @@ def decode_image(
         raise ImageDecodeError("cannot read file: permission denied") from exc
     except OSError as exc:
         raise ImageDecodeError(f"cannot read file: {exc.strerror or exc}") from exc
-
-
-def _open_regular_file(path: Path) -> IO[bytes]:
-    """The file opened for reading; a FIFO or device swapped in after discovery never blocks."""
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
-    try:
-        mode = os.fstat(fd).st_mode
-        if stat.S_ISDIR(mode):
-            raise IsADirectoryError(errno.EISDIR, "is a directory", str(path))
-        if not stat.S_ISREG(mode):
-            raise ImageDecodeError("not a regular file (a pipe, socket or device)")
-        os.set_blocking(fd, True)
-        return os.fdopen(fd, "rb")
-    except BaseException:
-        os.close(fd)
-        raise
 
 
 def decode_image_bytes(
@@ -155,7 +125,7 @@ def _decode_stream(
     if size < 1:
         raise ValueError(f"size must be positive, got {size}")
     try:
-        head = stream.read(_HEAD_BYTES)
+        head = stream.read(HEAD_BYTES)
         stream.seek(0)
     except OSError as exc:
         raise ImageDecodeError(f"cannot read file: {exc.strerror or exc}") from exc

@@ -10,13 +10,13 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lookalike.tasks.decode import IMAGE_SUFFIXES, sniff_image_type
+from lookalike.tasks.decode import IMAGE_SUFFIXES
 from lookalike.tasks.errors import LookalikeError
+from lookalike.tasks.image_files import open_regular_file, read_head, sniff_image_type
 
 log = logging.getLogger(__name__)
 
 HASH_CHUNK = 1 << 20
-SNIFF_BYTES = 16
 # image_names.file_name is VARCHAR(768) (sql/schema.py): MariaDB refuses longer paths.
 MAX_FILE_NAME_CHARS = 768
 
@@ -173,19 +173,10 @@ def _inside(path: Path, root: Path) -> bool:
     return path == root or root in path.parents
 
 
-def open_regular(path: Path) -> int:
-    """A file descriptor for a regular file; never blocks on a FIFO or opens a device."""
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
-    if not stat.S_ISREG(os.fstat(fd).st_mode):
-        os.close(fd)
-        raise OSError(f"not a regular file: {path}")
-    return fd
-
-
 def hash_file(path: Path) -> str:
     """BLAKE2b-128 of the file's bytes, as 32 hex digits."""
     digest = hashlib.blake2b(digest_size=16)
-    with os.fdopen(open_regular(path), "rb") as handle:
+    with open_regular_file(path) as handle:
         while chunk := handle.read(HASH_CHUNK):
             digest.update(chunk)
     return digest.hexdigest()
@@ -196,8 +187,7 @@ def looks_like_image(path: Path) -> bool:
     if path.suffix.lower() in IMAGE_SUFFIXES:
         return True
     try:
-        with os.fdopen(open_regular(path), "rb") as handle:
-            return sniff_image_type(handle.read(SNIFF_BYTES)) is not None
+        return sniff_image_type(read_head(path)) is not None
     except OSError:
         return False
 

@@ -102,27 +102,34 @@ def load_feature_batches(
     return FeatureLoadCounts(len(rows) - failed, failed)
 
 
-def _pending_ids(engine: Engine) -> dict[tuple[str, str], int]:
-    """Pending images by (file name, content hash): staged rows are matched on both."""
-    query = select(image_names.c.id, image_names.c.file_name, image_names.c.content_hash).where(
+def _pending_ids(engine: Engine) -> dict[str, list[int]]:
+    """Pending images by content hash: one staged vector serves every file with those bytes."""
+    query = select(image_names.c.id, image_names.c.content_hash).where(
         image_names.c.status == STATUS_PENDING
     )
+    pending: dict[str, list[int]] = defaultdict(list)
     with engine.connect() as conn:
-        return {(r.file_name, r.content_hash): r.id for r in conn.execute(query)}
+        for row in conn.execute(query):
+            pending[row.content_hash].append(row.id)
+    return pending
 
 
-def find_staged_rows(paths: Sequence[Path], pending: dict[tuple[str, str], int]) -> list[StagedRow]:
-    """The staged rows of still-pending images, sorted by image id (primary-key order)."""
+def find_staged_rows(paths: Sequence[Path], pending: dict[str, list[int]]) -> list[StagedRow]:
+    """The staged rows of still-pending images, sorted by image id (primary-key order).
+
+    Matched by content hash alone, not by file name: a batch's key is the content hashes of its
+    images (with model, weights and preprocessing), so the batch planned for a copy of an image
+    staged earlier under another name has that earlier file's key and is never staged again.
+    """
     found: list[StagedRow] = []
     for batch, path in enumerate(paths):
         table = read_table(path)
-        names, hashes, errors, widths, heights = (
-            table.column(name).to_pylist()
-            for name in ("file_name", "content_hash", "error", "width", "height")
+        hashes, errors, widths, heights = (
+            table.column(name).to_pylist() for name in ("content_hash", "error", "width", "height")
         )
-        for row, key in enumerate(zip(names, hashes, strict=True)):
-            image_id = pending.pop(key, None)  # pop: an image staged twice is written once
-            if image_id is not None:
+        for row, content_hash in enumerate(hashes):
+            # pop: an image staged twice is written once
+            for image_id in pending.pop(content_hash, ()):
                 found.append(
                     StagedRow(image_id, batch, row, errors[row], widths[row], heights[row])
                 )

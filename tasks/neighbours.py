@@ -77,7 +77,6 @@ def read_features(engine: Engine, staging_dir: Path) -> tuple[np.ndarray, np.nda
         select(
             image_features.c.image_id,
             image_features.c.staged_batch,
-            image_names.c.file_name,
             image_names.c.content_hash,
         )
         .join(image_names, image_names.c.id == image_features.c.image_id)
@@ -96,19 +95,14 @@ def read_features(engine: Engine, staging_dir: Path) -> tuple[np.ndarray, np.nda
     matrix = np.empty((len(rows), FEATURE_DIM), dtype=np.float32)
     for key, positions in by_batch.items():
         table = read_table(paths[str(key)])
+        # By content hash alone, as the loader matched them (tasks.load.find_staged_rows).
         index = {
-            pair: i
-            for i, pair in enumerate(
-                zip(
-                    table.column("file_name").to_pylist(),
-                    table.column("content_hash").to_pylist(),
-                    strict=True,
-                )
-            )
+            content_hash: i
+            for i, content_hash in enumerate(table.column("content_hash").to_pylist())
         }
         staged = feature_matrix(table)
         for position in positions:
-            found = index.get((rows[position].file_name, rows[position].content_hash))
+            found = index.get(rows[position].content_hash)
             if found is None:
                 log.info("staged batch %s lacks an image; reading from the database", key)
                 return read_feature_rows(engine)

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import io
 import json
+import shutil
 import subprocess
 import sys
 import uuid
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
-from datetime import datetime
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -22,140 +21,40 @@ from PIL import Image
 from lookalike.api.app import create_app
 from lookalike.api.fingerprint import GRID, plasma_table
 from lookalike.api.repository import ImageRepository, StatsCache
-from lookalike.sql.schema import (
-    collection,
-    image_features,
-    image_names,
-    image_neighbours,
-    metadata,
-    runs,
-)
-from lookalike.tasks.settings import Settings
+from lookalike.sql.schema import STATUS_FAILED, image_features, image_names, runs
+from lookalike.tasks.catalog import MODEL_NAME
+from tests import pipeline_catalog
 from tests.odd_images import bomb_png, write_photos
+from tests.pipeline_catalog import (
+    BROKEN,
+    BROKEN_REASON,
+    ESCAPE,
+    MISSING,
+    OUTSIDE,
+    PENDING,
+    PNG_NAMED_JPG,
+    Catalog,
+    app_settings,
+    complete_run,
+    database,
+    extract_and_load,
+    read_catalog,
+    refresh_neighbours,
+    start_run_and_sync,
+)
 
-OK_PHOTOS = 5
-STORED_K = OK_PHOTOS - 1  # every ok image has every other ok image as a neighbour
-MODEL = "InceptionV3"
-WEIGHTS_ID = "none (random init, seed 0)"
-RUN_FINISHED = datetime(2024, 5, 6, 7, 8, 9)
 REPO = Path(__file__).resolve().parent.parent
-Embed = Callable[[list[Path]], np.ndarray]
 
 
-@dataclass
-class Catalog:
-    """A filled database and the image folder it describes."""
-
-    url: str
-    root: Path
-    ids: dict[str, int] = field(default_factory=dict)  # file name -> id
-    vectors: dict[int, np.ndarray] = field(default_factory=dict)
-    neighbours: dict[int, list[tuple[int, float]]] = field(default_factory=dict)
-
-    @property
-    def ok_ids(self) -> list[int]:
-        return sorted(self.vectors)
+# tests/test_api_browser.py (another engineer's) imports build_catalog and model_vectors from
+# here and passes embed=: these two keep it working until it imports tests.pipeline_catalog.
+def model_vectors(model: object) -> None:
+    """Nothing: every catalog's features come from the pipeline's extraction with this model."""
 
 
-def random_vectors(paths: list[Path]) -> np.ndarray:
-    """Deterministic positive stand-ins for features (ReLU outputs are never negative)."""
-    return np.random.default_rng(42).random((len(paths), 2048), dtype=np.float32)
-
-
-def build_catalog(url: str, base: Path, embed: Embed = random_vectors) -> Catalog:
-    """Write images under base/images and the rows describing them, as an indexing run would."""
-    root = base / "images"
-    photos = write_photos(root / "photos", OK_PHOTOS)
-    (root / "photos" / "Broken.jpg").write_bytes(b"this is not a jpeg")
-    (root / "odd").mkdir()
-    png = io.BytesIO()
-    Image.new("RGB", (30, 20), (0, 128, 255)).save(png, "PNG")
-    (root / "odd" / "100%_real.jpg").write_bytes(png.getvalue())  # a PNG named .jpg
-    (root / "odd" / "100xyreal.jpg").write_bytes(photos[0].read_bytes())
-    outside = base / "outside"
-    outside.mkdir()
-    (outside / "secret.jpg").write_bytes(photos[0].read_bytes())
-    (root / "escape.jpg").symlink_to(outside / "secret.jpg")
-
-    catalog = Catalog(url=url, root=root)
-    engine = sqlalchemy.create_engine(url)
-    metadata.create_all(engine)
-    with engine.begin() as conn:
-        conn.execute(
-            collection.insert().values(
-                id=1, root=str(root), model=MODEL, weights=WEIGHTS_ID, created_at=RUN_FINISHED
-            )
-        )
-        conn.execute(
-            runs.insert().values(
-                started_at=RUN_FINISHED,
-                finished_at=RUN_FINISHED,
-                status="completed",
-                weights=WEIGHTS_ID,
-                summary="{}",
-            )
-        )
-        rows = [(p.relative_to(root).as_posix(), "ok", 160, 120) for p in photos] + [
-            ("photos/Broken.jpg", "failed", None, None),
-            ("odd/100%_real.jpg", "pending", None, None),
-            ("odd/100xyreal.jpg", "pending", None, None),
-            ("escape.jpg", "pending", None, None),
-            ("../outside/secret.jpg", "pending", None, None),
-            ("photos/missing.jpg", "pending", None, None),
-        ]
-        for name, status, width, height in rows:
-            result = conn.execute(
-                image_names.insert().values(
-                    file_name=name,
-                    content_hash=uuid.uuid4().hex,
-                    size=100,
-                    mtime_ns=1,
-                    width=width,
-                    height=height,
-                    status=status,
-                    error="cannot identify image" if status == "failed" else None,
-                )
-            )
-            assert result.inserted_primary_key is not None
-            catalog.ids[name] = int(result.inserted_primary_key[0])
-        vectors = embed(photos)
-        for photo, vector in zip(photos, vectors, strict=True):
-            catalog.vectors[catalog.ids[photo.relative_to(root).as_posix()]] = vector
-        insert_features_and_neighbours(conn, catalog)
-    engine.dispose()
-    return catalog
-
-
-def insert_features_and_neighbours(conn: sqlalchemy.Connection, catalog: Catalog) -> None:
-    """Features of the ok images and their exact neighbours, ranked by euclidean distance."""
-    for image_id, vector in catalog.vectors.items():
-        conn.execute(
-            image_features.insert().values(
-                image_id=image_id, model=MODEL, features=vector.astype("<f4").tobytes()
-            )
-        )
-    for image_id, vector in catalog.vectors.items():
-        others = [
-            (other, float(np.linalg.norm(vector - catalog.vectors[other])))
-            for other in catalog.ok_ids
-            if other != image_id
-        ]
-        others.sort(key=lambda pair: pair[1])
-        catalog.neighbours[image_id] = others
-        conn.execute(
-            image_neighbours.insert(),
-            [
-                {"image_id": image_id, "rank": rank, "neighbour_id": other, "distance": distance}
-                for rank, (other, distance) in enumerate(others, start=1)
-            ],
-        )
-
-
-def app_settings(url: str, tmp_path: Path, **overrides: object) -> Settings:
-    """Settings for a test app: this database, thumbnails under tmp_path."""
-    return Settings(
-        database_url=url, data_dir=tmp_path / "data", thumbnail_dir=tmp_path / "thumbnails"
-    ).with_overrides(**overrides)
+def build_catalog(url: str, base: Path, embed: object = None) -> Catalog:
+    """tests.pipeline_catalog.build_catalog (embed is ignored, see model_vectors)."""
+    return pipeline_catalog.build_catalog(url, base)
 
 
 @pytest.fixture
@@ -184,11 +83,11 @@ def assert_error(response: Response, status: int) -> dict[str, object]:
 def test_list_pages_in_id_order_and_filters_by_path(client: TestClient, catalog: Catalog) -> None:
     all_ids = sorted(catalog.ids.values())
     page = client.get("/api/images").json()
-    assert page["total"] == 11 and page["offset"] == 0 and page["limit"] == 50
+    assert page["total"] == len(all_ids) == 11 and page["offset"] == 0 and page["limit"] == 50
     assert [item["id"] for item in page["items"]] == all_ids
-    first = page["items"][0]
-    assert first == {
-        "id": all_ids[0],
+    photo = catalog.photo_ids[0]
+    assert page["items"][all_ids.index(photo)] == {
+        "id": photo,
         "file_name": "photos/photo_000_00000.jpg",
         "width": 160,
         "height": 120,
@@ -200,7 +99,7 @@ def test_list_pages_in_id_order_and_filters_by_path(client: TestClient, catalog:
     assert window["total"] == 11
 
     photos = client.get("/api/images", params={"q": "PHOTOS/"}).json()  # case-insensitive
-    assert photos["total"] == 7 and len(photos["items"]) == 7
+    assert photos["total"] == 7 and len(photos["items"]) == 7  # 5 photos, Broken, missing
 
     # % and _ are literal: "100%_real" must not match "100xyreal".
     literal = client.get("/api/images", params={"q": "100%_real"}).json()
@@ -222,19 +121,22 @@ def test_list_refuses_bad_paging(client: TestClient) -> None:
 
 def test_one_image_has_metadata_and_browsing_ids(client: TestClient, catalog: Catalog) -> None:
     ids = sorted(catalog.ids.values())
-    body = client.get(f"/api/images/{ids[1]}").json()
-    assert body["id"] == ids[1]
-    assert body["file_name"] == "photos/photo_000_00001.jpg"
+    name = "photos/photo_000_00001.jpg"
+    image_id = catalog.ids[name]
+    body = client.get(f"/api/images/{image_id}").json()
+    assert body["id"] == image_id and body["file_name"] == name
     assert (body["width"], body["height"], body["status"], body["error"]) == (160, 120, "ok", None)
-    assert body["neighbour_count"] == STORED_K
-    assert (body["previous_id"], body["next_id"]) == (ids[0], ids[2])
-    assert len(body["content_hash"]) == 32 and body["size"] == 100
+    assert body["neighbour_count"] == catalog.stored_k
+    at = ids.index(image_id)
+    assert (body["previous_id"], body["next_id"]) == (ids[at - 1], ids[at + 1])
+    assert len(body["content_hash"]) == 32
+    assert body["size"] == (catalog.root / name).stat().st_size
     assert client.get(f"/api/images/{ids[0]}").json()["previous_id"] is None
     assert client.get(f"/api/images/{ids[-1]}").json()["next_id"] is None
-    failed = client.get(f"/api/images/{catalog.ids['photos/Broken.jpg']}").json()
+    failed = client.get(f"/api/images/{catalog.ids[BROKEN]}").json()
     assert (failed["status"], failed["error"], failed["neighbour_count"]) == (
         "failed",
-        "cannot identify image",
+        BROKEN_REASON,
         0,
     )
 
@@ -269,22 +171,23 @@ def test_neighbours_are_ranked_with_names_and_distances(
     expected = catalog.neighbours[image_id]
     default = client.get(f"/api/images/{image_id}/neighbours").json()
     assert [n["id"] for n in default] == [other for other, _ in expected]
-    assert [n["rank"] for n in default] == [1, 2, 3, 4]
+    assert [n["rank"] for n in default] == list(range(1, catalog.stored_k + 1))
     assert [n["file_name"] for n in default] == [names[other] for other, _ in expected]
     # MariaDB's FLOAT column keeps single precision.
     assert [n["distance"] for n in default] == pytest.approx([d for _, d in expected], rel=1e-5)
     assert len(client.get(f"/api/images/{image_id}/neighbours?k=2").json()) == 2
-    assert len(client.get(f"/api/images/{image_id}/neighbours?k={STORED_K}").json()) == STORED_K
+    stored_k = catalog.stored_k
+    assert len(client.get(f"/api/images/{image_id}/neighbours?k={stored_k}").json()) == stored_k
 
 
 def test_neighbours_refuse_k_outside_what_is_stored(client: TestClient, catalog: Catalog) -> None:
-    image_id = catalog.ok_ids[0]
-    body = assert_error(client.get(f"/api/images/{image_id}/neighbours?k={STORED_K + 1}"), 400)
-    assert body["detail"] == f"k must be between 1 and {STORED_K} for image {image_id}"
+    image_id, stored_k = catalog.ok_ids[0], catalog.stored_k
+    body = assert_error(client.get(f"/api/images/{image_id}/neighbours?k={stored_k + 1}"), 400)
+    assert body["detail"] == f"k must be between 1 and {stored_k} for image {image_id}"
     assert_error(client.get(f"/api/images/{image_id}/neighbours?k=0"), 400)
     assert_error(client.get(f"/api/images/{image_id}/neighbours?k=-1"), 400)
     assert_error(client.get(f"/api/images/{image_id}/neighbours?k=many"), 400)
-    failed = catalog.ids["photos/Broken.jpg"]
+    failed = catalog.ids[BROKEN]
     assert client.get(f"/api/images/{failed}/neighbours").json() == []
     assert "no neighbours stored" in str(
         assert_error(client.get(f"/api/images/{failed}/neighbours?k=1"), 400)["detail"]
@@ -294,22 +197,20 @@ def test_neighbours_refuse_k_outside_what_is_stored(client: TestClient, catalog:
 def test_features_are_the_stored_floats(client: TestClient, catalog: Catalog) -> None:
     image_id = catalog.ok_ids[1]
     body = client.get(f"/api/images/{image_id}/features").json()
-    assert body["id"] == image_id and body["model"] == MODEL
+    assert body["id"] == image_id and body["model"] == MODEL_NAME
     assert np.array_equal(np.array(body["features"], dtype=np.float32), catalog.vectors[image_id])
-    failed = catalog.ids["photos/Broken.jpg"]
+    failed = catalog.ids[BROKEN]
     assert "no features" in str(
         assert_error(client.get(f"/api/images/{failed}/features"), 404)["detail"]
     )
 
 
 def test_corrupt_features_are_a_clear_500_without_trace(catalog: Catalog, tmp_path: Path) -> None:
-    engine = sqlalchemy.create_engine(catalog.url)
-    pending = catalog.ids["odd/100xyreal.jpg"]
-    with engine.begin() as conn:
+    pending = catalog.ids[PENDING]
+    with database(catalog.url) as engine, engine.begin() as conn:  # damaged by hand
         conn.execute(
-            image_features.insert().values(image_id=pending, model=MODEL, features=b"x" * 10)
+            image_features.insert().values(image_id=pending, model=MODEL_NAME, features=b"x" * 10)
         )
-    engine.dispose()
     with TestClient(app=create_app(app_settings(catalog.url, tmp_path))) as client:
         body = assert_error(client.get(f"/api/images/{pending}/features"), 500)
     assert body["detail"] == f"stored features of image {pending} have 10 bytes, expected 8192"
@@ -319,31 +220,31 @@ def test_corrupt_features_are_a_clear_500_without_trace(catalog: Catalog, tmp_pa
 
 
 def test_file_is_served_inline_with_the_sniffed_type(client: TestClient, catalog: Catalog) -> None:
-    photo_id = catalog.ok_ids[0]
+    photo_id = catalog.photo_ids[0]
     response = client.get(f"/api/images/{photo_id}/file")
     assert response.status_code == 200
     assert response.content == (catalog.root / "photos/photo_000_00000.jpg").read_bytes()
     assert response.headers["content-type"] == "image/jpeg"
     assert response.headers["content-disposition"].startswith("inline")
     assert response.headers["x-content-type-options"] == "nosniff"
-    png_named_jpg = client.get(f"/api/images/{catalog.ids['odd/100%_real.jpg']}/file")
+    png_named_jpg = client.get(f"/api/images/{catalog.ids[PNG_NAMED_JPG]}/file")
     assert png_named_jpg.headers["content-type"] == "image/png"  # from content, not suffix
-    broken = client.get(f"/api/images/{catalog.ids['photos/Broken.jpg']}/file")
+    broken = client.get(f"/api/images/{catalog.ids[BROKEN]}/file")
     assert broken.headers["content-type"] == "application/octet-stream"
 
 
 def test_paths_outside_the_root_are_refused(client: TestClient, catalog: Catalog) -> None:
     for route in ("file", "thumbnail"):
-        for name in ("escape.jpg", "../outside/secret.jpg"):
+        for name in (ESCAPE, OUTSIDE):
             body = assert_error(client.get(f"/api/images/{catalog.ids[name]}/{route}"), 403)
             assert body["detail"] == "the stored path of this image is outside the collection"
-        missing_id = catalog.ids["photos/missing.jpg"]
+        missing_id = catalog.ids[MISSING]
         missing = assert_error(client.get(f"/api/images/{missing_id}/{route}"), 404)
         assert missing["detail"] == "the image file is missing from the collection folder"
 
 
 def test_thumbnail_is_a_cached_jpeg(client: TestClient, catalog: Catalog, tmp_path: Path) -> None:
-    photo_id = catalog.ok_ids[0]
+    photo_id = catalog.photo_ids[0]
     response = client.get(f"/api/images/{photo_id}/thumbnail?size=64")
     assert response.status_code == 200 and response.headers["content-type"] == "image/jpeg"
     thumbnail = Image.open(io.BytesIO(response.content))
@@ -365,12 +266,10 @@ def test_thumbnail_is_a_cached_jpeg(client: TestClient, catalog: Catalog, tmp_pa
 def test_thumbnail_refuses_bad_sizes_and_unreadable_files(
     client: TestClient, catalog: Catalog
 ) -> None:
-    photo_id = catalog.ok_ids[0]
+    photo_id = catalog.photo_ids[0]
     for size in ("100", "0", "99999", "big"):
         assert_error(client.get(f"/api/images/{photo_id}/thumbnail?size={size}"), 400)
-    broken = assert_error(
-        client.get(f"/api/images/{catalog.ids['photos/Broken.jpg']}/thumbnail"), 422
-    )
+    broken = assert_error(client.get(f"/api/images/{catalog.ids[BROKEN]}/thumbnail"), 422)
     assert str(broken["detail"]).startswith("cannot decode the image file")
 
 
@@ -378,7 +277,7 @@ def test_thumbnail_refuses_bad_sizes_and_unreadable_files(
 
 
 def test_fingerprints_draw_every_cell_in_plasma(client: TestClient, catalog: Catalog) -> None:
-    image_id = catalog.ok_ids[3]
+    image_id = catalog.photo_ids[3]
     svg = client.get(f"/api/images/{image_id}/fingerprint.svg")
     assert svg.status_code == 200 and svg.headers["content-type"].startswith("image/svg+xml")
     assert svg.text.startswith("<svg") and svg.text.count("h1v1h-1z") == GRID * GRID
@@ -392,24 +291,25 @@ def test_fingerprints_draw_every_cell_in_plasma(client: TestClient, catalog: Cat
     row, col = divmod(brightest, GRID)
     assert tuple(pixels[row * 6 + 3, col * 6 + 3]) == tuple(table[255])
     assert tuple(pixels[-1, -1]) == tuple(table[0])  # padding cell 2115 is 0, the minimum
-    failed = catalog.ids["photos/Broken.jpg"]
+    failed = catalog.ids[BROKEN]
     assert_error(client.get(f"/api/images/{failed}/fingerprint.svg"), 404)
 
 
 # --- stats, health, old routes, page, schema, CORS ---------------------------------------
 
 
-def test_stats_count_the_collection(client: TestClient) -> None:
+def test_stats_count_the_collection(client: TestClient, catalog: Catalog) -> None:
+    assert catalog.last_completed_run is not None
     assert client.get("/api/stats").json() == {
         "images": 11,
         "ok": 5,
         "failed": 1,
         "pending": 5,
-        "neighbours": OK_PHOTOS * STORED_K,
-        "neighbours_per_image": STORED_K,
-        "model": MODEL,
-        "weights": WEIGHTS_ID,
-        "last_completed_run": "2024-05-06T07:08:09",
+        "neighbours": 5 * 4,
+        "neighbours_per_image": 4,
+        "model": MODEL_NAME,
+        "weights": "none (random init, seed 0, numpy he-uniform)",  # as the run stored it
+        "last_completed_run": catalog.last_completed_run.isoformat(),
     }
 
 
@@ -420,9 +320,9 @@ def test_stats_are_recounted_only_after_their_time_to_live(sqlite_url: str, tmp_
     cached, fresh = StatsCache(repository, ttl_s=3600), StatsCache(repository, ttl_s=0)
     assert cached.get().failed == fresh.get().failed == 1
     with engine.begin() as conn:
-        conn.execute(image_names.update().values(status="failed"))
+        conn.execute(image_names.update().values(status=STATUS_FAILED))
     assert cached.get().failed == 1  # within its time to live
-    assert fresh.get().failed == 11
+    assert fresh.get().failed == len(catalog.ids)
     engine.dispose()
 
 
@@ -451,7 +351,7 @@ def test_health_and_routes_are_503_without_a_database(tmp_path: Path, mariadb_ur
 
 
 def test_old_routes_keep_their_shapes(client: TestClient, catalog: Catalog) -> None:
-    image_id = catalog.ok_ids[0]
+    image_id = catalog.photo_ids[0]
     assert client.get("/data/image_count").json() == 11
     assert client.get(f"/data/image_name/{image_id}").json() == ["photos/photo_000_00000.jpg"]
     name, neighbours = client.get(f"/data/image_name_and_neighbours/{image_id}").json()
@@ -511,7 +411,7 @@ def test_works_with_a_select_only_mariadb_user(mariadb_url: str, tmp_path: Path)
             hide_password=False
         )
         with TestClient(app=create_app(app_settings(reader, tmp_path))) as client:
-            image_id = catalog.ok_ids[0]
+            image_id = catalog.photo_ids[0]
             for route in (
                 "/health",
                 "/api/stats",
@@ -594,29 +494,9 @@ def test_search_refuses_uploads_over_the_limit(catalog: Catalog, tmp_path: Path)
         assert_error(upload(client, b"0" * (3 * 1024 * 1024)), 413)
 
 
-@pytest.fixture(scope="module")
-def feature_model() -> object:
-    """The seeded random-init model, built once (tasks.extract caches it for the app too)."""
-    from lookalike.tasks.extract import load_feature_model
-
-    return load_feature_model("none", 1)
-
-
-def model_vectors(model: object) -> Embed:
-    def embed(paths: list[Path]) -> np.ndarray:
-        from lookalike.tasks.decode import decode_image
-
-        pixels = np.stack([decode_image(path).pixels for path in paths])
-        return np.asarray(model.embed(pixels))  # type: ignore[attr-defined]
-
-    return embed
-
-
 @pytest.mark.slow
-def test_search_finds_the_uploaded_photo_first(
-    database_url: str, tmp_path: Path, feature_model: object
-) -> None:
-    catalog = build_catalog(database_url, tmp_path, embed=model_vectors(feature_model))
+def test_search_finds_the_uploaded_photo_first(database_url: str, tmp_path: Path) -> None:
+    catalog = build_catalog(database_url, tmp_path)
     with TestClient(app=create_app(app_settings(catalog.url, tmp_path))) as client:
         for index in (0, 3):
             name = f"photos/photo_000_0000{index}.jpg"
@@ -626,60 +506,38 @@ def test_search_finds_the_uploaded_photo_first(
             assert results[0]["distance"] < 1e-2 * max(results[1]["distance"], 1e-6)
             assert results[1]["distance"] <= results[2]["distance"]
         everything = upload(client, (catalog.root / "photos/photo_000_00001.jpg").read_bytes())
-        assert len(everything.json()) == OK_PHOTOS  # k=20 default, only 5 indexed
+        assert len(everything.json()) == len(catalog.ok_ids) == 5  # k=20 default, 5 indexed
 
 
 @pytest.mark.slow
-def test_search_reloads_only_after_a_newer_completed_run(
-    sqlite_url: str, tmp_path: Path, feature_model: object
-) -> None:
-    embed = model_vectors(feature_model)
-    catalog = build_catalog(sqlite_url, tmp_path, embed=embed)
-    newcomer = write_photos(catalog.root / "later", 1, seed=9)[0]
+def test_search_reloads_only_after_a_newer_completed_run(sqlite_url: str, tmp_path: Path) -> None:
+    catalog = build_catalog(sqlite_url, tmp_path)
+    newcomer = write_photos(tmp_path / "new", 1, seed=9)[0]
     app = create_app(app_settings(catalog.url, tmp_path))
     with TestClient(app=app) as client:
         assert upload(client, newcomer.read_bytes(), k=1).status_code == 200
         loaded = app.state.search.current_snapshot()
         assert app.state.search.current_snapshot() is loaded  # nothing new: no reload
-        engine = sqlalchemy.create_engine(catalog.url)
-        with engine.begin() as conn:
-            added = conn.execute(
-                image_names.insert().values(
-                    file_name="later/new.jpg",
-                    content_hash="0" * 32,
-                    size=1,
-                    mtime_ns=1,
-                    width=160,
-                    height=120,
-                    status="ok",
-                )
-            ).inserted_primary_key
-            assert added is not None
-            features = embed([newcomer])[0].astype("<f4").tobytes()
-            conn.execute(
-                image_features.insert().values(image_id=added[0], model=MODEL, features=features)
-            )
-            assert upload(client, newcomer.read_bytes(), k=1).json()[0]["id"] != added[0]
-            conn.execute(
-                runs.insert().values(
-                    started_at=RUN_FINISHED,
-                    finished_at=datetime(2025, 1, 1),
-                    status="completed",
-                    weights=WEIGHTS_ID,
-                    summary="{}",
-                )
-            )
-        engine.dispose()
+        (catalog.root / "later").mkdir()
+        shutil.copyfile(newcomer, catalog.root / "later/new.jpg")
+        run_id = start_run_and_sync(catalog.url, catalog.root)  # a run, until it completes
+        extract_and_load(catalog.url, catalog.root)
+        refresh_neighbours(catalog.url)
+        added = read_catalog(catalog.url, catalog.root)
+        new_id = added.ids["later/new.jpg"]
+        assert new_id in added.ok_ids  # stored, but its run has not completed yet
+        assert upload(client, newcomer.read_bytes(), k=1).json()[0]["id"] != new_id
+        assert app.state.search.current_snapshot() is loaded
+        complete_run(catalog.url, run_id)
         found = upload(client, newcomer.read_bytes(), k=1).json()
-        assert [(r["id"], r["file_name"]) for r in found] == [(added[0], "later/new.jpg")]
+        assert [(r["id"], r["file_name"]) for r in found] == [(new_id, "later/new.jpg")]
         assert app.state.search.current_snapshot() is not loaded
-        assert len(app.state.search.current_snapshot().ids) == OK_PHOTOS + 1
+        assert sorted(app.state.search.current_snapshot().ids) == added.ok_ids
 
 
 def test_search_of_an_empty_collection_is_empty(database_url: str, tmp_path: Path) -> None:
-    engine = sqlalchemy.create_engine(database_url)
-    metadata.create_all(engine)
-    engine.dispose()
+    with database(database_url):
+        pass  # the tables a first run creates, and nothing in them
     photo = write_photos(tmp_path / "upload", 1)[0].read_bytes()
     with TestClient(app=create_app(app_settings(database_url, tmp_path))) as client:
         response = upload(client, photo)

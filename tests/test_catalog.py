@@ -13,6 +13,10 @@ from sqlalchemy import Engine, func, insert, select, update
 
 from lookalike.sql.schema import (
     FEATURE_DIM,
+    RUN_COMPLETED,
+    RUN_FAILED,
+    RUN_INTERRUPTED,
+    RUN_RUNNING,
     STATUS_OK,
     image_features,
     image_names,
@@ -25,7 +29,8 @@ from lookalike.tasks.catalog import (
     CollectionMismatchError,
     PendingImage,
     apply_changes,
-    count_images,
+    close_interrupted_runs,
+    count_by_status,
     finish_run,
     list_failed,
     list_pending,
@@ -150,7 +155,7 @@ def test_other_weights_are_refused_without_recompute(engine: Engine, tmp_path: P
     assert WEIGHTS in str(info.value) and "other-weights" in str(info.value)
     assert "--recompute" in str(info.value)
     assert read_collection(engine)["weights"] == WEIGHTS  # type: ignore[index]
-    assert count_images(engine) == {"ok": 2, "failed": 0, "pending": 0, "neighbours": 0}
+    assert count_by_status(engine) == {"ok": 2, "failed": 0, "pending": 0, "neighbours": 0}
 
 
 def test_recompute_resets_every_image_and_drops_features_and_neighbours(
@@ -169,7 +174,7 @@ def test_recompute_resets_every_image_and_drops_features_and_neighbours(
 
     assert open_collection(engine, tmp_path, "other-weights", recompute=True) is True
 
-    assert count_images(engine) == {"ok": 0, "failed": 0, "pending": 4, "neighbours": 0}
+    assert count_by_status(engine) == {"ok": 0, "failed": 0, "pending": 4, "neighbours": 0}
     assert feature_ids(engine) == []
     rows = image_rows(engine)
     assert {(r["error"], r["width"], r["height"], bool(r["indexed"])) for r in rows.values()} == {
@@ -283,7 +288,7 @@ def test_unreadable_files_become_failed_rows_with_the_reason(engine: Engine) -> 
     new = image_rows(engine)["new.jpg"]
     assert (new["content_hash"], new["size"], new["mtime_ns"]) == ("", 0, 0)
     assert feature_ids(engine) == [ids["other.jpg"]]
-    assert count_images(engine) == {"ok": 1, "failed": 2, "pending": 0, "neighbours": 0}
+    assert count_by_status(engine) == {"ok": 1, "failed": 2, "pending": 0, "neighbours": 0}
 
 
 def test_file_readable_again_with_the_same_bytes_is_pending_again(
@@ -318,7 +323,7 @@ def test_file_names_are_case_sensitive(engine: Engine, tmp_path: Path) -> None:
     apply_changes(engine, find_changes(tmp_path, read_known(engine)))
 
     assert sorted(read_known(engine)) == ["A.jpg", "a.jpg", "Ä.jpg", "ä.jpg"]
-    assert count_images(engine)["pending"] == 4
+    assert count_by_status(engine)["pending"] == 4
     # A second scan finds nothing new: each name matched its own row.
     again = find_changes(tmp_path, read_known(engine))
     assert (again.new, again.unchanged, again.deleted_ids) == ([], 4, [])
@@ -370,7 +375,7 @@ def test_list_pending_is_ordered_by_file_name(engine: Engine) -> None:
     assert pending[0] == PendingImage(ids["A.jpg"], "A.jpg", "a" * 32)
 
 
-def test_count_images_counts_each_status_and_neighbour_rows(engine: Engine) -> None:
+def test_count_by_status_counts_each_status_and_neighbour_rows(engine: Engine) -> None:
     ids = add_images(engine, *(f"{i}.jpg" for i in range(7)))
     mark_ok(engine, {k: ids[k] for k in ("0.jpg", "1.jpg", "2.jpg")})
     apply_changes(engine, Changes(unreadable={"3.jpg": "unreadable: x", "new.jpg": "gone"}))
@@ -383,11 +388,11 @@ def test_count_images_counts_each_status_and_neighbour_rows(engine: Engine) -> N
         ],
     )
 
-    assert count_images(engine) == {"ok": 3, "failed": 2, "pending": 3, "neighbours": 3}
+    assert count_by_status(engine) == {"ok": 3, "failed": 2, "pending": 3, "neighbours": 3}
 
 
-def test_count_images_of_an_empty_database(engine: Engine) -> None:
-    assert count_images(engine) == {"ok": 0, "failed": 0, "pending": 0, "neighbours": 0}
+def test_count_by_status_of_an_empty_database(engine: Engine) -> None:
+    assert count_by_status(engine) == {"ok": 0, "failed": 0, "pending": 0, "neighbours": 0}
 
 
 def test_stale_neighbour_ids_and_mark_indexed(engine: Engine) -> None:
@@ -425,12 +430,12 @@ def test_start_and_finish_run_store_status_and_summary(engine: Engine) -> None:
     assert second == first + 1
 
     summary = ChangeCounts(found=5, new=2, changed=1, deleted=0, unchanged=2, unreadable=0)
-    finish_run(engine, first, "completed", summary)
-    finish_run(engine, second, "failed", {"error": "MariaDB went away", "ü": [1, 2]})
+    finish_run(engine, first, RUN_COMPLETED, summary)
+    finish_run(engine, second, RUN_FAILED, {"error": "MariaDB went away", "ü": [1, 2]})
 
     with engine.connect() as conn:
         rows = {r.id: r for r in conn.execute(select(runs))}
-    assert rows[first].status == "completed"
+    assert rows[first].status == RUN_COMPLETED
     assert rows[first].weights == WEIGHTS
     assert json.loads(rows[first].summary) == {
         "found": 5,
@@ -441,7 +446,7 @@ def test_start_and_finish_run_store_status_and_summary(engine: Engine) -> None:
         "unreadable": 0,
     }
     assert rows[first].finished_at >= rows[first].started_at
-    assert rows[second].status == "failed"
+    assert rows[second].status == RUN_FAILED
     assert json.loads(rows[second].summary) == {"error": "MariaDB went away", "ü": [1, 2]}
 
 
@@ -449,4 +454,23 @@ def test_a_started_run_is_running_until_finished(engine: Engine) -> None:
     run_id = start_run(engine, WEIGHTS)
     with engine.connect() as conn:
         row = conn.execute(select(runs).where(runs.c.id == run_id)).one()
-    assert (row.status, row.finished_at, row.summary) == ("running", None, None)
+    assert (row.status, row.finished_at, row.summary) == (RUN_RUNNING, None, None)
+
+
+def test_a_run_ends_only_completed_or_failed(engine: Engine) -> None:
+    run_id = start_run(engine, WEIGHTS)
+    for status in ("complete", RUN_RUNNING, RUN_INTERRUPTED):
+        with pytest.raises(ValueError, match="a run ends 'completed' or 'failed'"):
+            finish_run(engine, run_id, status, {})
+    with engine.connect() as conn:
+        assert conn.execute(select(runs.c.status)).scalar_one() == RUN_RUNNING
+
+
+def test_runs_left_running_become_interrupted_and_ended_runs_stay(engine: Engine) -> None:
+    ended, died, also_died = (start_run(engine, WEIGHTS) for _ in range(3))
+    finish_run(engine, ended, RUN_COMPLETED, {})
+    assert close_interrupted_runs(engine) == 2
+    assert close_interrupted_runs(engine) == 0
+    with engine.connect() as conn:
+        statuses = dict(conn.execute(select(runs.c.id, runs.c.status)).tuples().all())
+    assert statuses == {ended: RUN_COMPLETED, died: RUN_INTERRUPTED, also_died: RUN_INTERRUPTED}

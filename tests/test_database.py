@@ -8,6 +8,7 @@ import pytest
 from sqlalchemy import inspect, text
 
 from lookalike.sql.schema import metadata
+from lookalike.tasks.catalog import start_run
 from lookalike.tasks.database import (
     DatabaseError,
     connect_checked,
@@ -65,10 +66,7 @@ def test_the_reader_engine_sees_each_new_commit(mariadb_url: str) -> None:
     query = text("SELECT COUNT(*) FROM runs")
     with reader.connect() as conn:
         before = conn.execute(query).scalar_one()
-    with writer.begin() as conn:
-        conn.execute(
-            text("INSERT INTO runs (status, started_at, weights) VALUES ('running', NOW(), 'x')")
-        )
+    start_run(writer, "x")  # a write committed by another connection
     with reader.connect() as conn:
         assert conn.execute(query).scalar_one() == before + 1
     writer.dispose()

@@ -23,8 +23,8 @@ from lookalike.tasks.decode import (
     ImageDecodeError,
     decode_image,
     decode_image_bytes,
-    sniff_image_type,
 )
+from lookalike.tasks.image_files import sniff_image_type
 from tests.odd_images import (
     BLUE,
     GREY_LEVEL,
@@ -281,31 +281,6 @@ def test_unsupported_formats_are_named(head: bytes, reason: str | None) -> None:
         assert str(caught.value) == reason
     else:
         assert str(caught.value).startswith(("unsupported format: AVIF", "corrupt image data"))
-
-
-@pytest.mark.parametrize(
-    ("fmt", "options", "kind"),
-    [
-        ("JPEG", {}, "jpeg"),
-        ("PNG", {}, "png"),
-        ("WEBP", {}, "webp"),
-        ("GIF", {}, "gif"),
-        ("BMP", {}, "bmp"),
-        ("TIFF", {}, "tiff"),
-        ("TIFF", {"big_tiff": True}, "tiff"),
-    ],
-)
-def test_sniff_image_type_reads_each_magic(fmt: str, options: dict[str, object], kind: str) -> None:
-    data = encode(Image.new("RGB", (4, 4), RED), fmt, **options)
-    assert sniff_image_type(data[:16]) == kind
-
-
-@pytest.mark.parametrize(
-    "head",
-    [b"", b"\xff\xd8", b"hello world12345", b"\x00\x00\x00\x18ftypheic", b"RIFF\0\0\0\0WAVE"],
-)
-def test_sniff_image_type_rejects_other_content(head: bytes) -> None:
-    assert sniff_image_type(head) is None
 
 
 def test_decode_bytes_matches_decode_file(odd_folder: tuple[Path, dict[str, str]]) -> None:

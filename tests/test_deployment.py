@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 from sqlalchemy import func, select
 
-from lookalike.sql.schema import STATUS_OK, image_names, image_neighbours, runs
+from lookalike.sql.schema import RUN_COMPLETED, STATUS_OK, image_names, image_neighbours, runs
 from lookalike.tasks.database import connect_checked
 from tests.odd_images import write_photos
 
@@ -153,6 +153,6 @@ def test_deployment_runs_on_a_process_worker(prefect_env: dict[str, str], tmp_pa
         neighbours = conn.execute(select(func.count()).select_from(image_neighbours)).scalar()
         run_rows = conn.execute(select(runs.c.status)).scalars().all()
     engine.dispose()
-    assert (ok, neighbours, run_rows) == (3, 3 * 2, ["completed"])
+    assert (ok, neighbours, run_rows) == (3, 3 * 2, [RUN_COMPLETED])
     # The pull step ran the flow in LOOKALIKE_PROJECT_DIR: the relative data folder is there.
     assert list((workdir / "data" / "staging" / "features").rglob("*.arrow"))

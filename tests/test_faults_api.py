@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -16,16 +15,21 @@ from urllib.parse import unquote
 
 import pytest
 import schemathesis
-import sqlalchemy
 from httpx import Response
 from hypothesis import HealthCheck, given, settings
 from litestar import Litestar
 from litestar.testing import TestClient
 
 from lookalike.api.app import create_app
-from lookalike.sql.schema import image_names
 from tests.odd_images import HOSTILE_NAMES, small_jpeg
-from tests.test_api import OK_PHOTOS, STORED_K, Catalog, app_settings, build_catalog
+from tests.pipeline_catalog import (
+    Catalog,
+    app_settings,
+    build_catalog,
+    index_folder,
+    read_catalog,
+    tamper_file_names,
+)
 
 pytestmark = pytest.mark.faults
 
@@ -220,7 +224,7 @@ def test_sql_in_q_is_a_literal_substring(
     # Nothing was dropped or changed by any of them.
     assert client.get("/api/stats").json()["images"] == len(catalog.ids) == 11
     assert client.get("/api/images", params={"q": "%"}).json()["total"] == 1  # odd/100%_real.jpg
-    assert client.get("/api/images", params={"q": "_"}).json()["total"] == OK_PHOTOS + 1
+    assert client.get("/api/images", params={"q": "_"}).json()["total"] == 6  # and 5 photo_*
 
 
 def test_a_nul_in_q_matches_no_name(
@@ -309,7 +313,7 @@ def test_malformed_numbers_in_every_query_parameter(
     shared: tuple[Catalog, Litestar, TestClient],
 ) -> None:
     catalog, _, client = shared
-    image_id = catalog.ok_ids[0]
+    image_id = catalog.photo_ids[0]
     photo = (catalog.root / "photos/photo_000_00000.jpg").read_bytes()
     for value in BAD_NUMBERS:
         for name in ("offset", "limit"):
@@ -337,7 +341,7 @@ def test_malformed_k_for_neighbours(shared: tuple[Catalog, Litestar, TestClient]
         "",
         "ten",
         "\x00",
-        str(STORED_K + 1),
+        str(catalog.stored_k + 1),
         "2147483648",
     ):
         assert_json_error(
@@ -382,30 +386,20 @@ UNSERVABLE = (
 )
 
 
-def add_stored_names(catalog: Catalog, names: list[str]) -> dict[str, int]:
-    """Insert pending rows for these file names; their ids."""
-    engine = sqlalchemy.create_engine(catalog.url)
-    ids = {}
-    with engine.begin() as conn:
-        for name in names:
-            row = image_names.insert().values(
-                file_name=name, content_hash=uuid.uuid4().hex, size=1, mtime_ns=1, status="pending"
-            )
-            ids[name] = int(conn.execute(row).inserted_primary_key[0])
-    engine.dispose()
-    return ids
-
-
 @pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
 def test_hostile_stored_names_are_served_safely(
     served: tuple[Catalog, Litestar, TestClient],
 ) -> None:
     catalog, _, client = served
-    for name in HOSTILE_NAMES:
+    for name in (*HOSTILE_NAMES, "pipe.jpg", "folder.jpg"):
         (catalog.root / name).write_bytes(small_jpeg())
-    os.mkfifo(catalog.root / "pipe.jpg")
-    (catalog.root / "folder.jpg").mkdir()
-    ids = add_stored_names(catalog, [*HOSTILE_NAMES, *(name for name, _, _ in UNSERVABLE)])
+    index_folder(catalog.url, catalog.root)  # a run stores the names as it finds them
+    ids = read_catalog(catalog.url, catalog.root).ids
+    # Then two files stop being regular files; the other unservable names no run would store.
+    for name, make in (("pipe.jpg", os.mkfifo), ("folder.jpg", os.mkdir)):
+        (catalog.root / name).unlink()
+        make(catalog.root / name)
+    ids |= tamper_file_names(catalog.url, [name for name, _, _ in UNSERVABLE if name not in ids])
 
     for name in HOSTILE_NAMES:
         image_id = ids[name]
@@ -415,7 +409,8 @@ def test_hostile_stored_names_are_served_safely(
         assert not set("\r\n") & set(disposition) and disposition.startswith("inline;"), name
         thumbnail = client.get(f"/api/images/{image_id}/thumbnail?size=64")
         assert thumbnail.status_code == 200 and thumbnail.content[:3] == b"\xff\xd8\xff", name
-        assert client.get(f"/api/images/{image_id}").json()["file_name"] == name
+        detail = client.get(f"/api/images/{image_id}").json()
+        assert (detail["file_name"], detail["status"]) == (name, "ok"), name
         assert client.get(f"/data/image_name/{image_id}").json() == [name]
         found = client.get("/api/images", params={"q": name, "limit": 500}).json()["items"]
         assert image_id in [item["id"] for item in found], name

@@ -32,7 +32,15 @@ from sqlalchemy import create_engine, func, insert, select, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError
 
-from lookalike.sql.schema import image_features, image_names, image_neighbours, runs
+from lookalike.sql.schema import (
+    RUN_COMPLETED,
+    RUN_FAILED,
+    RUN_INTERRUPTED,
+    image_features,
+    image_names,
+    image_neighbours,
+    runs,
+)
 from lookalike.tasks.catalog import (
     apply_changes,
     list_pending,
@@ -302,7 +310,7 @@ def test_killed_during_extraction_a_rerun_extracts_only_the_rest(
     after = staged_files(staging)
     assert {name: after[name] for name in before} == before  # never written again
     assert len(after) == PHOTOS
-    assert run_statuses(url) == ["interrupted", "completed"]
+    assert run_statuses(url) == [RUN_INTERRUPTED, RUN_COMPLETED]
     assert_same_tables(read_tables(url), reference.tables)
 
 
@@ -382,7 +390,7 @@ def test_killed_in_feature_load_and_in_neighbour_swap_a_rerun_completes(
     assert (summary["neighbour_mode"], summary["neighbour_rows"]) == ("full", PHOTOS * K)
     assert summary["tensorflow_imported"] is False
     assert staged_files(data / "staging") == staged  # the staged batches were only read
-    assert run_statuses(mariadb_url) == ["interrupted", "interrupted", "completed"]
+    assert run_statuses(mariadb_url) == [RUN_INTERRUPTED, RUN_INTERRUPTED, RUN_COMPLETED]
     assert_same_tables(read_tables(mariadb_url), reference.tables)
     engine = connect_checked(mariadb_url)
     with engine.connect() as conn:
@@ -445,7 +453,7 @@ def test_mariadb_killed_mid_load_and_restarted_the_run_retries_and_completes(
     assert task_run_counts(summary["flow_run_id"])["load-features"] >= 2
     assert (summary["new"], summary["extracted"], summary["failed"]) == (PHOTOS, 0, 0)
     assert (summary["cached_batches"], summary["neighbour_rows"]) == (PHOTOS, PHOTOS * K)
-    assert run_statuses(url) == ["completed"]
+    assert run_statuses(url) == [RUN_COMPLETED]
     assert_same_tables(read_tables(url), reference.tables)
 
 
@@ -501,7 +509,7 @@ def test_full_staging_disk_fails_in_one_line_and_a_good_folder_then_works(
     assert {p.name: p.read_bytes() for p in small_disk.glob("features/*/*.arrow")} == before
     assert [p.name for p in small_disk.rglob("*") if p.is_file() and p.suffix == ".tmp"] == []
     assert count_rows(url, image_neighbours) == 0
-    assert run_statuses(url) == ["failed"]
+    assert run_statuses(url) == [RUN_FAILED]
 
     good = tmp_path / "good-staging"
     summary = start_cli(
@@ -509,7 +517,7 @@ def test_full_staging_disk_fails_in_one_line_and_a_good_folder_then_works(
     ).summary()
     assert (summary["new"], summary["extracted"], summary["unchanged"]) == (0, 0, PHOTOS)
     assert (summary["neighbour_mode"], summary["neighbour_rows"]) == ("full", PHOTOS * K)
-    assert run_statuses(url) == ["failed", "completed"]
+    assert run_statuses(url) == [RUN_FAILED, RUN_COMPLETED]
     assert_same_tables(read_tables(url), reference.tables)
 
 

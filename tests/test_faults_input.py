@@ -23,8 +23,9 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 from PIL import Image
 
-from lookalike.sql.schema import image_names, metadata
+from lookalike.sql.schema import image_names
 from lookalike.tasks.catalog import apply_changes
+from lookalike.tasks.database import connect_checked
 from lookalike.tasks.decode import INPUT_SIZE, ImageDecodeError, decode_image, decode_image_bytes
 from lookalike.tasks.discover import (
     MAX_FILE_NAME_CHARS,
@@ -78,8 +79,7 @@ def stored_names(url: str) -> dict[str, str]:
 
 def catalog_into(url: str, root: Path) -> dict[str, str]:
     """Run discovery and the catalog write against a fresh database; the stored names."""
-    engine = sqlalchemy.create_engine(url)
-    metadata.create_all(engine)
+    engine = connect_checked(url)  # the schema as a run creates it
     apply_changes(engine, find_changes(root, {}))
     engine.dispose()
     return stored_names(url)

@@ -232,3 +232,27 @@ def test_only_the_loader_connection_may_load_local_files(mariadb_url: str, tmp_p
     finally:
         api.dispose()
         loader.dispose()
+
+
+def test_a_copy_of_an_image_staged_under_another_name_gets_its_vector(
+    database_url: str, tmp_path: Path
+) -> None:
+    """A copy's one-image batch has the key of the original's, so it is never staged itself."""
+    from lookalike.tasks.catalog import PendingImage
+    from lookalike.tasks.extract import batch_key
+
+    original = PendingImage(1, "original.jpg", hash_of("original.jpg"))
+    copy = PendingImage(2, "copy.jpg", original.content_hash)
+    assert batch_key([copy], "w") == batch_key([original], "w")
+    engine = connect_checked(database_url)
+    features = every_byte_features(1, seed=3)
+    staged = stage_batch(tmp_path / "a.arrow", ["original.jpg"], features, failed=set())
+    (copy_id,) = add_pending(engine, ["copy.jpg"])
+    with engine.begin() as conn:  # the copy's bytes are the original's
+        conn.execute(image_names.update().values(content_hash=original.content_hash))
+    counts = load_feature_batches(engine, [staged], scratch_dir=tmp_path / "scratch")
+    assert (counts.ok, counts.failed) == (1, 0)
+    stored_ids, stored = read_feature_rows(engine)
+    assert stored_ids.tolist() == [copy_id]
+    np.testing.assert_array_equal(stored.view(np.uint32), features.view(np.uint32))
+    engine.dispose()

@@ -2,20 +2,18 @@
 
 from __future__ import annotations
 
-from datetime import datetime
 from pathlib import Path
 
 import pytest
 from litestar.testing import TestClient
-from sqlalchemy import insert, update
 
 from lookalike.api.app import create_app
 from lookalike.api.errors import BadRequestError
 from lookalike.api.neighbour_cache import NeighbourCache
 from lookalike.api.repository import ImageRepository
-from lookalike.sql.schema import image_neighbours, runs
-from lookalike.tasks.database import create_db_engine, create_reader_engine
-from tests.test_api import Catalog, app_settings, build_catalog
+from lookalike.tasks.database import create_reader_engine
+from tests.odd_images import write_photos
+from tests.pipeline_catalog import PENDING, Catalog, app_settings, build_catalog, index_folder
 
 pytestmark = pytest.mark.mariadb
 
@@ -42,7 +40,7 @@ def test_lists_in_memory_equal_the_database_for_every_image_and_k(
         with pytest.raises(BadRequestError, match=f"k must be between 1 and {stored}"):
             cache.lookup(image_id, stored + 1)
     # Ids without lists (pending, failed, unknown) are left to the database's answers.
-    pending = max(catalog.ids.values())
+    pending = catalog.ids[PENDING]
     assert pending not in catalog.neighbours
     assert cache.lookup(pending, None) is None
     assert cache.lookup(10**6, None) is None
@@ -53,31 +51,19 @@ def test_a_completed_run_sends_requests_to_the_database_until_reloaded(
 ) -> None:
     cache = NeighbourCache(repository)
     cache.refresh()
-    first = catalog.ok_ids[0]
-    before = cache.lookup(first, 1)
-    assert before is not None
-    writer = create_db_engine(catalog.url)
-    with writer.begin() as conn:  # a run rewrites a distance, then records its end
-        conn.execute(
-            update(image_neighbours)
-            .where(image_neighbours.c.image_id == first, image_neighbours.c.rank == 1)
-            .values(distance=0.5)
-        )
-        conn.execute(
-            insert(runs).values(
-                started_at=datetime(2030, 1, 1),
-                finished_at=datetime(2030, 1, 1, 0, 5),
-                status="completed",
-                weights="w",
-            )
-        )
-    writer.dispose()
+    first = catalog.photo_ids[0]
+    before = cache.lookup(first, None)
+    assert before is not None and len(before) == catalog.stored_k
+    write_photos(catalog.root / "later", 1, seed=9)
+    # A run: the new photo joins every list, the two files changed on disk leave them.
+    index_folder(catalog.url, catalog.root)
     # Before the next poll the old list is still served, as the API's reader saw it.
-    assert cache.lookup(first, 1) == before
+    assert cache.lookup(first, None) == before
     cache.refresh()
-    after = cache.lookup(first, 1)
-    assert after is not None and after[0].distance == 0.5
-    assert after == repository.get_neighbours(first, 1)
+    after = cache.lookup(first, None)
+    assert after is not None and after != before
+    assert after == repository.get_neighbours(first, None)
+    assert "later/photo_009_00000.jpg" in {neighbour.file_name for neighbour in after}
 
 
 def test_the_service_answers_from_memory_once_loaded(catalog: Catalog, tmp_path: Path) -> None:
@@ -86,7 +72,7 @@ def test_the_service_answers_from_memory_once_loaded(catalog: Catalog, tmp_path:
         cache = app.state.neighbour_cache
         assert isinstance(cache, NeighbourCache)
         assert cache.wait_until_loaded(timeout=30)
-        first = catalog.ok_ids[0]
+        first = catalog.photo_ids[0]
         body = client.get(f"/api/images/{first}/neighbours", params={"k": 3}).json()
         assert [(n["id"], n["rank"]) for n in body] == [
             (neighbour, rank)

@@ -21,7 +21,14 @@ import numpy as np
 import pytest
 from sqlalchemy import select, update
 
-from lookalike.sql.schema import STATUS_PENDING, collection, image_features, image_names, runs
+from lookalike.sql.schema import (
+    RUN_COMPLETED,
+    STATUS_PENDING,
+    collection,
+    image_features,
+    image_names,
+    runs,
+)
 from lookalike.tasks.catalog import CollectionMismatchError
 from lookalike.tasks.database import connect_checked
 from lookalike.tasks.lock import RunLockError, hold_run_lock
@@ -377,5 +384,5 @@ def test_two_concurrent_cli_runs_never_interleave(  # type: ignore[no-untyped-de
     with engine.connect() as conn:
         rows = conn.execute(select(runs).order_by(runs.c.started_at)).all()
     engine.dispose()
-    assert [r.status for r in rows] == ["completed", "completed"]
+    assert [r.status for r in rows] == [RUN_COMPLETED, RUN_COMPLETED]
     assert rows[0].finished_at <= rows[1].started_at  # the runs never overlapped

@@ -19,7 +19,7 @@ class LegacyController(Controller):
     @get("/image_count", sync_to_thread=True)
     def image_count(self, repository: ImageRepository) -> int:
         """How many images there are, as a bare JSON integer."""
-        return repository.count_images()
+        return repository.count_all_images()
 
     @get("/image_name/{image_id:int}", sync_to_thread=True)
     def image_name(self, repository: ImageRepository, image_id: ImageId) -> list[str]:
