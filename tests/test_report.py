@@ -223,21 +223,22 @@ def test_failed_images_and_neighbour_summaries_are_published(prefect_harness: No
     ]
 
 
-def test_extraction_progress_only_goes_forward_and_ends_at_100(prefect_harness: None) -> None:
-    # Imported here: the progress API is being reworked (tasks.progress) in parallel.
-    from lookalike.tasks.report import ExtractionProgress, advance_extraction_progress
+def test_the_progress_artifact_follows_a_stage_and_ends_at_100(prefect_harness: None) -> None:
+    from lookalike.tasks.progress import StageProgress, advance_progress
+    from lookalike.tasks.report import ProgressArtifact
 
     def steps() -> list[Any]:
-        progress = ExtractionProgress(10)
-        seen = [read_artifact(progress.artifact_id)]
-        advance_extraction_progress(progress.token, 3)  # a task in this process: per batch
-        seen.append(read_artifact(progress.artifact_id).data)
+        artifact = ProgressArtifact(10)
+        seen = [read_artifact(artifact.artifact_id)]
+        progress = StageProgress("extract", 10, [artifact])
+        advance_progress(progress.token, 3)  # a task in this process: per batch
+        seen.append(read_artifact(artifact.artifact_id).data)
         progress.finish_shard(2)  # a shard that ran elsewhere reports fewer: the figure stays
-        seen.append(read_artifact(progress.artifact_id).data)
+        seen.append(read_artifact(artifact.artifact_id).data)
         progress.close(completed=True)
-        seen.append(read_artifact(progress.artifact_id).data)
-        advance_extraction_progress(progress.token, 5)  # closed: forgotten, nothing happens
-        seen.append(read_artifact(progress.artifact_id).data)
+        seen.append(read_artifact(artifact.artifact_id).data)
+        advance_progress(progress.token, 5)  # closed: forgotten, nothing happens
+        seen.append(read_artifact(artifact.artifact_id).data)
         return seen
 
     created, *figures = in_a_flow_run(steps)
@@ -245,16 +246,18 @@ def test_extraction_progress_only_goes_forward_and_ends_at_100(prefect_harness: 
     assert figures == [30.0, 30.0, 100.0, 100.0]
 
 
-def test_a_failed_extraction_keeps_its_figure_and_nothing_to_do_is_done(
+def test_a_failed_stage_keeps_its_figure_and_nothing_to_do_is_done(
     prefect_harness: None,
 ) -> None:
-    from lookalike.tasks.report import ExtractionProgress
+    from lookalike.tasks.progress import StageProgress
+    from lookalike.tasks.report import ProgressArtifact
 
     def steps() -> tuple[UUID, UUID]:
-        failed = ExtractionProgress(4)
+        artifact = ProgressArtifact(4)
+        failed = StageProgress("extract", 4, [artifact])
         failed.advance_batch(1)
         failed.close(completed=False)
-        return failed.artifact_id, ExtractionProgress(0).artifact_id
+        return artifact.artifact_id, ProgressArtifact(0).artifact_id
 
     failed, empty = in_a_flow_run(steps)
     assert (read_artifact(failed).data, read_artifact(empty).data) == (25.0, 100.0)
