@@ -23,7 +23,6 @@ from lookalike.api.fingerprint import GRID, plasma_table
 from lookalike.api.repository import ImageRepository, StatsCache
 from lookalike.sql.schema import STATUS_FAILED, image_features, image_names, runs
 from lookalike.tasks.catalog import MODEL_NAME
-from tests import pipeline_catalog
 from tests.odd_images import bomb_png, write_photos
 from tests.pipeline_catalog import (
     BROKEN,
@@ -35,6 +34,7 @@ from tests.pipeline_catalog import (
     PNG_NAMED_JPG,
     Catalog,
     app_settings,
+    build_catalog,
     complete_run,
     database,
     extract_and_load,
@@ -44,17 +44,6 @@ from tests.pipeline_catalog import (
 )
 
 REPO = Path(__file__).resolve().parent.parent
-
-
-# tests/test_api_browser.py (another engineer's) imports build_catalog and model_vectors from
-# here and passes embed=: these two keep it working until it imports tests.pipeline_catalog.
-def model_vectors(model: object) -> None:
-    """Nothing: every catalog's features come from the pipeline's extraction with this model."""
-
-
-def build_catalog(url: str, base: Path, embed: object = None) -> Catalog:
-    """tests.pipeline_catalog.build_catalog (embed is ignored, see model_vectors)."""
-    return pipeline_catalog.build_catalog(url, base)
 
 
 @pytest.fixture

@@ -22,7 +22,7 @@ from lookalike.api.app import create_app
 from lookalike.sql.schema import metadata
 from lookalike.tasks.settings import Settings
 from scripts.chromium_args import CHROMIUM, launch_chromium
-from tests.test_api import Catalog, app_settings, build_catalog, model_vectors
+from tests.pipeline_catalog import Catalog, app_settings, build_catalog
 
 TIMEOUT_MS = 20_000
 
@@ -64,12 +64,9 @@ def serving(settings: Settings) -> Iterator[str]:
 @pytest.fixture(scope="module")
 def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Catalog]]:
     """A SQLite catalog whose features come from the model, served."""
-    from lookalike.tasks.extract import load_feature_model
 
     base = tmp_path_factory.mktemp("browser")
-    catalog = build_catalog(
-        f"sqlite:///{base / 'db.sqlite'}", base, embed=model_vectors(load_feature_model("none", 1))
-    )
+    catalog = build_catalog(f"sqlite:///{base / 'db.sqlite'}", base)
     with serving(app_settings(catalog.url, base)) as url:
         yield url, catalog
 
