@@ -9,7 +9,8 @@ import pytest
 
 import lookalike.tasks.knn.space as knn_space
 from lookalike.tasks.knn import NeighbourLists, knn_all, knn_row_block, merge_row_blocks
-from lookalike.tasks.knn.query import knn_query, prepare_query_space
+from lookalike.tasks.knn.query import knn_query, pair_space, prepare_query_space, query_left
+from lookalike.tasks.knn.rerank import direct_distances, pair_sq_distances, rerank_rows, to_distance
 from lookalike.tasks.knn.space import (
     FeatureSpace,
     KnnInputError,
@@ -249,3 +250,25 @@ def test_a_zero_query_is_refused_for_cosine_only() -> None:
     found = knn_query(prepare_query_space(features, np.arange(8)), zero, 3)
     np.testing.assert_array_equal(found.neighbour_ids[0], [0, 1, 2])  # all at 1, by id
 
+
+def test_distances_do_not_depend_on_candidates_left_out_by_the_filter() -> None:
+    """A list's last entry keeps its float32 distance whether padding or a far row follows it.
+
+    How many candidates pass the plausible filter differs between a pass and a query (their
+    expanded distances round differently); the re-rank must not recompute the last entry in
+    float64 just because the filter left padding behind it.
+    """
+    rng = np.random.default_rng(14)  # a seed where float32 and float64 round apart
+    features = rng.standard_normal((50, 256)).astype(np.float32)
+    space = prepare_query_space(features, np.arange(50))
+    query = rng.standard_normal(256).astype(np.float32)
+    order = np.argsort(np.linalg.norm(features.astype(np.float64) - query, axis=1))
+    rows = order[[0, 1, 2, 49]]  # the three nearest, and the farthest
+    pairs = pair_space(space, query, query_left(space, query)[-1], rows)
+    in_float32 = direct_distances(pairs, np.zeros(1, np.int64), np.array([[3]]))[0, 0]
+    in_float64 = to_distance("euclidean", pair_sq_distances(pairs, [0], [3], precise=True))[0]
+    assert in_float32 != in_float64  # so the test can tell which one the list holds
+    padded = rerank_rows(pairs, np.zeros(1, np.int64), np.array([[1, 2, 3, -1]]), 3)
+    followed = rerank_rows(pairs, np.zeros(1, np.int64), np.array([[1, 2, 3, 4]]), 3)
+    np.testing.assert_array_equal(padded[0], followed[0])
+    np.testing.assert_array_equal(padded[1].view(np.uint32), followed[1].view(np.uint32))
