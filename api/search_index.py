@@ -1,4 +1,9 @@
-"""Search by example: the feature model and feature matrix, held in memory, refreshed per run."""
+"""Search by example: the feature model and the prepared feature space, refreshed per run.
+
+The model comes from tasks/models.py and the ranking from the kNN engine (tasks/knn/query.py),
+so an upload is ranked as the stored neighbour lists are; neither imports Prefect or the
+extraction pipeline, which would reconfigure the web server's logging.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +11,6 @@ import logging
 import threading
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, Protocol
 
 import numpy as np
 from PIL import Image
@@ -14,61 +18,80 @@ from PIL import Image
 from lookalike.api.errors import ServiceUnavailableError, UnreadableImageError
 from lookalike.api.repository import CollectionInfo, ImageRepository
 from lookalike.api.schemas import Neighbour
+from lookalike.tasks.decode import ImageDecodeError, decode_image_bytes
+from lookalike.tasks.errors import first_line
+from lookalike.tasks.knn.query import knn_query, prepare_query_space
+from lookalike.tasks.knn.space import FeatureSpace
+from lookalike.tasks.models import (
+    INCEPTION_V3,
+    FeatureModel,
+    ModelSpec,
+    WeightsError,
+    load_feature_model,
+    weights_identity,
+)
 from lookalike.tasks.settings import Settings
 
 log = logging.getLogger(__name__)
 
 SEARCH_BATCH_SIZE = 1  # one upload at a time: no padding to a large batch
+# The metric of the stored lists (tasks.neighbours runs the engine with its default).
+SEARCH_METRIC = "euclidean"
 
 
 Marker = tuple[datetime | None, CollectionInfo | None]  # last completed run, collection row
 
 
-class FeatureModel(Protocol):
-    """What search needs of tasks.extract's model."""
-
-    def embed(self, pixels: np.ndarray) -> np.ndarray: ...
-
-
 @dataclass(frozen=True)
 class IndexSnapshot:
-    """The model and matrix of one completed state of the collection."""
+    """The model and the prepared feature space of one completed state of the collection."""
 
     marker: Marker
-    model: FeatureModel | None
-    ids: np.ndarray
-    vectors: np.ndarray
-    squared_norms: np.ndarray
+    model: FeatureModel | None  # None: no stored vector to search (the model is not loaded)
+    space: FeatureSpace | None  # None: likewise
+
+    @property
+    def ids(self) -> np.ndarray:
+        """Image ids of the stored vectors, in the space's row order."""
+        return np.empty(0, np.int64) if self.space is None else self.space.ids
 
 
 class SimilaritySearch:
     """Exact euclidean search of an uploaded image against every stored feature vector.
 
-    The model and the matrix are loaded on the first search and again only after a newer run
-    has completed (one cheap query on the small runs table per search), never per request.
+    The model and the prepared space are loaded on the first search and again only after a
+    newer run has completed (one cheap query on the small runs table per search), never per
+    request; a search then costs one forward pass and one matrix-vector product.
     """
 
-    def __init__(self, repository: ImageRepository, settings: Settings) -> None:
+    def __init__(
+        self, repository: ImageRepository, settings: Settings, spec: ModelSpec = INCEPTION_V3
+    ) -> None:
         self.repository = repository
         self.settings = settings
+        self.spec = spec
         self._snapshot: IndexSnapshot | None = None
         self._load_lock = threading.Lock()
         self._model_lock = threading.Lock()  # one forward pass at a time keeps memory flat
 
     def search(self, data: bytes, k: int) -> list[Neighbour]:
         """The k stored images nearest to the uploaded image, closest first."""
-        pixels = decode_upload(data, self.settings.max_image_pixels)
+        pixels = decode_upload(data, self.settings.max_image_pixels, self.spec.input_size)
         snapshot = self.current_snapshot()
-        if snapshot.model is None or len(snapshot.ids) == 0:
+        if snapshot.model is None or snapshot.space is None:
             return []
         with self._model_lock:
-            query = np.asarray(snapshot.model.embed(pixels[np.newaxis]), dtype=np.float32)[0]
-        ids, distances = nearest_rows(snapshot, query, k)
+            query = snapshot.model.embed(pixels[np.newaxis])
+        found = knn_query(snapshot.space, query, k)
+        return self.neighbours(found.neighbour_ids[0], found.distances[0])
+
+    def neighbours(self, ids: np.ndarray, distances: np.ndarray) -> list[Neighbour]:
+        """Ranked answers for these ids; an image deleted since the space was loaded is skipped."""
         names = self.repository.file_names(ids.tolist())
         found = [
             (int(image_id), float(distance))
             for image_id, distance in zip(ids, distances, strict=True)
-            if int(image_id) in names  # an image deleted since the matrix was loaded is skipped
+            if int(image_id) in names
         ]
         return [
             Neighbour(id=image_id, file_name=names[image_id], rank=rank, distance=distance)
@@ -97,45 +120,30 @@ class SimilaritySearch:
         return snapshot
 
     def _load_snapshot(self, marker: Marker) -> IndexSnapshot:
-        """Load the model for the collection's weights and every stored feature vector."""
+        """Load the model for the collection's weights and prepare every stored vector once."""
         info = marker[1]
         if info is None:
-            empty = np.empty((0, 0), dtype=np.float32)
-            return IndexSnapshot(marker, None, np.empty(0, np.int64), empty, np.empty(0))
-        weights = model_weights_for(info.weights, self.settings.weights)
-        model = load_search_model(weights)
+            return IndexSnapshot(marker, None, None)
+        if info.model != self.spec.name:
+            raise ServiceUnavailableError(
+                f"the collection was indexed with model {info.model!r}; "
+                f"search by upload runs {self.spec.name}"
+            )
         matrix = self.repository.load_feature_matrix(info.model)
-        vectors = matrix.vectors
-        squared_norms = np.einsum("ij,ij->i", vectors, vectors, dtype=np.float64)
-        log.info("search index loaded: %d vectors, weights %s", len(matrix.ids), info.weights)
-        return IndexSnapshot(marker, model, matrix.ids, vectors, squared_norms)
+        if len(matrix.ids) == 0:  # nothing to rank: the model is not worth loading
+            return IndexSnapshot(marker, None, None)
+        model = load_search_model(model_weights_for(info.weights, self.settings.weights), self.spec)
+        space = prepare_query_space(matrix.vectors, matrix.ids, metric=SEARCH_METRIC)
+        log.info("search index loaded: %d vectors, weights %s", space.n, info.weights)
+        return IndexSnapshot(marker, model, space)
 
 
-def nearest_rows(
-    snapshot: IndexSnapshot, query: np.ndarray, k: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """Ids and euclidean distances of the k rows nearest to query, closest first."""
-    # |x - q|^2 = |x|^2 - 2 x.q + |q|^2: one matrix-vector product over the whole collection.
-    products = snapshot.vectors @ query
-    squared = snapshot.squared_norms - 2.0 * products + float(query @ query)
-    count = min(k, len(squared))
-    if count < len(squared):
-        nearest = np.argpartition(squared, count - 1)[:count]
-    else:
-        nearest = np.arange(count)
-    order = nearest[np.argsort(squared[nearest], kind="stable")]
-    distances = np.sqrt(np.maximum(squared[order], 0.0))
-    return snapshot.ids[order], distances
-
-
-def decode_upload(data: bytes, max_pixels: int) -> np.ndarray:
-    """The upload as (299, 299, 3) uint8 pixels; UnreadableImageError when it is not an image."""
-    from lookalike.tasks.decode import ImageDecodeError, decode_image_bytes
-
+def decode_upload(data: bytes, max_pixels: int, size: int = INCEPTION_V3.input_size) -> np.ndarray:
+    """The upload as (size, size, 3) uint8 pixels; UnreadableImageError when it is no image."""
     if not data:
         raise UnreadableImageError("the uploaded file is empty")
     try:
-        return decode_image_bytes(data, max_pixels=max_pixels).pixels
+        return decode_image_bytes(data, size=size, max_pixels=max_pixels).pixels
     except ImageDecodeError as exc:
         raise UnreadableImageError(f"not a readable image: {exc}") from None
     except Image.DecompressionBombError as exc:
@@ -145,15 +153,13 @@ def decode_upload(data: bytes, max_pixels: int) -> np.ndarray:
 def model_weights_for(stored: str, configured: str) -> str:
     """The weights argument that rebuilds the model the collection was indexed with.
 
-    The collection stores tasks.extract.weights_identity(weights); a weights file cannot be
+    The collection stores tasks.models.weights_identity(weights); a weights file cannot be
     found again from its identity, so it must be the one configured (LOOKALIKE_WEIGHTS).
     """
     if stored == "imagenet":
         return "imagenet"
     if stored == "none" or stored.startswith("none "):
         return "none"
-    from lookalike.tasks.extract import WeightsError, weights_identity
-
     try:
         if configured not in ("imagenet", "none") and weights_identity(configured) == stored:
             return configured
@@ -165,14 +171,11 @@ def model_weights_for(stored: str, configured: str) -> str:
     )
 
 
-def load_search_model(weights: str) -> FeatureModel:
-    """The feature model for one image at a time (built once per process by tasks.extract)."""
-    from lookalike.tasks.extract import load_feature_model
-
+def load_search_model(weights: str, spec: ModelSpec = INCEPTION_V3) -> FeatureModel:
+    """The feature model for one image at a time (built once per process by tasks.models)."""
     try:
-        model: Any = load_feature_model(weights, SEARCH_BATCH_SIZE)
+        return load_feature_model(weights, SEARCH_BATCH_SIZE, spec)
     except Exception as exc:  # weights missing, not downloadable, or corrupt: search is down
         log.exception("cannot load the feature model")
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        reason = first_line(exc)
         raise ServiceUnavailableError(f"cannot load the feature model: {reason}") from None
-    return model  # type: ignore[no-any-return]

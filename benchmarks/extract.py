@@ -39,11 +39,13 @@ from lookalike.tasks.catalog import PendingImage  # noqa: E402
 from lookalike.tasks.decode import decode_image, decode_image_bytes  # noqa: E402
 from lookalike.tasks.extract import (  # noqa: E402
     ExtractTimings,
-    FeatureModel,
     default_decode_workers,
     extract_batches,
-    load_feature_model,
     plan_batches,
+)
+from lookalike.tasks.models import (  # noqa: E402
+    FeatureModel,
+    load_feature_model,
     weights_identity,
 )
 from lookalike.tasks.settings import Settings  # noqa: E402

@@ -1,4 +1,7 @@
-"""Extraction: InceptionV3 features for batches of images, decoded in parallel with the model."""
+"""Extraction: features of batches of images, decoded in threads while the model runs.
+
+The Prefect tasks, batching and the decoding pipeline; the model itself is tasks/models.py.
+"""
 
 from __future__ import annotations
 
@@ -20,7 +23,6 @@ from prefect import get_run_logger, task
 from prefect.assets import materialize
 from prefect.cache_policies import NO_CACHE, CachePolicy
 
-from lookalike.sql.schema import FEATURE_DIM
 from lookalike.tasks.catalog import MODEL_NAME, PendingImage, list_pending
 from lookalike.tasks.database import DATABASE_RETRIES, engine_for
 from lookalike.tasks.decode import (
@@ -30,7 +32,9 @@ from lookalike.tasks.decode import (
     ImageDecodeError,
     decode_image,
 )
-from lookalike.tasks.errors import LookalikeError
+from lookalike.tasks.models import FeatureModel, load_feature_model
+from lookalike.tasks.models import WeightsError as WeightsError
+from lookalike.tasks.models import weights_identity as weights_identity
 from lookalike.tasks.progress import advance_progress
 from lookalike.tasks.report import (
     count_image_reads,
@@ -40,10 +44,9 @@ from lookalike.tasks.stage import feature_batch_path, read_table, write_feature_
 
 log = logging.getLogger(__name__)
 
-RANDOM_INIT_SEED = 0
-# Part of the identity of weights "none": features from an older random init (Keras's own
-# initialisers, which differed between processes) must never share a cache key with these.
-RANDOM_INIT_SCHEME = "numpy he-uniform"
+# WeightsError and weights_identity (imported "as" themselves) are re-exported for callers
+# that still import them from here (flows/process.py, tasks/errors.py); they live in models.
+
 # Batches decoded ahead of the model. Pixels held at once: (PREFETCH_BATCHES + 1) batches,
 # about 50 MB at batch size 64, however many images a run has.
 PREFETCH_BATCHES = 2
@@ -55,10 +58,6 @@ CPU_DECODE_NICENESS = 10
 REDUCED_SCALE_TAG = "jpeg-draft-reduced-scale"
 
 
-class WeightsError(LookalikeError, ValueError):
-    """The --weights value cannot be used; one line for the user."""
-
-
 @dataclass(frozen=True)
 class Batch:
     """Images extracted together; the key names their staged Arrow file."""
@@ -66,23 +65,6 @@ class Batch:
     key: str
     images: tuple[PendingImage, ...]
     reduced_scale: bool = False  # decode big JPEGs at 1/2, 1/4 or 1/8 scale (part of the key)
-
-
-def weights_identity(weights: str) -> str:
-    """A stable name for the weights, stored with the collection and in cache keys."""
-    if weights == "imagenet":
-        return "imagenet"
-    if weights == "none":
-        return f"none (random init, seed {RANDOM_INIT_SEED}, {RANDOM_INIT_SCHEME})"
-    path = Path(weights)
-    if not path.is_file():
-        raise WeightsError(
-            f"weights must be 'imagenet', 'none' or an .h5 file; not found: {weights}"
-        )
-    if not path.name.endswith(".h5"):
-        raise WeightsError(f"weights file must be a Keras .h5 file: {weights}")
-    digest = hashlib.blake2b(path.read_bytes(), digest_size=8).hexdigest()
-    return f"file {path.name} ({digest})"
 
 
 def batch_key(
@@ -136,107 +118,18 @@ class ExtractTimings:
     write: float = 0.0  # wall seconds staging features to Arrow files
 
 
-class FeatureModel:
-    """InceptionV3 without its top, average-pooled: uint8 pixels in, 2048 float32 out."""
-
-    def __init__(self, weights: str, batch_size: int) -> None:
-        import keras
-        import tensorflow as tf
-
-        self.weights_id = weights_identity(weights)
-        self.model_name = MODEL_NAME
-        self.batch_size = batch_size
-        self.on_gpu = bool(tf.config.list_physical_devices("GPU"))
-        _configure_devices(tf, keras, self.on_gpu)
-        self.model = keras.applications.InceptionV3(
-            include_top=False,
-            pooling="avg",
-            input_shape=(INPUT_SIZE, INPUT_SIZE, 3),
-            weights=None if weights == "none" else weights,
-        )
-        if weights == "none":
-            seed_weights(self.model, RANDOM_INIT_SEED)
-        spec = tf.TensorSpec([batch_size, INPUT_SIZE, INPUT_SIZE, 3], tf.uint8)
-        self._forward = tf.function(self._call, input_signature=[spec], jit_compile=self.on_gpu)
-
-    def _call(self, pixels: Any) -> Any:
-        import tensorflow as tf
-
-        scaled = tf.cast(pixels, tf.float32) / 127.5 - 1.0  # inception_v3.preprocess_input
-        return tf.cast(self.model(scaled, training=False), tf.float32)
-
-    def embed(self, pixels: np.ndarray) -> np.ndarray:
-        """Features of up to batch_size images; short batches are padded so nothing retraces."""
-        count = len(pixels)
-        out = np.empty((count, FEATURE_DIM), dtype=np.float32)
-        for start in range(0, count, self.batch_size):
-            chunk = pixels[start : start + self.batch_size]
-            padded = np.zeros((self.batch_size, INPUT_SIZE, INPUT_SIZE, 3), dtype=np.uint8)
-            padded[: len(chunk)] = chunk
-            out[start : start + len(chunk)] = self._forward(padded).numpy()[: len(chunk)]
-        return out
-
-
-def seed_weights(model: Any, seed: int) -> None:
-    """Set every weight from numpy's seeded generator: the same model in any process or machine.
-
-    Keras's own initialisers draw from TensorFlow's random state, which differs between
-    processes (e.g. Dask workers); numpy's PCG64 stream does not. Variables are filled in
-    model.weights order. Kernels are He-uniform (limit sqrt(6 / fan_in)), which keeps the
-    activations of the 94 ReLU layers near unit scale (Glorot shrinks them about 1000-fold);
-    batch normalisation is the identity (gamma 1, beta 0, mean 0, variance 1), biases are 0.
-    """
-    rng = np.random.default_rng(seed)
-    for variable in model.weights:
-        shape = tuple(int(size) for size in variable.shape)
-        variable.assign(_initial_value(variable.path.rsplit("/", 1)[-1], shape, rng))
-
-
-def _initial_value(name: str, shape: tuple[int, ...], rng: np.random.Generator) -> np.ndarray:
-    """The seeded value of one variable, from its name and shape."""
-    if name in ("gamma", "moving_variance"):
-        return np.ones(shape, dtype=np.float32)
-    if name == "kernel":
-        fan_in = int(np.prod(shape[:-1]))  # receptive field x input channels
-        limit = np.sqrt(6.0 / fan_in)
-        return rng.uniform(-limit, limit, shape).astype(np.float32)
-    return np.zeros(shape, dtype=np.float32)  # beta, moving_mean, bias
-
-
-def _configure_devices(tf: Any, keras: Any, on_gpu: bool) -> None:
-    """On a GPU: memory growth and float16 compute; on a CPU: leave the defaults."""
-    if not on_gpu:
-        return
-    for gpu in tf.config.list_physical_devices("GPU"):
-        try:
-            tf.config.experimental.set_memory_growth(gpu, True)
-        except RuntimeError:
-            log.debug("GPU already initialised; memory growth unchanged")
-    keras.mixed_precision.set_global_policy("mixed_float16")
-
-
-@functools.lru_cache(maxsize=2)
-def load_feature_model(weights: str, batch_size: int = 64) -> FeatureModel:
-    """The feature model, built once per process for these weights and batch size."""
-    weights_identity(weights)  # fail with one clear line before TensorFlow loads
-    model = FeatureModel(weights, batch_size)
-    log.info(
-        "feature model %s ready, weights %s, %s",
-        model.model_name,
-        model.weights_id,
-        "GPU" if model.on_gpu else "CPU",
-    )
-    return model
-
-
 Decoded = DecodedImage | ImageDecodeError
 
 
-def _decode_timed(path: Path, max_pixels: int, reduced_scale: bool) -> tuple[Decoded, float]:
+def _decode_timed(
+    path: Path, size: int, max_pixels: int, reduced_scale: bool
+) -> tuple[Decoded, float]:
     """Decode one image and the thread's CPU seconds it took; a failure is returned, not raised."""
     started = time.thread_time()
     try:
-        decoded: Decoded = decode_image(path, max_pixels=max_pixels, reduced_scale=reduced_scale)
+        decoded: Decoded = decode_image(
+            path, size=size, max_pixels=max_pixels, reduced_scale=reduced_scale
+        )
     except ImageDecodeError as exc:
         decoded = exc
     return decoded, time.thread_time() - started
@@ -262,10 +155,12 @@ def decoded_batches(
     *,
     niceness: int = 0,
     timings: ExtractTimings | None = None,
+    size: int = INPUT_SIZE,
 ) -> Iterator[tuple[Batch, list[Decoded]]]:
-    """Batches with their decoded images; later batches decode while the caller runs the model.
+    """Batches with their images decoded to size x size; later batches decode meanwhile.
 
-    At most PREFETCH_BATCHES batches are decoded ahead, so memory stays bounded.
+    The caller runs the model on one batch while the next decode. At most PREFETCH_BATCHES
+    batches are decoded ahead, so memory stays bounded.
     """
     timings = timings if timings is not None else ExtractTimings()
     with ThreadPoolExecutor(
@@ -286,7 +181,9 @@ def decoded_batches(
 
         for batch in batches:
             futures = [
-                pool.submit(_decode_timed, root / image.file_name, max_pixels, batch.reduced_scale)
+                pool.submit(
+                    _decode_timed, root / image.file_name, size, max_pixels, batch.reduced_scale
+                )
                 for image in batch.images
             ]
             queue.append((batch, futures))
@@ -307,7 +204,7 @@ def stage_decoded_batch(
     timings = timings if timings is not None else ExtractTimings()
     started = time.perf_counter()
     good = [i for i, d in enumerate(decoded) if isinstance(d, DecodedImage)]
-    features = np.zeros((len(decoded), FEATURE_DIM), dtype=np.float32)
+    features = np.zeros((len(decoded), model.spec.feature_dim), dtype=np.float32)
     if good:
         pixels = np.stack([decoded[i].pixels for i in good])  # type: ignore[union-attr]
         features[good] = model.embed(pixels)
@@ -352,6 +249,7 @@ def extract_batches(
             max_pixels,
             niceness=0 if model.on_gpu else CPU_DECODE_NICENESS,
             timings=timings,
+            size=model.spec.input_size,
         ):
             stage_decoded_batch(model, batch, decoded, staging_dir, timings)
             if on_progress:

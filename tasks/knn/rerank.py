@@ -208,7 +208,7 @@ def _near_tie_entries(
         return np.empty(0, np.int64), np.empty(0, np.int64)
     later = distances[:, 1:]
     with np.errstate(invalid="ignore"):
-        close = (later - distances[:, :-1] <= tolerance * later) & (later > 0)
+        close = (later - distances[:, :-1] <= tolerance * later) & (later > 0) & (later < np.inf)
     if not close.any():
         return np.empty(0, np.int64), np.empty(0, np.int64)
     member = np.zeros(distances.shape, dtype=bool)
