@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import sqlite3
 import time
 from pathlib import Path
 from typing import Any
@@ -120,11 +121,28 @@ def _sqlite_engine(parsed: URL) -> Engine:
     def _on_connect(dbapi_connection, _record):  # type: ignore[no-untyped-def]
         cursor = dbapi_connection.cursor()
         cursor.execute("PRAGMA foreign_keys=ON")
-        cursor.execute("PRAGMA journal_mode=WAL")
+        _switch_to_wal(cursor)
         cursor.execute("PRAGMA synchronous=NORMAL")
         cursor.close()
 
     return engine
+
+
+def _switch_to_wal(cursor: Any, attempts: int = 200) -> None:
+    """Put the file in WAL mode (it stays so), waiting out other connections doing the same.
+
+    Changing the journal mode needs the file to itself, and SQLite answers 'database is
+    locked' at once instead of calling the busy handler: several runs opening a new
+    database together would fail without these retries.
+    """
+    for attempt in range(1, attempts + 1):
+        try:
+            cursor.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or attempt == attempts:
+                raise
+            time.sleep(min(0.01 * attempt, 0.25))
 
 
 def describe_db_error(exc: BaseException) -> str:
