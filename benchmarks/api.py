@@ -89,7 +89,7 @@ def fill_database(url: str, images: int, k: int, folder: Path) -> None:
     from lookalike.sql.schema import RUN_COMPLETED, collection, image_neighbours, metadata, runs
     from lookalike.tasks.catalog import MODEL_NAME
     from lookalike.tasks.database import create_db_engine
-    from lookalike.tasks.extract import weights_identity
+    from lookalike.tasks.models import weights_identity
 
     weights_id = weights_identity("none")  # what `lookalike process --weights none` stores
 

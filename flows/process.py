@@ -34,10 +34,10 @@ from lookalike.tasks.extract import (
     extract_shard_task,
     plan_batches_task,
     shard_is_staged,
-    weights_identity,
 )
 from lookalike.tasks.load import FeatureLoadCounts, load_features_task
 from lookalike.tasks.lock import confirm_run_lock, hold_run_lock
+from lookalike.tasks.models import weights_identity
 from lookalike.tasks.report import (
     ExtractionProgress,
     count_image_reads,

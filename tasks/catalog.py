@@ -31,10 +31,12 @@ from lookalike.sql.schema import (
 from lookalike.tasks.database import DATABASE_RETRIES, engine_for
 from lookalike.tasks.discover import Changes, HashedFile, KnownImage, find_changes
 from lookalike.tasks.errors import LookalikeError
+from lookalike.tasks.models import INCEPTION_V3
 
 log = logging.getLogger(__name__)
 
-MODEL_NAME = "InceptionV3"
+# The name the collection row stores for its network (the one model of this version).
+MODEL_NAME = INCEPTION_V3.name
 CHUNK = 5000  # ids per IN (...) list, well under every driver's parameter limit
 
 

@@ -33,8 +33,6 @@ from lookalike.tasks.decode import (
     decode_image,
 )
 from lookalike.tasks.models import FeatureModel, load_feature_model
-from lookalike.tasks.models import WeightsError as WeightsError
-from lookalike.tasks.models import weights_identity as weights_identity
 from lookalike.tasks.progress import advance_progress
 from lookalike.tasks.report import (
     count_image_reads,
@@ -43,9 +41,6 @@ from lookalike.tasks.report import (
 from lookalike.tasks.stage import feature_batch_path, read_table, write_feature_batch
 
 log = logging.getLogger(__name__)
-
-# WeightsError and weights_identity (imported "as" themselves) are re-exported for callers
-# that still import them from here (flows/process.py, tasks/errors.py); they live in models.
 
 # Batches decoded ahead of the model. Pixels held at once: (PREFETCH_BATCHES + 1) batches,
 # about 50 MB at batch size 64, however many images a run has.

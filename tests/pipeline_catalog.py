@@ -43,9 +43,10 @@ from lookalike.tasks.catalog import (
 )
 from lookalike.tasks.database import connect_checked
 from lookalike.tasks.discover import check_root, find_changes
-from lookalike.tasks.extract import extract_batches, plan_batches, weights_identity
+from lookalike.tasks.extract import extract_batches, plan_batches
 from lookalike.tasks.knn.plan import PassKind
 from lookalike.tasks.load import load_feature_batches, load_neighbour_table
+from lookalike.tasks.models import weights_identity
 from lookalike.tasks.neighbours import compute_neighbours, plan_neighbour_pass
 from lookalike.tasks.settings import Settings
 from tests.odd_images import write_photos

@@ -7,9 +7,11 @@ import json
 import os
 import pty
 import re
+import select
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -19,7 +21,8 @@ from sqlalchemy.engine import make_url
 from lookalike.flows.cli import TerminalBar, main, terminal_progress
 from lookalike.tasks.catalog import PendingImage
 from lookalike.tasks.discover import hash_file
-from lookalike.tasks.extract import batch_key, weights_identity
+from lookalike.tasks.extract import batch_key
+from lookalike.tasks.models import weights_identity
 from lookalike.tasks.progress import ProgressUpdate, StageProgress
 from lookalike.tasks.stage import feature_batch_path
 from tests.odd_images import write_photos
@@ -234,13 +237,24 @@ def test_the_bar_draws_the_stages_of_a_run() -> None:
     assert re.search(r"extract .*3/3 images", ANSI.sub("", screen.getvalue()))
 
 
-def read_available(fd: int) -> bytes:
-    """What a pseudo-terminal has received so far."""
+def read_available(fd: int, quiet_s: float = 0.3, limit_s: float = 10.0) -> bytes:
+    """What a pseudo-terminal has received, once nothing more arrived for quiet_s.
+
+    The kernel hands a pty's output to the reading side asynchronously: on a busy machine
+    the last write is not readable at once, and one read may return only part of it.
+    """
     os.set_blocking(fd, False)
-    try:
-        return os.read(fd, 65536)
-    except BlockingIOError:
-        return b""
+    chunks: list[bytes] = []
+    deadline = time.monotonic() + limit_s
+    while time.monotonic() < deadline and select.select([fd], [], [], quiet_s)[0]:
+        try:
+            chunk = os.read(fd, 65536)
+        except BlockingIOError:
+            continue
+        if not chunk:
+            break
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 def show_a_stage(enabled: bool) -> None:

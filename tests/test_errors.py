@@ -13,10 +13,10 @@ from lookalike.tasks.catalog import CollectionMismatchError, NoImagesError
 from lookalike.tasks.database import DatabaseError, describe_db_error, parse_database_url
 from lookalike.tasks.discover import DiscoveryError, check_root
 from lookalike.tasks.errors import LookalikeError, first_line
-from lookalike.tasks.extract import WeightsError
 from lookalike.tasks.knn.space import NonFiniteFeaturesError
 from lookalike.tasks.load import LoadError
 from lookalike.tasks.lock import RunLockError
+from lookalike.tasks.models import WeightsError
 from lookalike.tasks.settings import SettingsError
 from lookalike.tasks.stage import StagingError
 

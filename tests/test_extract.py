@@ -102,9 +102,8 @@ def test_images_are_decoded_to_the_size_asked_for(tmp_path: Path) -> None:
 
 
 def test_extraction_runs_the_model_of_tasks_models() -> None:
-    """One model loader and one WeightsError, whichever module a caller imports them from."""
+    """Extraction builds its network with the loader of tasks.models, the API's loader too."""
     import lookalike.tasks.extract as extract
     import lookalike.tasks.models as models
 
     assert extract.load_feature_model is models.load_feature_model
-    assert extract.WeightsError is models.WeightsError  # one class, re-exported for old callers

@@ -51,8 +51,9 @@ from lookalike.tasks.catalog import (
 from lookalike.tasks.database import connect_checked
 from lookalike.tasks.decode import DecodedImage, ImageDecodeError, decode_image
 from lookalike.tasks.discover import find_changes, hash_file
-from lookalike.tasks.extract import Batch, decoded_batches, plan_batches, weights_identity
+from lookalike.tasks.extract import Batch, decoded_batches, plan_batches
 from lookalike.tasks.load import load_feature_batches, write_neighbour_table
+from lookalike.tasks.models import weights_identity
 from lookalike.tasks.stage import (
     NEIGHBOURS_SCHEMA,
     StagingError,
