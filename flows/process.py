@@ -27,6 +27,7 @@ from lookalike.tasks.catalog import (
 )
 from lookalike.tasks.database import connect_checked, engine_for, parse_database_url
 from lookalike.tasks.discover import any_image, check_root
+from lookalike.tasks.duplicates import DuplicateCounts, find_duplicates_task
 from lookalike.tasks.errors import first_line
 from lookalike.tasks.extract import (
     Batch,
@@ -74,6 +75,9 @@ class RunSummary:
     neighbour_mode: str
     neighbour_rows: int
     neighbour_tasks: int  # kNN tasks run: 0 lists current, 1 local engine, else Dask row blocks
+    duplicate_groups: int
+    duplicate_images: int  # images in a group of duplicates
+    duplicates_recomputed: bool  # False: the inputs were unchanged, the groups kept
     seconds: float
     extract_seconds: float
     images_per_second: float
@@ -132,6 +136,7 @@ def process_images(
     task_runner: str | None = None,
     dask_address: str | None = None,
     lock_timeout: float | None = None,
+    duplicate_threshold: float | None = None,
 ) -> dict[str, Any]:
     """Bring the database up to date with the image folder, then the neighbour lists.
 
@@ -151,6 +156,7 @@ def process_images(
         task_runner=task_runner,
         dask_address=dask_address,
         lock_timeout=lock_timeout,
+        duplicate_threshold=duplicate_threshold,
     )
     build_task_runner(settings.task_runner, settings.dask_address)  # fails before any work
     with count_image_reads(root) as check_reads:
@@ -199,12 +205,14 @@ def update_database(plan: RunPlan, started: float, lock_wait: float, bytes_read:
         extraction = extract_features(batches, plan, session)
         loaded = load_extracted(plan, extraction)
         neighbours = refresh_neighbours(db, plan.staging, settings.k, session)
+    duplicates = find_duplicates_task(db, settings.duplicate_threshold)
     return build_summary(
         plan,
         counts,
         extraction,
         loaded,
         neighbours,
+        duplicates,
         started=started,
         lock_wait=lock_wait,
         bytes_read=bytes_read + sync_reads.bytes + extraction.bytes_read,
@@ -229,6 +237,7 @@ def build_summary(
     extraction: Extraction,
     loaded: FeatureLoadCounts,
     neighbours: NeighbourRefresh,
+    duplicates: DuplicateCounts,
     *,
     started: float,
     lock_wait: float,
@@ -255,6 +264,9 @@ def build_summary(
         neighbour_mode=neighbours.kind.value,
         neighbour_rows=neighbours.rows,
         neighbour_tasks=neighbours.tasks,
+        duplicate_groups=duplicates.groups,
+        duplicate_images=duplicates.images,
+        duplicates_recomputed=duplicates.recomputed,
         seconds=round(time.perf_counter() - started, 3),
         extract_seconds=round(seconds, 3),
         images_per_second=round(extraction.extracted / seconds, 2) if seconds > 0 else 0.0,

@@ -8,6 +8,33 @@ CREATE TABLE IF NOT EXISTS collection (
 	PRIMARY KEY (id)
 )ENGINE=InnoDB CHARSET=utf8mb4 COLLATE utf8mb4_nopad_bin;
 
+CREATE TABLE IF NOT EXISTS duplicate_groups (
+	image_id INTEGER NOT NULL, 
+	group_id INTEGER NOT NULL, 
+	distance FLOAT NOT NULL, 
+	kind VARCHAR(8) NOT NULL, 
+	PRIMARY KEY (image_id)
+)ENGINE=InnoDB CHARSET=utf8mb4 COLLATE utf8mb4_nopad_bin;
+
+CREATE INDEX IF NOT EXISTS ix_duplicate_groups_group_id ON duplicate_groups (group_id);
+
+CREATE TABLE IF NOT EXISTS duplicate_pairs (
+	image_id INTEGER NOT NULL, 
+	other_id INTEGER NOT NULL, 
+	distance FLOAT NOT NULL, 
+	PRIMARY KEY (image_id, other_id)
+)ENGINE=InnoDB CHARSET=utf8mb4 COLLATE utf8mb4_nopad_bin;
+
+CREATE TABLE IF NOT EXISTS duplicate_state (
+	id INTEGER NOT NULL, 
+	fingerprint VARCHAR(64) NOT NULL, 
+	scale FLOAT NOT NULL, 
+	threshold FLOAT NOT NULL, 
+	histogram MEDIUMTEXT NOT NULL, 
+	computed_at DATETIME NOT NULL, 
+	PRIMARY KEY (id)
+)ENGINE=InnoDB CHARSET=utf8mb4 COLLATE utf8mb4_nopad_bin;
+
 CREATE TABLE IF NOT EXISTS image_names (
 	id INTEGER NOT NULL AUTO_INCREMENT, 
 	file_name VARCHAR(768) COLLATE utf8mb4_nopad_bin NOT NULL, 

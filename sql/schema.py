@@ -118,6 +118,44 @@ image_neighbours = Table(
     **_MARIADB,
 )
 
+# Duplicate groups (tasks/duplicates.py): a group's id is its representative's image id; every
+# member lies within the threshold of the representative. No foreign keys: the three tables
+# are rewritten together by the find-duplicates step.
+duplicate_groups = Table(
+    "duplicate_groups",
+    metadata,
+    Column("image_id", Integer, primary_key=True, autoincrement=False),
+    Column("group_id", Integer, nullable=False),
+    Column("distance", Float, nullable=False),  # to the representative; 0 for itself
+    Column("kind", String(8), nullable=False),  # exact (same content hash) or near
+    Index("ix_duplicate_groups_group_id", "group_id"),
+    **_MARIADB,
+)
+
+# Neighbour pairs (a < b) up to the largest threshold offered, so that another threshold
+# regroups them without reading the neighbour table; exact pairs (same hash) at distance 0.
+duplicate_pairs = Table(
+    "duplicate_pairs",
+    metadata,
+    Column("image_id", Integer, primary_key=True, autoincrement=False),
+    Column("other_id", Integer, primary_key=True, autoincrement=False),
+    Column("distance", Float, nullable=False),
+    **_MARIADB,
+)
+
+# One row: what the stored groups were computed from, and the distance scale they use.
+duplicate_state = Table(
+    "duplicate_state",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=False),
+    Column("fingerprint", String(64), nullable=False),  # inputs; equal: nothing to redo
+    Column("scale", Float, nullable=False),  # median distance to the k-th neighbour
+    Column("threshold", Float, nullable=False),  # a fraction of the scale
+    Column("histogram", _text, nullable=False),  # JSON: first-neighbour distances, binned
+    Column("computed_at", DateTime, nullable=False),
+    **_MARIADB,
+)
+
 
 def mariadb_ddl() -> str:
     """The CREATE statements for MariaDB, as used to initialise a container."""

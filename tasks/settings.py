@@ -63,6 +63,8 @@ class Settings(BaseSettings):
     task_runner: str = "local"  # local | dask: where extraction shards and kNN row blocks run
     dask_address: str = ""  # scheduler of a Dask cluster; empty with dask: a temporary local one
     lock_timeout: float = 3600.0  # seconds a run waits for another run on the same database
+    # Near duplicates: pairs within this fraction of the median k-th-neighbour distance.
+    duplicate_threshold: float = 0.06
 
     def __init__(self, **values: Any) -> None:
         """The environment's values under the given ones, checked."""
@@ -107,6 +109,7 @@ class Settings(BaseSettings):
         if self.decode_workers < 0:
             raise SettingsError(f"decode workers must be 0 or more, got {self.decode_workers}")
         check_task_runner(self.task_runner, self.dask_address)
+        check_duplicate_threshold(self.duplicate_threshold)
         if not 0 <= self.lock_timeout < float("inf"):
             raise SettingsError(f"the lock timeout must be 0 s or more, got {self.lock_timeout:g}")
         return self
@@ -127,6 +130,19 @@ class Settings(BaseSettings):
     def resolved_thumbnail_dir(self) -> Path:
         """Where the API caches thumbnails."""
         return self.thumbnail_dir or self.data_dir / "thumbnails"
+
+
+# The largest duplicate threshold offered: pairs up to it are kept for regrouping.
+MAX_DUPLICATE_THRESHOLD = 0.5
+
+
+def check_duplicate_threshold(fraction: float) -> None:
+    """Refuse a duplicate threshold outside (0, MAX_DUPLICATE_THRESHOLD]."""
+    if not 0 < fraction <= MAX_DUPLICATE_THRESHOLD:
+        raise SettingsError(
+            f"the duplicate threshold must be above 0 and at most {MAX_DUPLICATE_THRESHOLD}, "
+            f"got {fraction:g}"
+        )
 
 
 def check_task_runner(kind: str, dask_address: str = "") -> None:
