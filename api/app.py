@@ -14,6 +14,7 @@ from litestar.openapi import OpenAPIConfig
 from sqlalchemy import Engine
 from sqlalchemy.pool import QueuePool
 
+from lookalike.api.controllers.duplicates import get_image_duplicates, list_duplicates
 from lookalike.api.controllers.health import health
 from lookalike.api.controllers.images import ImageController
 from lookalike.api.controllers.legacy import LegacyController
@@ -53,6 +54,8 @@ def create_app(settings: Settings | None = None) -> Litestar:
         route_handlers=[
             ImageController,
             LegacyController,
+            list_duplicates,
+            get_image_duplicates,
             search_by_upload,
             get_stats,
             health,

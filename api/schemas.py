@@ -85,3 +85,44 @@ class LegacyNeighbour(msgspec.Struct):
 
     id: int
     distance: float
+
+
+class DuplicateImage(msgspec.Struct):
+    """An image of a duplicate group: distance to the group's representative (itself: 0)."""
+
+    id: int
+    file_name: str
+    size: int
+    width: int | None
+    height: int | None
+    distance: float
+    kind: str  # exact (same content hash as the representative) or near
+
+
+class DuplicateGroup(msgspec.Struct):
+    """A representative (first) and the images within the threshold of it."""
+
+    id: int  # the representative's image id
+    size: int
+    images: list[DuplicateImage]
+
+
+class DuplicateHistogram(msgspec.Struct):
+    """Each image's distance to its nearest neighbour, binned: counts[i] in edges[i]..[i+1]."""
+
+    edges: list[float]
+    counts: list[int]
+
+
+class DuplicatePage(msgspec.Struct):
+    """Groups at one threshold, largest first."""
+
+    threshold: float  # fraction of the scale
+    distance: float  # the threshold as a distance
+    scale: float  # median distance from an image to its k-th neighbour
+    total_groups: int
+    images_in_groups: int
+    offset: int
+    limit: int
+    groups: list[DuplicateGroup]
+    histogram: DuplicateHistogram

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import csv
 import json
 import logging
 import os
@@ -72,6 +73,21 @@ def build_parser() -> argparse.ArgumentParser:
         "--json", action="store_true", help="print the summary as one JSON line"
     )
     neighbours.set_defaults(func=command_neighbours)
+
+    duplicates = commands.add_parser(
+        "duplicates", help="list the groups of duplicate images the last run found"
+    )
+    _add_db_options(duplicates)
+    duplicates.add_argument(
+        "--threshold",
+        type=float,
+        help="regroup at this fraction of the median k-th-neighbour distance "
+        "(default: the one the groups were computed with; env LOOKALIKE_DUPLICATE_THRESHOLD)",
+    )
+    duplicates.add_argument(
+        "--format", choices=("table", "csv", "json"), default="table", help="output format"
+    )
+    duplicates.set_defaults(func=command_duplicates)
 
     serve = commands.add_parser("serve", help="start the web service and page")
     _add_db_options(serve)
@@ -314,6 +330,66 @@ def command_neighbours(args: argparse.Namespace) -> int:
     summary = run_neighbours(args)
     print(json.dumps(summary) if args.json else f"neighbours rebuilt: {summary}")
     return 0
+
+
+def command_duplicates(args: argparse.Namespace) -> int:
+    """lookalike duplicates: every group, largest first, as a table, CSV or JSON."""
+    from lookalike.tasks.database import connect_checked
+    from lookalike.tasks.duplicate_reader import read_group_index, with_members
+
+    settings = Settings.from_env(database_url=args.database_url)
+    engine = connect_checked(settings.resolved_database_url)
+    index = read_group_index(engine, args.threshold)
+    groups = with_members(engine, index, index.order)
+    engine.dispose()
+    rows = [
+        {
+            "group": g.id,
+            "image_id": m.id,
+            "file_name": m.file_name,
+            "size": m.size,
+            "width": m.width,
+            "height": m.height,
+            "distance": round(m.distance, 6),
+            "kind": m.kind,
+        }
+        for g in groups
+        for m in g.members
+    ]
+    write_duplicate_rows(rows, args.format, index.threshold, len(groups))
+    return 0
+
+
+def write_duplicate_rows(
+    rows: list[dict[str, Any]], fmt: str, threshold: float, groups: int
+) -> None:
+    """Print the rows of every group in the chosen format."""
+    if fmt == "json":
+        print(json.dumps({"threshold": threshold, "groups": groups, "images": rows}))
+    elif fmt == "csv":
+        writer = csv.DictWriter(sys.stdout, fieldnames=list(DUPLICATE_COLUMNS))
+        writer.writeheader()
+        writer.writerows(rows)
+    else:
+        print(f"{groups} groups, {len(rows)} images (threshold {threshold:g})")
+        for row in rows:
+            print(
+                f"{row['group']:>8} {row['kind']:<5} {row['distance']:>10.4f} "
+                f"{row['width'] or '-':>5}x{row['height'] or '-':<5} {row['size']:>10} "
+                f"{row['file_name']}"
+            )
+
+
+DUPLICATE_COLUMNS = (
+    "group",
+    "image_id",
+    "file_name",
+    "size",
+    "width",
+    "height",
+    "distance",
+    "kind",
+)
 
 
 def command_serve(args: argparse.Namespace) -> int:

@@ -1,0 +1,97 @@
+"""/api/duplicates: groups of exact and near-identical images, and one image's group."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from litestar import get
+from litestar.exceptions import NotFoundException
+from litestar.params import Parameter
+
+from lookalike.api.controllers.params import ImageId
+from lookalike.api.repository import ImageRepository
+from lookalike.api.schemas import (
+    DuplicateGroup,
+    DuplicateHistogram,
+    DuplicateImage,
+    DuplicatePage,
+)
+from lookalike.tasks.duplicate_reader import (
+    DuplicatesNotFoundError,
+    Group,
+    GroupIndex,
+    group_containing,
+    read_group_index,
+    with_members,
+)
+from lookalike.tasks.settings import MAX_DUPLICATE_THRESHOLD
+
+MAX_GROUPS_PAGE = 200
+Threshold = Annotated[
+    float | None,
+    Parameter(
+        gt=0,
+        le=MAX_DUPLICATE_THRESHOLD,
+        description="Fraction of the median k-th-neighbour distance; default: the stored one",
+    ),
+]
+
+
+@get("/api/duplicates", sync_to_thread=True, tags=["duplicates"])
+def list_duplicates(
+    repository: ImageRepository,
+    threshold: Threshold = None,
+    offset: Annotated[int, Parameter(ge=0, le=2**31 - 1)] = 0,
+    limit: Annotated[int, Parameter(ge=1, le=MAX_GROUPS_PAGE)] = 20,
+) -> DuplicatePage:
+    """Groups of duplicates, largest first, each with its representative first."""
+    index = _index(repository, threshold)
+    page = index.order[offset : offset + limit]
+    return _page(index, with_members(repository.engine, index, page), offset, limit)
+
+
+@get("/api/images/{image_id:int}/duplicates", sync_to_thread=True, tags=["duplicates"])
+def get_image_duplicates(
+    repository: ImageRepository, image_id: ImageId, threshold: Threshold = None
+) -> DuplicatePage:
+    """The group the image belongs to (no group: an empty list)."""
+    repository.get_image(image_id)  # 404 for an unknown image
+    index = _index(repository, threshold)
+    group = group_containing(index, image_id)
+    groups = [] if group is None else with_members(repository.engine, index, [group])
+    return _page(index, groups, 0, 1)
+
+
+def _index(repository: ImageRepository, threshold: float | None) -> GroupIndex:
+    try:
+        return read_group_index(repository.engine, threshold)
+    except DuplicatesNotFoundError as exc:
+        raise NotFoundException(str(exc)) from None
+
+
+def _page(index: GroupIndex, groups: list[Group], offset: int, limit: int) -> DuplicatePage:
+    return DuplicatePage(
+        threshold=index.threshold,
+        distance=index.distance,
+        scale=index.scale,
+        total_groups=len(index.order),
+        images_in_groups=index.images,
+        offset=offset,
+        limit=limit,
+        groups=[
+            DuplicateGroup(
+                id=g.id,
+                size=len(g.members),
+                images=[
+                    DuplicateImage(
+                        m.id, m.file_name, m.size, m.width, m.height, m.distance, m.kind
+                    )
+                    for m in g.members
+                ],
+            )
+            for g in groups
+        ],
+        histogram=DuplicateHistogram(
+            edges=index.histogram["edges"], counts=index.histogram["counts"]
+        ),
+    )
