@@ -18,7 +18,7 @@ from lookalike.api.controllers.duplicates import get_image_duplicates, list_dupl
 from lookalike.api.controllers.health import health
 from lookalike.api.controllers.images import ImageController
 from lookalike.api.controllers.legacy import LegacyController
-from lookalike.api.controllers.pages import index_page, static_files
+from lookalike.api.controllers.pages import duplicates_page, index_page, static_files
 from lookalike.api.controllers.search import search_by_upload
 from lookalike.api.controllers.stats import get_stats
 from lookalike.api.dependencies import Services, build_dependencies
@@ -60,6 +60,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
             get_stats,
             health,
             index_page,
+            duplicates_page,
             static_files,
         ],
         dependencies=build_dependencies(services),

@@ -1,4 +1,4 @@
-"""Screenshot the page of a running service in headless Chromium (docs/screenshot.png)."""
+"""Screenshot a page of a running service in headless Chromium (docs/screenshot.png)."""
 
 from __future__ import annotations
 
@@ -10,8 +10,11 @@ from pathlib import Path
 from chromium_args import CHROMIUM, launch_chromium  # scripts/chromium_args.py, a sibling
 
 TIMEOUT_MS = 60_000
+# The main page's image and neighbours, or the duplicates view's thumbnails, as far as the
+# window shows them (thumbnails further down load lazily, only when scrolled to).
 ALL_IMAGES_LOADED = """() => {
-    const images = [...document.querySelectorAll('#current-image, #neighbours img')];
+    const images = [...document.querySelectorAll('#current-image, #neighbours img, #groups img')]
+        .filter(i => i.getBoundingClientRect().top < window.innerHeight);
     return images.length > 1 && images.every(i => i.complete && i.naturalWidth > 0);
 }"""
 

@@ -133,7 +133,7 @@ class Settings(BaseSettings):
 
 
 # The largest duplicate threshold offered: pairs up to it are kept for regrouping.
-MAX_DUPLICATE_THRESHOLD = 0.5
+MAX_DUPLICATE_THRESHOLD = 0.25
 
 
 def check_duplicate_threshold(fraction: float) -> None:

@@ -73,9 +73,9 @@ def test_pages_and_other_thresholds(client: TestClient) -> None:
     second = client.get("/api/duplicates", params={"offset": 1, "limit": 1}).json()
     assert second["groups"] == everything["groups"][1:2]
     assert (second["offset"], second["limit"]) == (1, 1)
-    wide = client.get("/api/duplicates", params={"threshold": 0.5}).json()
+    wide = client.get("/api/duplicates", params={"threshold": 0.25}).json()
     assert wide["images_in_groups"] >= everything["images_in_groups"]
-    assert wide["threshold"] == 0.5
+    assert wide["threshold"] == 0.25
 
 
 def test_one_images_group(client: TestClient) -> None:
@@ -89,7 +89,7 @@ def test_one_images_group(client: TestClient) -> None:
     "params",
     [
         {"threshold": 0},
-        {"threshold": 0.9},
+        {"threshold": 0.3},
         {"threshold": "x"},
         {"limit": 0},
         {"limit": 1000},
@@ -121,7 +121,7 @@ def test_the_cli_lists_groups_as_table_csv_and_json(
     assert main(["duplicates", "--db", indexed]) == 0
     assert "exact_copy.jpg" in capsys.readouterr().out
     assert main(["duplicates", "--db", indexed, "--threshold", "0.7"]) == 2
-    assert "at most 0.5" in capsys.readouterr().err
+    assert "at most 0.25" in capsys.readouterr().err
 
 
 def test_the_cli_says_when_nothing_was_computed(

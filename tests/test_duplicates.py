@@ -128,7 +128,7 @@ def test_the_threshold_setting_is_recorded_with_the_groups(  # type: ignore[no-u
 ) -> None:
     root = tmp_path / "images"
     write_photos(root, 4)
-    monkeypatch.setenv("LOOKALIKE_DUPLICATE_THRESHOLD", "0.3")
+    monkeypatch.setenv("LOOKALIKE_DUPLICATE_THRESHOLD", "0.2")
     run_flow(root, sqlite_url)
     engine = connect_checked(sqlite_url)
     with engine.connect() as conn:
@@ -136,4 +136,4 @@ def test_the_threshold_setting_is_recorded_with_the_groups(  # type: ignore[no-u
             select(duplicate_state.c.threshold, duplicate_state.c.scale)
         ).one()
     engine.dispose()
-    assert threshold == pytest.approx(0.3) and scale > 0
+    assert threshold == pytest.approx(0.2) and scale > 0

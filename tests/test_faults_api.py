@@ -21,6 +21,9 @@ from litestar import Litestar
 from litestar.testing import TestClient
 
 from lookalike.api.app import create_app
+from lookalike.tasks.database import connect_checked
+from lookalike.tasks.duplicates import find_duplicates
+from lookalike.tasks.settings import MAX_DUPLICATE_THRESHOLD
 from tests.odd_images import HOSTILE_NAMES, small_jpeg
 from tests.pipeline_catalog import (
     Catalog,
@@ -64,6 +67,8 @@ OPERATIONS = (
     ("POST", "/api/search"),
     ("GET", "/api/stats"),
     ("GET", "/health"),
+    ("GET", "/api/duplicates"),
+    ("GET", "/api/images/{image_id}/duplicates"),
 )
 
 
@@ -114,6 +119,9 @@ def shared(
     """One SQLite catalog and app for the tests that only read (built once: photos take time)."""
     base = tmp_path_factory.mktemp("shared")
     catalog = build_catalog(f"sqlite:///{base / 'lookalike.sqlite'}", base)
+    engine = connect_checked(catalog.url)
+    find_duplicates(engine, MAX_DUPLICATE_THRESHOLD)  # groups to read (the pipeline's step)
+    engine.dispose()
     app = create_app(app_settings(catalog.url, base))
     with TestClient(app=app) as client:
         yield catalog, app, client

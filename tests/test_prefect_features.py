@@ -187,7 +187,9 @@ def test_artifacts_assets_logs_and_an_unchanged_rerun(  # type: ignore[no-untype
     )
     assert (again["neighbour_mode"], again["neighbour_rows"]) == ("unchanged", 4 * K)
     drain_prefect_queues()
+    assert again["duplicates_recomputed"] is False
     assert task_states_of(again["flow_run_id"]) == [
+        ("find-duplicates", "Completed"),  # finds its inputs' fingerprint unchanged: no work
         ("finish-run", "Completed"),
         ("open-collection", "Completed"),
         ("plan-batches", "Completed"),

@@ -16,14 +16,20 @@ STATIC_DIR = Path(__file__).resolve().parent.parent / "static"
 
 @get("/", include_in_schema=False, sync_to_thread=False)
 def index_page() -> Response[bytes]:
-    """The single page; it reads everything else from /api."""
-    return Response(read_index_html(), media_type=MediaType.HTML)
+    """The main page; it reads everything else from /api."""
+    return Response(read_page("index.html"), media_type=MediaType.HTML)
+
+
+@get("/duplicates", include_in_schema=False, sync_to_thread=False)
+def duplicates_page() -> Response[bytes]:
+    """The duplicates view; it reads /api/duplicates."""
+    return Response(read_page("duplicates.html"), media_type=MediaType.HTML)
 
 
 @cache
-def read_index_html() -> bytes:
-    """The page, read once per process."""
-    return (STATIC_DIR / "index.html").read_bytes()
+def read_page(name: str) -> bytes:
+    """A page of api/static, read once per process."""
+    return (STATIC_DIR / name).read_bytes()
 
 
 # Only file paths can hold a NUL that reaches the OS; other routes never see the hook.
