@@ -286,10 +286,9 @@ def print_process_summary(summary: dict[str, Any]) -> None:
         f"  neighbours: {summary['neighbour_rows']} rows ({summary['neighbour_mode']}, "
         f"{tasks} kNN task{'' if tasks == 1 else 's'} on the {summary['task_runner']} runner)"
     )
-    kept = "" if summary["duplicates_recomputed"] else ", unchanged"
     print(
         f"  duplicates: {summary['duplicate_groups']} groups of {summary['duplicate_images']} "
-        f"images{kept}"
+        f"images ({summary['duplicate_mode']})"
     )
     print(
         f"  time {summary['seconds']:.1f} s, extraction {summary['images_per_second']:.1f} images/s"

@@ -78,6 +78,7 @@ class RunSummary:
     duplicate_groups: int
     duplicate_images: int  # images in a group of duplicates
     duplicates_recomputed: bool  # False: the inputs were unchanged, the groups kept
+    duplicate_mode: str  # unchanged, incremental (from the changed images' lists) or full
     seconds: float
     extract_seconds: float
     images_per_second: float
@@ -267,6 +268,7 @@ def build_summary(
         duplicate_groups=duplicates.groups,
         duplicate_images=duplicates.images,
         duplicates_recomputed=duplicates.recomputed,
+        duplicate_mode=duplicates.mode,
         seconds=round(time.perf_counter() - started, 3),
         extract_seconds=round(seconds, 3),
         images_per_second=round(extraction.extracted / seconds, 2) if seconds > 0 else 0.0,

@@ -18,6 +18,12 @@ CREATE TABLE IF NOT EXISTS duplicate_groups (
 
 CREATE INDEX IF NOT EXISTS ix_duplicate_groups_group_id ON duplicate_groups (group_id);
 
+CREATE TABLE IF NOT EXISTS duplicate_inputs (
+	image_id INTEGER NOT NULL, 
+	content_hash VARCHAR(32) NOT NULL, 
+	PRIMARY KEY (image_id)
+)ENGINE=InnoDB CHARSET=utf8mb4 COLLATE utf8mb4_nopad_bin;
+
 CREATE TABLE IF NOT EXISTS duplicate_pairs (
 	image_id INTEGER NOT NULL, 
 	other_id INTEGER NOT NULL, 
@@ -28,6 +34,7 @@ CREATE TABLE IF NOT EXISTS duplicate_pairs (
 CREATE TABLE IF NOT EXISTS duplicate_state (
 	id INTEGER NOT NULL, 
 	fingerprint VARCHAR(64) NOT NULL, 
+	basis VARCHAR(400) NOT NULL, 
 	scale FLOAT NOT NULL, 
 	threshold FLOAT NOT NULL, 
 	histogram MEDIUMTEXT NOT NULL, 

@@ -143,12 +143,24 @@ duplicate_pairs = Table(
     **_MARIADB,
 )
 
+# The images (and their content) the stored groups were computed from: the next run's
+# changed and deleted images are the differences.
+duplicate_inputs = Table(
+    "duplicate_inputs",
+    metadata,
+    Column("image_id", Integer, primary_key=True, autoincrement=False),
+    Column("content_hash", String(32), nullable=False),
+    **_MARIADB,
+)
+
 # One row: what the stored groups were computed from, and the distance scale they use.
 duplicate_state = Table(
     "duplicate_state",
     metadata,
     Column("id", Integer, primary_key=True, autoincrement=False),
     Column("fingerprint", String(64), nullable=False),  # inputs; equal: nothing to redo
+    # Model, weights, list length and threshold: while they stay, an update can be incremental.
+    Column("basis", String(400), nullable=False),
     Column("scale", Float, nullable=False),  # median distance to the k-th neighbour
     Column("threshold", Float, nullable=False),  # a fraction of the scale
     Column("histogram", _text, nullable=False),  # JSON: first-neighbour distances, binned

@@ -26,6 +26,7 @@ from lookalike.sql.schema import (
     STATUS_OK,
     collection,
     duplicate_groups,
+    duplicate_inputs,
     duplicate_pairs,
     duplicate_state,
     image_names,
@@ -47,6 +48,12 @@ SCALE_SAMPLE = 2000  # images whose k-th neighbour distance gives the scale's me
 HISTOGRAM_BINS = 60  # first-neighbour distances from 0 to the scale
 INSERT_CHUNK = 10_000
 DUPLICATES_KEY = "find-duplicates-summary"
+CHUNK = 5000  # ids per IN (...) list
+# Past this share of changed and deleted images, one scan of every list beats an update.
+INCREMENTAL_LIMIT = 0.1
+MODE_UNCHANGED = "unchanged"  # the inputs' fingerprint is the stored one: nothing done
+MODE_INCREMENTAL = "incremental"  # pairs updated from the changed images' lists
+MODE_FULL = "full"  # every list scanned
 
 
 @dataclass(frozen=True)
@@ -58,7 +65,11 @@ class DuplicateCounts:
     exact_images: int
     threshold: float  # fraction of the scale
     distance: float  # the threshold as a distance
-    recomputed: bool
+    mode: str  # MODE_UNCHANGED, MODE_INCREMENTAL or MODE_FULL
+
+    @property
+    def recomputed(self) -> bool:
+        return self.mode != MODE_UNCHANGED
 
 
 @dataclass(frozen=True)
@@ -67,7 +78,16 @@ class DuplicateInputs:
 
     ids: np.ndarray
     hashes: list[str]
-    fingerprint: str
+    basis: str  # model, weights, list length and threshold
+    fingerprint: str  # the basis and every (id, hash): equal means nothing to redo
+
+
+@dataclass(frozen=True)
+class Change:
+    """Images changed (new or other content) and deleted since the stored groups."""
+
+    changed: list[int]
+    deleted: list[int]
 
 
 def read_inputs(conn: Connection, threshold: float) -> DuplicateInputs:
@@ -78,21 +98,17 @@ def read_inputs(conn: Connection, threshold: float) -> DuplicateInputs:
         .order_by(image_names.c.id)
     ).all()
     weights = conn.execute(select(collection.c.model, collection.c.weights)).first()
-    neighbour_rows = conn.execute(select(func.count()).select_from(image_neighbours)).scalar_one()
-    digest = hashlib.blake2b(digest_size=16)
-    digest.update(repr((tuple(weights or ()), neighbour_rows, round(threshold, 6))).encode())
+    widest = conn.execute(select(func.max(image_neighbours.c.rank))).scalar_one()
+    basis = repr((tuple(weights or ()), widest, round(threshold, 6)))
+    digest = hashlib.blake2b(basis.encode(), digest_size=16)
     for image_id, content_hash in rows:
         digest.update(f"{image_id}:{content_hash};".encode())
     return DuplicateInputs(
         ids=np.array([r[0] for r in rows], dtype=np.int64),
         hashes=[r[1] for r in rows],
+        basis=basis,
         fingerprint=digest.hexdigest(),
     )
-
-
-def stored_fingerprint(conn: Connection) -> str | None:
-    """The fingerprint the stored groups were computed from (None: never computed)."""
-    return conn.execute(select(duplicate_state.c.fingerprint)).scalar_one_or_none()
 
 
 def neighbour_scale(conn: Connection, ids: np.ndarray) -> float:
@@ -138,27 +154,88 @@ def first_neighbour_histogram(first: np.ndarray, scale: float) -> dict[str, Any]
 
 
 def find_duplicates(engine: Engine, threshold: float) -> DuplicateCounts:
-    """Recompute the groups when their inputs changed; else report the stored ones."""
+    """Bring the groups up to date: nothing when their inputs are unchanged, an update from
+    the lists of the changed images when few changed, else one scan of every list."""
     with engine.connect() as conn:
         inputs = read_inputs(conn, threshold)
-        if stored_fingerprint(conn) == inputs.fingerprint:
-            return _stored_counts(conn, recomputed=False)
-        scale = neighbour_scale(conn, inputs.ids)
-        near, first = read_near_pairs(conn, MAX_DUPLICATE_THRESHOLD * scale)
+        state = conn.execute(select(duplicate_state)).first()
+        if state is not None and state.fingerprint == inputs.fingerprint:
+            return _stored_counts(conn, MODE_UNCHANGED)
+        change = read_change(conn, inputs) if _can_update(state, inputs) else None
+        if change is not None and state is not None:
+            scale, histogram = float(state.scale), str(state.histogram)
+            near = updated_pairs(conn, change, MAX_DUPLICATE_THRESHOLD * scale)
+        else:
+            scale = neighbour_scale(conn, inputs.ids)
+            near, first = read_near_pairs(conn, MAX_DUPLICATE_THRESHOLD * scale)
+            histogram = json.dumps(first_neighbour_histogram(first, scale))
     pairs = merge_pairs(near, exact_pairs(inputs.ids.tolist(), inputs.hashes))
     hashes = dict(zip(inputs.ids.tolist(), inputs.hashes, strict=True))
     groups = group_pairs(pairs, threshold * scale, hashes)
-    state = {
+    stored = {
         "id": 1,
         "fingerprint": inputs.fingerprint,
+        "basis": inputs.basis,
         "scale": scale,
         "threshold": threshold,
-        "histogram": json.dumps(first_neighbour_histogram(first, scale)),
+        "histogram": histogram,
         "computed_at": datetime.now(UTC).replace(tzinfo=None),
     }
     with engine.begin() as conn:
-        write_groups(conn, groups, pairs, state)
-        return _stored_counts(conn, recomputed=True)
+        write_groups(conn, groups, pairs, stored)
+        write_inputs(conn, inputs, change)
+        return _stored_counts(conn, MODE_FULL if change is None else MODE_INCREMENTAL)
+
+
+def _can_update(state: Any, inputs: DuplicateInputs) -> bool:
+    """Whether stored groups exist for the same model, weights, list length and threshold."""
+    return state is not None and state.basis == inputs.basis
+
+
+def read_change(conn: Connection, inputs: DuplicateInputs) -> Change | None:
+    """The images changed and deleted since the stored groups; None past INCREMENTAL_LIMIT."""
+    before = dict(
+        conn.execute(select(duplicate_inputs.c.image_id, duplicate_inputs.c.content_hash)).all()
+    )
+    now = dict(zip(inputs.ids.tolist(), inputs.hashes, strict=True))
+    changed = [i for i, h in now.items() if before.get(i) != h]
+    deleted = [i for i in before if i not in now]
+    if len(changed) + len(deleted) > INCREMENTAL_LIMIT * max(len(now), len(before), 1):
+        return None
+    return Change(changed=changed, deleted=deleted)
+
+
+def updated_pairs(conn: Connection, change: Change, ceiling: float) -> Pairs:
+    """Stored pairs without the changed and deleted images, plus the changed images' pairs.
+
+    A pair of two unchanged images keeps its exact distance, and no new one can appear: their
+    lists only ever gain changed images. A changed image's pairs are in its own list or in
+    the lists it entered, found through the neighbour table's two indexes.
+    """
+    touched = set(change.changed) | set(change.deleted)
+    kept = [
+        row
+        for row in conn.execute(
+            select(
+                duplicate_pairs.c.image_id, duplicate_pairs.c.other_id, duplicate_pairs.c.distance
+            )
+        ).all()
+        if row[0] not in touched and row[1] not in touched
+    ]
+    columns = (
+        image_neighbours.c.image_id,
+        image_neighbours.c.neighbour_id,
+        image_neighbours.c.distance,
+    )
+    fresh: list[Any] = []
+    for start in range(0, len(change.changed), CHUNK):
+        chunk = change.changed[start : start + CHUNK]
+        for side in (image_neighbours.c.image_id, image_neighbours.c.neighbour_id):
+            fresh += conn.execute(
+                select(*columns).where(side.in_(chunk), image_neighbours.c.distance <= ceiling)
+            ).all()
+    rows = kept + fresh
+    return Pairs.of([r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows])
 
 
 def write_groups(conn: Connection, groups: Groups, pairs: Pairs, state: dict[str, Any]) -> None:
@@ -179,13 +256,33 @@ def write_groups(conn: Connection, groups: Groups, pairs: Pairs, state: dict[str
         {"image_id": a, "other_id": b, "distance": d}
         for a, b, d in zip(pairs.a.tolist(), pairs.b.tolist(), pairs.distance.tolist(), strict=True)
     ]
-    for table, rows in ((duplicate_groups, group_rows), (duplicate_pairs, pair_rows)):
-        for start in range(0, len(rows), INSERT_CHUNK):
-            conn.execute(insert(table), rows[start : start + INSERT_CHUNK])
+    _insert_chunked(conn, duplicate_groups, group_rows)
+    _insert_chunked(conn, duplicate_pairs, pair_rows)
     conn.execute(insert(duplicate_state), [state])
 
 
-def _stored_counts(conn: Connection, recomputed: bool) -> DuplicateCounts:
+def write_inputs(conn: Connection, inputs: DuplicateInputs, change: Change | None) -> None:
+    """Record the images the groups now stand for: all of them, or the change."""
+    hashes = dict(zip(inputs.ids.tolist(), inputs.hashes, strict=True))
+    if change is None:
+        conn.execute(delete(duplicate_inputs))
+        written = list(hashes)
+    else:
+        gone = change.changed + change.deleted
+        for start in range(0, len(gone), CHUNK):
+            chunk = gone[start : start + CHUNK]
+            conn.execute(delete(duplicate_inputs).where(duplicate_inputs.c.image_id.in_(chunk)))
+        written = change.changed
+    rows = [{"image_id": i, "content_hash": hashes[i]} for i in written]
+    _insert_chunked(conn, duplicate_inputs, rows)
+
+
+def _insert_chunked(conn: Connection, table: Any, rows: list[dict[str, Any]]) -> None:
+    for start in range(0, len(rows), INSERT_CHUNK):
+        conn.execute(insert(table), rows[start : start + INSERT_CHUNK])
+
+
+def _stored_counts(conn: Connection, mode: str) -> DuplicateCounts:
     state = conn.execute(select(duplicate_state.c.threshold, duplicate_state.c.scale)).one()
     groups, images = conn.execute(
         select(func.count(func.distinct(duplicate_groups.c.group_id)), func.count())
@@ -199,7 +296,7 @@ def _stored_counts(conn: Connection, recomputed: bool) -> DuplicateCounts:
         exact_images=int(exact),
         threshold=float(state.threshold),
         distance=float(state.threshold * state.scale),
-        recomputed=recomputed,
+        mode=mode,
     )
 
 
@@ -208,12 +305,7 @@ def find_duplicates_task(database_url: str, threshold: float) -> DuplicateCounts
     """Group exact and near duplicates; an artifact with what was found."""
     counts = find_duplicates(engine_for(database_url), threshold)
     logger = get_run_logger()
-    logger.info(
-        "duplicates: %d groups, %d images (%s)",
-        counts.groups,
-        counts.images,
-        "recomputed" if counts.recomputed else "inputs unchanged, nothing recomputed",
-    )
+    logger.info("duplicates: %d groups, %d images (%s)", counts.groups, counts.images, counts.mode)
     create_table_artifact(
         table=[{"measure": k, "value": v} for k, v in vars(counts).items()],
         key=DUPLICATES_KEY,

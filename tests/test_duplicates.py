@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
-from sqlalchemy import select
+from sqlalchemy import delete, select
 
 from lookalike.sql.schema import duplicate_groups, duplicate_state, image_names
 from lookalike.tasks.database import connect_checked
@@ -19,6 +19,8 @@ from lookalike.tasks.duplicate_groups import (
     largest_first,
     merge_pairs,
 )
+from lookalike.tasks.duplicates import find_duplicates
+from lookalike.tasks.settings import Settings
 from tests.odd_images import write_photos
 
 
@@ -74,6 +76,17 @@ def stored_groups(database_url: str) -> dict[str, tuple[str, str]]:
     return {names[i]: (names[g], kind) for i, g, kind in rows}
 
 
+def groups_from_scratch(database_url: str) -> dict[str, tuple[str, str]]:
+    """The groups a full recomputation finds (the stored state forgotten first)."""
+    engine = connect_checked(database_url)
+    with engine.begin() as conn:
+        conn.execute(delete(duplicate_state))
+    threshold = Settings().duplicate_threshold
+    assert find_duplicates(engine, threshold).mode == "full"
+    engine.dispose()
+    return stored_groups(database_url)
+
+
 @pytest.fixture
 def run_flow(prefect_harness: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):  # type: ignore[no-untyped-def]
     from lookalike.flows.process import process_images
@@ -95,13 +108,13 @@ def test_copies_join_their_original_across_runs(  # type: ignore[no-untyped-def]
     photos = write_photos(root, 8, size=(320, 240))
     shutil.copyfile(photos[1], root / "exact_copy.jpg")
     first = run_flow(root, database_url)
-    assert first["duplicates_recomputed"] is True
+    assert first["duplicate_mode"] == "full"
     groups = stored_groups(database_url)
     assert groups["exact_copy.jpg"][1] == "exact"
     assert groups["exact_copy.jpg"][0] == groups[photos[1].name][0]
 
     again = run_flow(root, database_url)  # nothing changed: nothing recomputed
-    assert again["duplicates_recomputed"] is False
+    assert again["duplicate_mode"] == "unchanged" and again["duplicates_recomputed"] is False
     assert (again["duplicate_groups"], again["duplicate_images"]) == (
         first["duplicate_groups"],
         first["duplicate_images"],
@@ -110,15 +123,17 @@ def test_copies_join_their_original_across_runs(  # type: ignore[no-untyped-def]
     # A re-encoded copy arrives: an incremental run finds it in its original's group.
     Image.open(photos[0]).save(root / "reencoded.jpg", "JPEG", quality=70)
     third = run_flow(root, database_url)
-    assert third["neighbour_mode"] == "incremental" and third["duplicates_recomputed"] is True
+    assert (third["neighbour_mode"], third["duplicate_mode"]) == ("incremental", "incremental")
     groups = stored_groups(database_url)
     assert groups["reencoded.jpg"][1] == "near"
     assert groups["reencoded.jpg"][0] == groups[photos[0].name][0]
+    assert groups == groups_from_scratch(database_url)
 
     # Deleting the exact copy dissolves its group.
     (root / "exact_copy.jpg").unlink()
-    run_flow(root, database_url)
+    assert run_flow(root, database_url)["duplicate_mode"] == "incremental"
     groups = stored_groups(database_url)
+    assert groups == groups_from_scratch(database_url)
     assert "exact_copy.jpg" not in groups and photos[1].name not in groups
     assert groups["reencoded.jpg"][0] == groups[photos[0].name][0]
 
