@@ -27,6 +27,7 @@ from lookalike.api.neighbour_cache import NeighbourCache, NeighbourLookup
 from lookalike.api.repository import ImageRepository, StatsCache
 from lookalike.api.search_index import SimilaritySearch
 from lookalike.tasks.database import create_reader_engine, is_mariadb
+from lookalike.tasks.duplicate_reader import GroupIndexCache
 from lookalike.tasks.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -49,6 +50,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
         stats=StatsCache(repository),
         neighbour_cache=neighbours,
         neighbours=NeighbourLookup(repository, neighbours),
+        duplicates=GroupIndexCache(engine),
     )
     return Litestar(
         route_handlers=[

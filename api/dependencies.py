@@ -11,9 +11,18 @@ from litestar.di import Provide
 from lookalike.api.neighbour_cache import NeighbourCache, NeighbourLookup
 from lookalike.api.repository import ImageRepository, StatsCache
 from lookalike.api.search_index import SimilaritySearch
+from lookalike.tasks.duplicate_reader import GroupIndexCache
 from lookalike.tasks.settings import Settings
 
-SERVICE_NAMES = ("settings", "repository", "search", "stats", "neighbour_cache", "neighbours")
+SERVICE_NAMES = (
+    "settings",
+    "repository",
+    "search",
+    "stats",
+    "neighbour_cache",
+    "neighbours",
+    "duplicates",
+)
 
 
 @dataclass(frozen=True)
@@ -26,6 +35,7 @@ class Services:
     stats: StatsCache
     neighbour_cache: NeighbourCache | None
     neighbours: NeighbourLookup
+    duplicates: GroupIndexCache
 
 
 def build_dependencies(services: Services) -> dict[str, Provide]:

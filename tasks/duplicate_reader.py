@@ -6,6 +6,7 @@ Free of Prefect: the CLI's `lookalike duplicates` and the API's /api/duplicates 
 from __future__ import annotations
 
 import json
+import threading
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -157,3 +158,34 @@ def group_containing(index: GroupIndex, image_id: int) -> int | None:
         if any(member[0] == image_id for member in members):
             return group_id
     return None
+
+
+class GroupIndexCache:
+    """The last few group indexes by threshold, kept until the stored groups change.
+
+    A page of groups then costs one look at the state row and the page's metadata; a slider
+    moving back and forth regroups each threshold once.
+    """
+
+    def __init__(self, engine: Engine, size: int = 8) -> None:
+        self.engine = engine
+        self.size = size
+        self._indexes: dict[tuple[Any, float | None], GroupIndex] = {}
+        self._lock = threading.Lock()
+
+    def get(self, threshold: float | None) -> GroupIndex:
+        """read_group_index(engine, threshold), from the cache while the groups are current."""
+        with self.engine.connect() as conn:
+            version = conn.execute(
+                select(duplicate_state.c.fingerprint, duplicate_state.c.computed_at)
+            ).first()
+        key = (tuple(version) if version else None, threshold)
+        with self._lock:
+            if key in self._indexes:
+                return self._indexes[key]
+        index = read_group_index(self.engine, threshold)
+        with self._lock:
+            if len(self._indexes) >= self.size:
+                self._indexes.pop(next(iter(self._indexes)))
+            self._indexes[key] = index
+        return index

@@ -129,3 +129,12 @@ def test_the_cli_says_when_nothing_was_computed(
 ) -> None:
     assert main(["duplicates", "--db", sqlite_url]) == 2
     assert "run `lookalike process` first" in capsys.readouterr().err
+
+
+def test_answers_follow_a_new_computation(indexed: str, client: TestClient) -> None:
+    """The service keeps group indexes between requests, until the stored groups change."""
+    assert client.get("/api/duplicates").json()["threshold"] == pytest.approx(THRESHOLD)
+    engine = connect_checked(indexed)
+    find_duplicates(engine, 0.2)  # as a run with LOOKALIKE_DUPLICATE_THRESHOLD=0.2
+    engine.dispose()
+    assert client.get("/api/duplicates").json()["threshold"] == pytest.approx(0.2)

@@ -20,8 +20,8 @@ from lookalike.tasks.duplicate_reader import (
     DuplicatesNotFoundError,
     Group,
     GroupIndex,
+    GroupIndexCache,
     group_containing,
-    read_group_index,
     with_members,
 )
 from lookalike.tasks.settings import MAX_DUPLICATE_THRESHOLD
@@ -40,31 +40,35 @@ Threshold = Annotated[
 @get("/api/duplicates", sync_to_thread=True, tags=["duplicates"])
 def list_duplicates(
     repository: ImageRepository,
+    duplicates: GroupIndexCache,
     threshold: Threshold = None,
     offset: Annotated[int, Parameter(ge=0, le=2**31 - 1)] = 0,
     limit: Annotated[int, Parameter(ge=1, le=MAX_GROUPS_PAGE)] = 20,
 ) -> DuplicatePage:
     """Groups of duplicates, largest first, each with its representative first."""
-    index = _index(repository, threshold)
+    index = _index(duplicates, threshold)
     page = index.order[offset : offset + limit]
     return _page(index, with_members(repository.engine, index, page), offset, limit)
 
 
 @get("/api/images/{image_id:int}/duplicates", sync_to_thread=True, tags=["duplicates"])
 def get_image_duplicates(
-    repository: ImageRepository, image_id: ImageId, threshold: Threshold = None
+    repository: ImageRepository,
+    duplicates: GroupIndexCache,
+    image_id: ImageId,
+    threshold: Threshold = None,
 ) -> DuplicatePage:
     """The group the image belongs to (no group: an empty list)."""
     repository.get_image(image_id)  # 404 for an unknown image
-    index = _index(repository, threshold)
+    index = _index(duplicates, threshold)
     group = group_containing(index, image_id)
     groups = [] if group is None else with_members(repository.engine, index, [group])
     return _page(index, groups, 0, 1)
 
 
-def _index(repository: ImageRepository, threshold: float | None) -> GroupIndex:
+def _index(duplicates: GroupIndexCache, threshold: float | None) -> GroupIndex:
     try:
-        return read_group_index(repository.engine, threshold)
+        return duplicates.get(threshold)
     except DuplicatesNotFoundError as exc:
         raise NotFoundException(str(exc)) from None
 
@@ -83,9 +87,7 @@ def _page(index: GroupIndex, groups: list[Group], offset: int, limit: int) -> Du
                 id=g.id,
                 size=len(g.members),
                 images=[
-                    DuplicateImage(
-                        m.id, m.file_name, m.size, m.width, m.height, m.distance, m.kind
-                    )
+                    DuplicateImage(m.id, m.file_name, m.size, m.width, m.height, m.distance, m.kind)
                     for m in g.members
                 ],
             )
