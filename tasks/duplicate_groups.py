@@ -60,6 +60,18 @@ class Groups:
     def kinds(self) -> list[str]:
         return [KIND_EXACT if e else KIND_NEAR for e in self.exact.tolist()]
 
+    def rows(self) -> list[tuple[int, int, float, str]]:
+        """(group id, image id, distance, kind) per grouped image, as Python values."""
+        return list(
+            zip(
+                self.group_id.tolist(),
+                self.image_id.tolist(),
+                self.distance.tolist(),
+                self.kinds(),
+                strict=True,
+            )
+        )
+
 
 def exact_pairs(image_ids: Sequence[int], hashes: Sequence[str]) -> Pairs:
     """Pairs at distance 0 between images with the same content hash (each to the first)."""

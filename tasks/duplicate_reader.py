@@ -74,13 +74,7 @@ def read_group_index(engine: Engine, threshold: float | None = None) -> GroupInd
             check_duplicate_threshold(threshold)
             groups = _regrouped(conn, threshold * state.scale)
     rows: dict[int, list[tuple[int, float, str]]] = {}
-    for g, i, d, k in zip(
-        groups.group_id.tolist(),
-        groups.image_id.tolist(),
-        groups.distance.tolist(),
-        groups.kinds(),
-        strict=True,
-    ):
+    for g, i, d, k in groups.rows():
         rows.setdefault(g, []).append((i, d, k))
     for group_id, members in rows.items():  # the representative first, then the closest
         members.sort(key=lambda m, g=group_id: (m[0] != g, m[1], m[0]))  # type: ignore[misc]

@@ -243,14 +243,7 @@ def write_groups(conn: Connection, groups: Groups, pairs: Pairs, state: dict[str
     for table in (duplicate_groups, duplicate_pairs, duplicate_state):
         conn.execute(delete(table))
     group_rows = [
-        {"image_id": i, "group_id": g, "distance": d, "kind": k}
-        for g, i, d, k in zip(
-            groups.group_id.tolist(),
-            groups.image_id.tolist(),
-            groups.distance.tolist(),
-            groups.kinds(),
-            strict=True,
-        )
+        {"image_id": i, "group_id": g, "distance": d, "kind": k} for g, i, d, k in groups.rows()
     ]
     pair_rows = [
         {"image_id": a, "other_id": b, "distance": d}

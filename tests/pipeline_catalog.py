@@ -251,3 +251,17 @@ def app_settings(url: str, tmp_path: Path, **overrides: object) -> Settings:
     return Settings(
         database_url=url, data_dir=tmp_path / "data", thumbnail_dir=tmp_path / "thumbnails"
     ).with_overrides(**overrides)
+
+
+def index_duplicate_set(url: str, root: Path, threshold: float) -> None:
+    """Eight photos, an exact copy of the second and a re-encoded copy of the first, indexed
+    and grouped as a run does it (find-duplicates at this threshold)."""
+    from lookalike.tasks.duplicates import find_duplicates
+
+    photos = write_photos(root, 8, size=(320, 240))
+    shutil.copyfile(photos[1], root / "exact_copy.jpg")
+    Image.open(photos[0]).save(root / "reencoded.jpg", "JPEG", quality=70)
+    index_folder(url, root)
+    engine = connect_checked(url)
+    find_duplicates(engine, threshold)
+    engine.dispose()

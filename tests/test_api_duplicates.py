@@ -5,20 +5,17 @@ from __future__ import annotations
 import csv
 import io
 import json
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from litestar.testing import TestClient
-from PIL import Image
 
 from lookalike.api.app import create_app
 from lookalike.flows.cli import main
 from lookalike.tasks.database import connect_checked
 from lookalike.tasks.duplicates import find_duplicates
-from tests.odd_images import write_photos
-from tests.pipeline_catalog import app_settings, index_folder
+from tests.pipeline_catalog import app_settings, index_duplicate_set
 
 THRESHOLD = 0.06
 
@@ -26,14 +23,7 @@ THRESHOLD = 0.06
 @pytest.fixture
 def indexed(database_url: str, tmp_path: Path) -> str:
     """Eight photos, an exact copy of the second and a re-encoded copy of the first."""
-    root = tmp_path / "images"
-    photos = write_photos(root, 8, size=(320, 240))
-    shutil.copyfile(photos[1], root / "exact_copy.jpg")
-    Image.open(photos[0]).save(root / "reencoded.jpg", "JPEG", quality=70)
-    index_folder(database_url, root)
-    engine = connect_checked(database_url)
-    find_duplicates(engine, THRESHOLD)
-    engine.dispose()
+    index_duplicate_set(database_url, tmp_path / "images", THRESHOLD)
     return database_url
 
 

@@ -2,19 +2,14 @@
 
 from __future__ import annotations
 
-import shutil
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from PIL import Image
 
-from lookalike.tasks.database import connect_checked
-from lookalike.tasks.duplicates import find_duplicates
 from scripts.chromium_args import CHROMIUM
-from tests.odd_images import write_photos
-from tests.pipeline_catalog import app_settings, index_folder
-from tests.test_api_browser import TIMEOUT_MS, browser, serving  # noqa: F401 - fixture
+from tests.pipeline_catalog import app_settings, index_duplicate_set
+from tests.test_api_browser import browser, page, serving  # noqa: F401 - fixtures
 
 pytestmark = [
     pytest.mark.browser,
@@ -29,39 +24,21 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """Eight photos, an exact copy and a re-encoded copy, indexed and grouped, served."""
     base = tmp_path_factory.mktemp("duplicates-browser")
     url = f"sqlite:///{base / 'db.sqlite'}"
-    root = base / "images"
-    photos = write_photos(root, 8, size=(320, 240))
-    shutil.copyfile(photos[1], root / "exact_copy.jpg")
-    Image.open(photos[0]).save(root / "reencoded.jpg", "JPEG", quality=70)
-    index_folder(url, root)
-    engine = connect_checked(url)
-    find_duplicates(engine, 0.06)
-    engine.dispose()
+    index_duplicate_set(url, base / "images", 0.06)
     with serving(app_settings(url, base)) as served_url:
         yield served_url
 
 
-@pytest.fixture
-def page(browser: Any) -> Iterator[Any]:  # noqa: F811 - the fixture above, used here
-    context = browser.new_context(viewport={"width": 1280, "height": 900})
-    page = context.new_page()
-    page.set_default_timeout(TIMEOUT_MS)
-    errors: list[str] = []
-    page.on("pageerror", lambda exc: errors.append(str(exc)))
-    yield page
-    context.close()
-    assert errors == [], f"JavaScript errors on the page: {errors}"
-
-
-def group_names(page: Any) -> list[list[str]]:
-    return page.eval_on_selector_all(
+def group_names(shown: Any) -> list[list[str]]:
+    return shown.eval_on_selector_all(
         "#groups > li",
         "groups => groups.map(g => [...g.querySelectorAll('span')].map(s => s.textContent))",
     )
 
 
 def test_groups_show_with_representative_first_and_the_slider_regroups(
-    page: Any, served: str
+    page: Any,  # noqa: F811 - the fixture imported above
+    served: str,
 ) -> None:
     page.goto(f"{served}/")
     page.get_by_role("link", name="Duplicates").click()
