@@ -14,6 +14,7 @@ from litestar.openapi import OpenAPIConfig
 from sqlalchemy import Engine
 from sqlalchemy.pool import QueuePool
 
+from lookalike.api.admission import Admission
 from lookalike.api.controllers.duplicates import get_image_duplicates, list_duplicates
 from lookalike.api.controllers.health import health
 from lookalike.api.controllers.images import ImageController
@@ -43,14 +44,16 @@ def create_app(settings: Settings | None = None) -> Litestar:
     engine = create_reader_engine(settings.resolved_database_url)
     repository = ImageRepository(engine)
     neighbours = NeighbourCache(repository) if uses_neighbour_cache(settings, engine) else None
+    admission = Admission.from_settings(settings)
     services = Services(
         settings=settings,
         repository=repository,
-        search=SimilaritySearch(repository, settings),
+        search=SimilaritySearch(repository, settings, compute_threads=admission.compute_threads),
         stats=StatsCache(repository),
         neighbour_cache=neighbours,
         neighbours=NeighbourLookup(repository, neighbours),
         duplicates=GroupIndexCache(engine),
+        admission=admission,
     )
     return Litestar(
         route_handlers=[
@@ -72,8 +75,12 @@ def create_app(settings: Settings | None = None) -> Litestar:
         openapi_config=OpenAPIConfig(title="lookalike", version=API_VERSION, path="/schema"),
         request_max_body_size=settings.upload_limit_mb * 1024 * 1024 + MULTIPART_OVERHEAD_BYTES,
         response_headers=[ResponseHeader(name="X-Content-Type-Options", value="nosniff")],
-        on_startup=[run_handlers_on(worker_threads_for(engine)), *cache_hooks(neighbours, "start")],
-        on_shutdown=[*cache_hooks(neighbours, "stop"), lambda: engine.dispose()],
+        on_startup=[
+            run_handlers_on(worker_threads_for(engine)),
+            services.stats.start,
+            *cache_hooks(neighbours, "start"),
+        ],
+        on_shutdown=[*cache_hooks(neighbours, "stop"), admission.close, lambda: engine.dispose()],
         debug=False,
     )
 

@@ -8,6 +8,7 @@ from typing import Any
 
 from litestar.di import Provide
 
+from lookalike.api.admission import Admission
 from lookalike.api.neighbour_cache import NeighbourCache, NeighbourLookup
 from lookalike.api.repository import ImageRepository, StatsCache
 from lookalike.api.search_index import SimilaritySearch
@@ -22,6 +23,7 @@ SERVICE_NAMES = (
     "neighbour_cache",
     "neighbours",
     "duplicates",
+    "admission",
 )
 
 
@@ -36,6 +38,7 @@ class Services:
     neighbour_cache: NeighbourCache | None
     neighbours: NeighbourLookup
     duplicates: GroupIndexCache
+    admission: Admission
 
 
 def build_dependencies(services: Services) -> dict[str, Provide]:

@@ -13,6 +13,7 @@ from litestar.exceptions import (
     NotFoundException,
     PermissionDeniedException,
     ServiceUnavailableException,
+    TooManyRequestsException,
     ValidationException,
 )
 from litestar.status_codes import (
@@ -64,6 +65,20 @@ class CorruptFeaturesError(InternalServerException):
 
 class ServiceUnavailableError(ServiceUnavailableException):
     """Something the route needs (database, model) is not available right now (503)."""
+
+
+class ServerBusyError(ServiceUnavailableException):
+    """Every slot and queue place for this kind of work is taken (503, Retry-After)."""
+
+    def __init__(self, detail: str, retry_after: int) -> None:
+        super().__init__(detail=detail, headers={"Retry-After": str(retry_after)})
+
+
+class TooManyRequestsError(TooManyRequestsException):
+    """This client spent its allowance of this kind of request (429, Retry-After)."""
+
+    def __init__(self, detail: str, retry_after: int) -> None:
+        super().__init__(detail=detail, headers={"Retry-After": str(retry_after)})
 
 
 def error_response(

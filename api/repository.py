@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from dataclasses import dataclass
@@ -24,6 +25,8 @@ from lookalike.sql.schema import (
     image_neighbours,
     runs,
 )
+
+log = logging.getLogger(__name__)
 
 FEATURE_BYTES = FEATURE_DIM * 4
 DEFAULT_NEIGHBOURS = 20
@@ -280,27 +283,64 @@ class ImageRepository:
 
 
 class StatsCache:
-    """The statistics, recomputed at most every ttl_s seconds.
+    """The statistics, recounted in the background at most every ttl_s seconds.
 
-    Counting neighbour rows scans millions of them (100 per image) and the page asks on every
-    load; one request computes while the others wait for its answer instead of adding scans.
+    Counting neighbour rows scans millions of them (100 per image; 2 s at 100,000 images), so
+    no request waits for a count except the very first after start-up: start() begins one at
+    once, and a request that finds the figures stale gets them as they are while one
+    background thread counts again.
     """
 
     def __init__(self, repository: ImageRepository, ttl_s: float = STATS_TTL_S) -> None:
         self.repository = repository
         self.ttl_s = ttl_s
         self._lock = threading.Lock()
+        self._first = threading.Event()
         self._stats: Stats | None = None
-        self._computed_at = 0.0
+        self._error: Exception | None = None
+        self._counted_at = -float("inf")
+        self._counting = False
+
+    @property
+    def ready(self) -> bool:
+        """Whether a count has finished, so that get() answers at once."""
+        return self._stats is not None
+
+    def start(self) -> None:
+        """Begin the first count in the background (the app's start-up hook)."""
+        self._count_if_stale()
 
     def get(self) -> Stats:
-        """Statistics at most ttl_s seconds old."""
+        """The latest figures; only before the first count ends does this wait for it."""
+        self._count_if_stale()
+        stats = self._stats
+        if stats is not None:
+            return stats
+        self._first.wait()
+        if self._stats is None:  # the counts so far failed: say why (a database error: 503)
+            raise self._error or RuntimeError("statistics unavailable")
+        return self._stats
+
+    def _count_if_stale(self) -> None:
+        """Start one background count when the figures are older than ttl_s."""
         with self._lock:
-            now = time.monotonic()
-            if self._stats is None or now - self._computed_at >= self.ttl_s:
-                self._stats = self.repository.get_stats()
-                self._computed_at = now
-            return self._stats
+            if self._counting or time.monotonic() - self._counted_at < self.ttl_s:
+                return
+            self._counting = True
+        threading.Thread(target=self._count, name="lookalike-stats", daemon=True).start()
+
+    def _count(self) -> None:
+        try:
+            stats, error = self.repository.get_stats(), None
+        except Exception as exc:  # kept for get(); the next request tries again
+            log.warning("counting the statistics failed: %s", exc)
+            stats, error = None, exc
+        with self._lock:
+            if stats is not None:
+                self._stats, self._counted_at = stats, time.monotonic()
+            self._error = error
+            self._counting = False
+        self._first.set()  # a failed first count too: waiters raise its error
 
 
 def decode_features(image_id: int, blob: bytes) -> np.ndarray:

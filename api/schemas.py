@@ -126,3 +126,10 @@ class DuplicatePage(msgspec.Struct):
     limit: int
     groups: list[DuplicateGroup]
     histogram: DuplicateHistogram
+
+
+class ErrorAnswer(msgspec.Struct):
+    """Every error: the HTTP status and one line saying why."""
+
+    status_code: int
+    detail: str

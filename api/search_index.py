@@ -27,6 +27,7 @@ from lookalike.tasks.models import (
     FeatureModel,
     ModelSpec,
     WeightsError,
+    limit_cpu_threads,
     load_feature_model,
     weights_identity,
 )
@@ -65,11 +66,16 @@ class SimilaritySearch:
     """
 
     def __init__(
-        self, repository: ImageRepository, settings: Settings, spec: ModelSpec = INCEPTION_V3
+        self,
+        repository: ImageRepository,
+        settings: Settings,
+        spec: ModelSpec = INCEPTION_V3,
+        compute_threads: int | None = None,
     ) -> None:
         self.repository = repository
         self.settings = settings
         self.spec = spec
+        self.compute_threads = compute_threads  # None: TensorFlow's and BLAS's own choice
         self._snapshot: IndexSnapshot | None = None
         self._load_lock = threading.Lock()
         self._model_lock = threading.Lock()  # one forward pass at a time keeps memory flat
@@ -132,6 +138,8 @@ class SimilaritySearch:
         matrix = self.repository.load_feature_matrix(info.model)
         if len(matrix.ids) == 0:  # nothing to rank: the model is not worth loading
             return IndexSnapshot(marker, None, None)
+        if self.compute_threads is not None:
+            limit_cpu_threads(self.compute_threads)
         model = load_search_model(model_weights_for(info.weights, self.settings.weights), self.spec)
         space = prepare_query_space(matrix.vectors, matrix.ids, metric=SEARCH_METRIC)
         log.info("search index loaded: %d vectors, weights %s", space.n, info.weights)

@@ -190,8 +190,8 @@ def free_port() -> int:
 
 
 @contextmanager
-def served(target: str, env: dict[str, str], factory: bool) -> Iterator[int]:
-    """Run `uvicorn target` in a subprocess on a free port until the block ends."""
+def served(target: str, env: dict[str, str], factory: bool) -> Iterator[tuple[int, int]]:
+    """Run `uvicorn target` in a subprocess on a free port until the block ends: (port, pid)."""
     port = free_port()
     command = [sys.executable, "-m", "uvicorn", target, "--host", "127.0.0.1",
                "--port", str(port), "--log-level", "warning", "--no-access-log"]  # fmt: skip
@@ -200,7 +200,7 @@ def served(target: str, env: dict[str, str], factory: bool) -> Iterator[int]:
     process = subprocess.Popen(command, cwd=REPO, env={**os.environ, **env})
     try:
         wait_until_up(f"http://127.0.0.1:{port}/", process)
-        yield port
+        yield port, process.pid
     finally:
         process.terminate()
         process.wait(timeout=30)
@@ -405,8 +405,8 @@ def main(argv: list[str] | None = None) -> int:
         settle(url)
         env = {"LOOKALIKE_DATABASE_URL": url, "LOOKALIKE_DATA_DIR": scratch, **python_path}
         with (
-            served("benchmarks.api:bare_app", python_path, factory=False) as bare_port,
-            served("api.app:create_app", env, factory=True) as port,
+            served("benchmarks.api:bare_app", python_path, factory=False) as (bare_port, _),
+            served("api.app:create_app", env, factory=True) as (port, _),
         ):
             wait_for_neighbour_cache(port)
             ids = random.Random(3)

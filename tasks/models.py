@@ -196,6 +196,25 @@ def _configure_devices(tf: Any, keras: Any, on_gpu: bool) -> None:
     keras.mixed_precision.set_global_policy("mixed_float16")
 
 
+def limit_cpu_threads(threads: int) -> bool:
+    """Run TensorFlow's CPU ops and BLAS on at most `threads` threads in this process.
+
+    A web server gives a search the cores but one, so that its cheap routes keep a core.
+    TensorFlow takes this only before its runtime starts: False, with a log line, after.
+    """
+    from threadpoolctl import threadpool_limits
+
+    threadpool_limits(limits=threads, user_api="blas")  # the query's matrix products
+    tf, _ = import_tensorflow()
+    try:
+        tf.config.threading.set_intra_op_parallelism_threads(threads)
+        tf.config.threading.set_inter_op_parallelism_threads(threads)
+    except RuntimeError:
+        log.info("TensorFlow already started: its thread counts stay as they are")
+        return False
+    return True
+
+
 def import_tensorflow() -> tuple[Any, Any]:
     """TensorFlow and Keras, imported with their devices found.
 

@@ -65,6 +65,16 @@ class Settings(BaseSettings):
     lock_timeout: float = 3600.0  # seconds a run waits for another run on the same database
     # Near duplicates: pairs within this fraction of the median k-th-neighbour distance.
     duplicate_threshold: float = 0.06
+    # Expensive API work (api/admission.py): searches run at most this many at once (0: from
+    # the cores), this many more wait, and beyond that the API answers 503 with Retry-After.
+    search_slots: int = 0
+    search_queue: int = 4
+    # Thumbnails made on request wait longer: a page view asks for 21 at once, each short.
+    render_queue: int = 64
+    # Per-client limits, "COUNT/second|minute|hour" or "off": searches by upload, and thumbnails
+    # made on request plus fingerprints.
+    search_rate: str = "30/minute"
+    render_rate: str = "600/minute"
 
     def __init__(self, **values: Any) -> None:
         """The environment's values under the given ones, checked."""
@@ -110,6 +120,10 @@ class Settings(BaseSettings):
             raise SettingsError(f"decode workers must be 0 or more, got {self.decode_workers}")
         check_task_runner(self.task_runner, self.dask_address)
         check_duplicate_threshold(self.duplicate_threshold)
+        if min(self.search_slots, self.search_queue, self.render_queue) < 0:
+            raise SettingsError("search slots, search queue and render queue must be 0 or more")
+        for name in ("search_rate", "render_rate"):
+            parse_rate(getattr(self, name), env_name(name))
         if not 0 <= self.lock_timeout < float("inf"):
             raise SettingsError(f"the lock timeout must be 0 s or more, got {self.lock_timeout:g}")
         return self
@@ -143,6 +157,21 @@ def check_duplicate_threshold(fraction: float) -> None:
             f"the duplicate threshold must be above 0 and at most {MAX_DUPLICATE_THRESHOLD}, "
             f"got {fraction:g}"
         )
+
+
+RATE_PERIODS = {"second": 1.0, "minute": 60.0, "hour": 3600.0}
+
+
+def parse_rate(text: str, name: str = "rate") -> tuple[int, float] | None:
+    """A rate such as "30/minute" as (count, period in seconds); None for "off"."""
+    if text.strip().lower() == "off":
+        return None
+    count, _, period = text.strip().partition("/")
+    if not count.strip().isdigit() or int(count) < 1 or period.strip() not in RATE_PERIODS:
+        raise SettingsError(
+            f"{name} must be COUNT/second, COUNT/minute, COUNT/hour or off, got {text!r}"
+        )
+    return int(count), RATE_PERIODS[period.strip()]
 
 
 def check_task_runner(kind: str, dask_address: str = "") -> None:

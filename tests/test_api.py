@@ -20,8 +20,7 @@ from PIL import Image
 
 from lookalike.api.app import create_app
 from lookalike.api.fingerprint import GRID, plasma_table
-from lookalike.api.repository import ImageRepository, StatsCache
-from lookalike.sql.schema import STATUS_FAILED, image_features, image_names, runs
+from lookalike.sql.schema import image_features, runs
 from lookalike.tasks.catalog import MODEL_NAME
 from tests.odd_images import bomb_png, write_photos
 from tests.pipeline_catalog import (
@@ -300,19 +299,6 @@ def test_stats_count_the_collection(client: TestClient, catalog: Catalog) -> Non
         "weights": "none (random init, seed 0, numpy he-uniform)",  # as the run stored it
         "last_completed_run": catalog.last_completed_run.isoformat(),
     }
-
-
-def test_stats_are_recounted_only_after_their_time_to_live(sqlite_url: str, tmp_path: Path) -> None:
-    catalog = build_catalog(sqlite_url, tmp_path)
-    engine = sqlalchemy.create_engine(catalog.url)
-    repository = ImageRepository(engine)
-    cached, fresh = StatsCache(repository, ttl_s=3600), StatsCache(repository, ttl_s=0)
-    assert cached.get().failed == fresh.get().failed == 1
-    with engine.begin() as conn:
-        conn.execute(image_names.update().values(status=STATUS_FAILED))
-    assert cached.get().failed == 1  # within its time to live
-    assert fresh.get().failed == len(catalog.ids)
-    engine.dispose()
 
 
 def test_health_is_200_with_a_database(client: TestClient, catalog: Catalog) -> None:

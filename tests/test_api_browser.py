@@ -15,6 +15,7 @@ from urllib.parse import urlparse
 import pytest
 import sqlalchemy
 import uvicorn
+from litestar import Litestar
 from playwright.sync_api import Error as PlaywrightError
 from playwright.sync_api import expect
 
@@ -42,10 +43,11 @@ def free_port() -> int:
 
 
 @contextmanager
-def serving(settings: Settings) -> Iterator[str]:
-    """The app on uvicorn in a thread; yields its base URL."""
+def serving(settings: Settings | Litestar) -> Iterator[str]:
+    """The app (or the app of these settings) on uvicorn in a thread; yields its base URL."""
     port = free_port()
-    config = uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_level="warning")
+    app = settings if isinstance(settings, Litestar) else create_app(settings)
+    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning")
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
@@ -197,6 +199,24 @@ def test_upload_shows_the_most_similar_images(served: tuple[str, Catalog], page:
     first_result = page.locator("#neighbours .name").first.inner_text()
     assert first_result == "photos/photo_000_00003.jpg"
     assert "?id=" not in page.url
+
+
+def test_a_refused_upload_says_the_server_is_busy_and_when_to_retry(
+    served: tuple[str, Catalog], page: Any, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    _, catalog = served
+    app = create_app(app_settings(catalog.url, tmp_path_factory.mktemp("busy"), search_queue=0))
+    lane = app.state.admission.search
+    with serving(app) as url, contextlib.ExitStack() as holding:
+        page.goto(f"{url}/?id={catalog.ok_ids[1]}")
+        wait_for_neighbours(page, 4)
+        for _ in range(lane.capacity):
+            holding.enter_context(lane.held())
+        page.set_input_files("#upload", str(catalog.root / "photos/photo_000_00003.jpg"))
+        message = page.locator("#message")
+        expect(message).to_contain_text("busy with other search requests")
+        expect(message).to_contain_text(re.compile(r"please try again in \d+ seconds?"))
+        expect(message).to_contain_text("HTTP 503")
 
 
 # --- keyboard, races, screen readers, an empty collection ---------------------------------

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, cast
+from typing import Annotated, Any, cast
 
 import msgspec
-from litestar import Controller, MediaType, Response, get
+from litestar import Controller, MediaType, Request, Response, get
+from litestar.concurrency import sync_to_thread
 from litestar.params import Parameter
 from litestar.response import File
 
+from lookalike.api.admission import Admission, client_key, limit_renders, refused_slowly
 from lookalike.api.controllers.params import ImageId
 from lookalike.api.errors import BadRequestError, ServiceUnavailableError
 from lookalike.api.fingerprint import render_png, render_svg
@@ -21,6 +23,7 @@ from lookalike.api.media import (
     thumbnail_path,
 )
 from lookalike.api.neighbour_cache import NeighbourLookup
+from lookalike.api.openapi import REFUSALS, RefusableOperation
 from lookalike.api.repository import MAX_RANK, ImageRepository
 from lookalike.api.schemas import Features, ImageDetail, ImagePage, Neighbour
 from lookalike.tasks.settings import Settings
@@ -30,6 +33,12 @@ MAX_PAGE = 500
 MAX_OFFSET = 2**31 - 1
 FILE_CACHE = "private, max-age=300"
 SVG_MEDIA_TYPE = "image/svg+xml"
+# Routes that render on every request: the client's render allowance, and its 429 documented.
+RENDER_LIMITED: dict[str, Any] = {
+    "guards": [limit_renders],
+    "responses": {429: REFUSALS[429]},
+    "operation_class": RefusableOperation,
+}
 
 
 class ImageController(Controller):
@@ -90,23 +99,37 @@ class ImageController(Controller):
             headers={"Cache-Control": FILE_CACHE},
         )
 
-    @get("/{image_id:int}/thumbnail", sync_to_thread=True)
-    def get_thumbnail(
+    @get("/{image_id:int}/thumbnail", responses=REFUSALS, operation_class=RefusableOperation)
+    async def get_thumbnail(
         self,
+        request: Request[Any, Any, Any],
         repository: ImageRepository,
         settings: Settings,
+        admission: Admission,
         image_id: ImageId,
         size: Annotated[int, Parameter(description=f"One of {THUMBNAIL_SIZES}")] = 256,
     ) -> File:
-        """A JPEG no larger than size x size, cached on disk by id, content hash and size."""
+        """A JPEG no larger than size x size, cached on disk by id, content hash and size.
+
+        Making one that is not cached yet counts against the client's render allowance and
+        runs on the render lane (429 or 503 with Retry-After when either is spent).
+        """
         if size not in THUMBNAIL_SIZES:
             raise BadRequestError(f"size must be one of {', '.join(map(str, THUMBNAIL_SIZES))}")
-        stored = repository.get_image_file(image_id)
-        source = image_path(repository, image_id, stored.file_name)
+        stored = await sync_to_thread(repository.get_image_file, image_id)
         cached = thumbnail_path(
             settings.resolved_thumbnail_dir, image_id, stored.content_hash, size
         )
-        ensure_thumbnail(source, cached, size, settings.max_image_pixels)
+        if not cached.is_file():
+            client = client_key(request)
+            await refused_slowly(
+                lambda: admission.render_limit.take(client), admission.render.check
+            )
+            source = await sync_to_thread(image_path, repository, image_id, stored.file_name)
+            with admission.render.held():
+                await admission.render.run(
+                    ensure_thumbnail, source, cached, size, settings.max_image_pixels
+                )
         return File(
             cached,
             content_disposition_type="inline",
@@ -114,12 +137,12 @@ class ImageController(Controller):
             headers={"Cache-Control": FILE_CACHE},
         )
 
-    @get("/{image_id:int}/fingerprint.svg", sync_to_thread=True)
+    @get("/{image_id:int}/fingerprint.svg", sync_to_thread=True, **RENDER_LIMITED)
     def get_fingerprint_svg(self, repository: ImageRepository, image_id: ImageId) -> Response[str]:
         """The features as a 46x46 plasma heatmap, SVG."""
         return fingerprint_svg_response(repository, image_id)
 
-    @get("/{image_id:int}/fingerprint.png", sync_to_thread=True)
+    @get("/{image_id:int}/fingerprint.png", sync_to_thread=True, **RENDER_LIMITED)
     def get_fingerprint_png(
         self, repository: ImageRepository, image_id: ImageId
     ) -> Response[bytes]:

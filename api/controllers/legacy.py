@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from litestar import Controller, Response, get
 
-from lookalike.api.controllers.images import fingerprint_svg_response
+from lookalike.api.controllers.images import RENDER_LIMITED, fingerprint_svg_response
 from lookalike.api.controllers.params import ImageId
 from lookalike.api.repository import ImageRepository
 from lookalike.api.schemas import LegacyNeighbour
@@ -35,7 +35,7 @@ class LegacyController(Controller):
         stored = repository.get_all_neighbours(image_id)
         return file_name, [LegacyNeighbour(id=n.id, distance=n.distance) for n in stored]
 
-    @get("/image_fingerprint/{image_id:int}", sync_to_thread=True)
+    @get("/image_fingerprint/{image_id:int}", sync_to_thread=True, **RENDER_LIMITED)
     def image_fingerprint(self, repository: ImageRepository, image_id: ImageId) -> Response[str]:
         """The SVG fingerprint."""
         return fingerprint_svg_response(repository, image_id)

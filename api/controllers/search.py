@@ -6,12 +6,13 @@ from dataclasses import dataclass
 from typing import Annotated
 
 from litestar import post
-from litestar.concurrency import sync_to_thread
 from litestar.datastructures import UploadFile
 from litestar.enums import RequestEncodingType
 from litestar.params import Body, Parameter
 
+from lookalike.api.admission import Admission, admit_search
 from lookalike.api.errors import UploadTooLargeError
+from lookalike.api.openapi import REFUSALS, RefusableOperation
 from lookalike.api.schemas import Neighbour
 from lookalike.api.search_index import SimilaritySearch
 from lookalike.tasks.settings import Settings
@@ -26,17 +27,31 @@ class SearchUpload:
     file: UploadFile
 
 
-@post("/api/search", status_code=200, tags=["search"])
+@post(
+    "/api/search",
+    status_code=200,
+    tags=["search"],
+    guards=[admit_search],
+    responses=REFUSALS,
+    operation_class=RefusableOperation,
+)
 async def search_by_upload(
     data: Annotated[SearchUpload, Body(media_type=RequestEncodingType.MULTI_PART)],
     search: SimilaritySearch,
     settings: Settings,
+    admission: Admission,
     k: Annotated[int, Parameter(ge=1, le=MAX_SEARCH_K)] = 20,
 ) -> list[Neighbour]:
-    """The k stored images nearest to the uploaded one, closest first."""
-    content = await read_upload(data.file, settings.upload_limit_mb * 1024 * 1024)
-    # Decoding, the forward pass and the matrix product are CPU work: keep them off the loop.
-    return await sync_to_thread(search.search, content, k)
+    """The k stored images nearest to the uploaded one, closest first.
+
+    A few searches run at once and a few wait; beyond that, and beyond a client's allowance,
+    the answer is 503 or 429 with Retry-After (see the settings SEARCH_SLOTS, SEARCH_QUEUE and
+    SEARCH_RATE).
+    """
+    with admission.search.held():
+        content = await read_upload(data.file, settings.upload_limit_mb * 1024 * 1024)
+        # Decoding, the forward pass and the matrix product run on the search lane's threads.
+        return await admission.search.run(search.search, content, k)
 
 
 async def read_upload(upload: UploadFile, limit_bytes: int) -> bytes:

@@ -31,9 +31,16 @@ async function fetchJson(url, options = {}) {
   if (options.signal) options.signal.throwIfAborted();
   if (!response.ok) {
     const detail = body && body.detail ? body.detail : response.statusText;
-    throw new Error(`${detail} (HTTP ${response.status})`);
+    throw new Error(`${detail}${retryAdvice(response)} (HTTP ${response.status})`);
   }
   return body;
+}
+
+// A refusal for load (429, 503) says how long to wait; the message passes that on.
+function retryAdvice(response) {
+  const seconds = Number.parseInt(response.headers.get("Retry-After") || "", 10);
+  if (![429, 503].includes(response.status) || !(seconds > 0)) return "";
+  return ` \u2014 please try again in ${seconds} second${seconds === 1 ? "" : "s"}`;
 }
 
 const imageUrl = (id, what) => `/api/images/${id}/${what}`;
