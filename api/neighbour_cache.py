@@ -1,9 +1,10 @@
 """Every stored neighbour list in memory (MariaDB), reloaded in the background after each run.
 
-The neighbour table only changes inside a run, and every run that changes it ends by marking
-itself completed. So the service loads all lists once, answers /neighbours from memory, and
-watches the runs table: when a newer run has completed, requests go back to the database
-until the new lists are loaded. A request never sees lists older than the database's.
+The neighbour table only changes inside a run, and every run holds the database's run lock
+and ends by marking itself completed. So the service loads all lists once, answers
+/neighbours from memory, and watches the lock and the runs table: while a run holds the
+lock, requests go to the database; once it has ended (or the table was swapped), the lists
+are loaded again, once. A request never sees lists older than the database's.
 """
 
 from __future__ import annotations
@@ -112,13 +113,18 @@ class NeighbourCache:
             self._stop.wait(self.poll_seconds)
 
     def refresh(self) -> None:
-        """Reload the lists if a run completed since they were loaded."""
+        """Drop the lists while a run is in progress; load them when they are not current."""
+        if self.repository.run_in_progress():
+            if self._lists is not None:
+                log.info("neighbour cache: a run is in progress; the database answers")
+            self._lists = None
+            return
         marker = self.repository.latest_run_marker()
         if self._lists is not None and self._lists.marker == marker:
             return
         self._lists = None  # from now until the reload ends, the database answers
         lists = read_all_lists(self.repository.engine, marker)
-        if self.repository.latest_run_marker() == marker:  # no run completed meanwhile
+        if self.repository.latest_run_marker() == marker:  # no run started or ended meanwhile
             self._lists = lists
             log.info("neighbour cache: %d lists in memory", len(lists.spans))
 

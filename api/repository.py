@@ -25,6 +25,8 @@ from lookalike.sql.schema import (
     image_neighbours,
     runs,
 )
+from lookalike.tasks.database import is_mariadb
+from lookalike.tasks.lock import mariadb_lock_name
 
 log = logging.getLogger(__name__)
 
@@ -217,6 +219,18 @@ class ImageRepository:
             ).one()
             created = conn.execute(_NEIGHBOUR_TABLE_CREATED).scalar()
         return (int(count), last_id, last_finished, created)
+
+    def run_in_progress(self) -> bool:
+        """Whether a run holds the database's run lock now (MariaDB; False on SQLite).
+
+        The lock goes with the run's connection, so a run that was killed holds it no more.
+        """
+        if not is_mariadb(self.engine):
+            return False
+        name = mariadb_lock_name(self.engine.url)
+        with self.engine.connect() as conn:
+            holder = conn.execute(text("SELECT IS_USED_LOCK(:name)"), {"name": name}).scalar()
+        return holder is not None
 
     def get_stats(self) -> Stats:
         """Counts by status, neighbour rows, model, weights and the last completed run."""

@@ -190,20 +190,30 @@ def free_port() -> int:
 
 
 @contextmanager
-def served(target: str, env: dict[str, str], factory: bool) -> Iterator[tuple[int, int]]:
-    """Run `uvicorn target` in a subprocess on a free port until the block ends: (port, pid)."""
+def served(
+    target: str, env: dict[str, str], factory: bool, log: Path | None = None
+) -> Iterator[tuple[int, int]]:
+    """Run `uvicorn target` in a subprocess on a free port until the block ends: (port, pid).
+
+    Its output goes to the file `log` when one is given.
+    """
     port = free_port()
     command = [sys.executable, "-m", "uvicorn", target, "--host", "127.0.0.1",
                "--port", str(port), "--log-level", "warning", "--no-access-log"]  # fmt: skip
     if factory:
         command.append("--factory")
-    process = subprocess.Popen(command, cwd=REPO, env={**os.environ, **env})
+    output = open(log, "wb") if log else None  # noqa: SIM115 - closed below
+    process = subprocess.Popen(
+        command, cwd=REPO, env={**os.environ, **env}, stdout=output, stderr=output
+    )
     try:
         wait_until_up(f"http://127.0.0.1:{port}/", process)
         yield port, process.pid
     finally:
         process.terminate()
         process.wait(timeout=30)
+        if output:
+            output.close()
 
 
 def wait_until_up(url: str, process: subprocess.Popen[bytes]) -> None:

@@ -12,6 +12,7 @@ from lookalike.api.errors import BadRequestError
 from lookalike.api.neighbour_cache import NeighbourCache
 from lookalike.api.repository import ImageRepository
 from lookalike.tasks.database import create_reader_engine
+from lookalike.tasks.lock import hold_run_lock
 from tests.odd_images import write_photos
 from tests.pipeline_catalog import PENDING, Catalog, app_settings, build_catalog, index_folder
 
@@ -64,6 +65,28 @@ def test_a_completed_run_sends_requests_to_the_database_until_reloaded(
     assert after is not None and after != before
     assert after == repository.get_neighbours(first, None)
     assert "later/photo_009_00000.jpg" in {neighbour.file_name for neighbour in after}
+
+
+def test_while_a_run_holds_the_lock_the_database_answers_and_then_one_reload(
+    catalog: Catalog, repository: ImageRepository
+) -> None:
+    cache = NeighbourCache(repository)
+    cache.refresh()
+    first = catalog.photo_ids[0]
+    loaded = cache._lists
+    assert cache.lookup(first, None) is not None
+    with hold_run_lock(catalog.url, timeout=0):
+        assert repository.run_in_progress()
+        cache.refresh()
+        assert cache.lookup(first, None) is None  # the database answers during the run
+        assert cache.describe() == "loading"
+    assert not repository.run_in_progress()
+    cache.refresh()  # nothing changed: the same lists again, read once more
+    assert cache.lookup(first, None) == repository.get_neighbours(first, None)
+    reloaded = cache._lists
+    assert reloaded is not None and reloaded is not loaded
+    cache.refresh()
+    assert cache._lists is reloaded  # no further reload while nothing changes
 
 
 def test_the_service_answers_from_memory_once_loaded(catalog: Catalog, tmp_path: Path) -> None:
