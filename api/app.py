@@ -19,6 +19,7 @@ from lookalike.api.controllers.duplicates import get_image_duplicates, list_dupl
 from lookalike.api.controllers.health import health
 from lookalike.api.controllers.images import ImageController
 from lookalike.api.controllers.legacy import LegacyController
+from lookalike.api.controllers.map import get_map, get_map_near
 from lookalike.api.controllers.pages import duplicates_page, index_page, static_files
 from lookalike.api.controllers.search import search_by_upload
 from lookalike.api.controllers.stats import get_stats
@@ -29,6 +30,7 @@ from lookalike.api.repository import ImageRepository, StatsCache
 from lookalike.api.search_index import SimilaritySearch
 from lookalike.tasks.database import create_reader_engine, is_mariadb
 from lookalike.tasks.duplicate_reader import GroupIndexCache
+from lookalike.tasks.map_reader import MapCache
 from lookalike.tasks.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -54,6 +56,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
         neighbours=NeighbourLookup(repository, neighbours),
         duplicates=GroupIndexCache(engine),
         admission=admission,
+        maps=MapCache(engine),
     )
     return Litestar(
         route_handlers=[
@@ -61,6 +64,8 @@ def create_app(settings: Settings | None = None) -> Litestar:
             LegacyController,
             list_duplicates,
             get_image_duplicates,
+            get_map,
+            get_map_near,
             search_by_upload,
             get_stats,
             health,

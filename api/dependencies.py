@@ -13,6 +13,7 @@ from lookalike.api.neighbour_cache import NeighbourCache, NeighbourLookup
 from lookalike.api.repository import ImageRepository, StatsCache
 from lookalike.api.search_index import SimilaritySearch
 from lookalike.tasks.duplicate_reader import GroupIndexCache
+from lookalike.tasks.map_reader import MapCache
 from lookalike.tasks.settings import Settings
 
 SERVICE_NAMES = (
@@ -24,6 +25,7 @@ SERVICE_NAMES = (
     "neighbours",
     "duplicates",
     "admission",
+    "maps",
 )
 
 
@@ -39,6 +41,7 @@ class Services:
     neighbours: NeighbourLookup
     duplicates: GroupIndexCache
     admission: Admission
+    maps: MapCache
 
 
 def build_dependencies(services: Services) -> dict[str, Provide]:

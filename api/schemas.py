@@ -133,3 +133,13 @@ class ErrorAnswer(msgspec.Struct):
 
     status_code: int
     detail: str
+
+
+class MapPoint(msgspec.Struct):
+    """An image near a place on the map."""
+
+    id: int
+    file_name: str
+    x: float
+    y: float
+    distance: float  # from the place asked about, in map units

@@ -290,6 +290,7 @@ def print_process_summary(summary: dict[str, Any]) -> None:
         f"  duplicates: {summary['duplicate_groups']} groups of {summary['duplicate_images']} "
         f"images ({summary['duplicate_mode']})"
     )
+    print(f"  map: {summary['map_points']} points ({summary['map_mode']})")
     print(
         f"  time {summary['seconds']:.1f} s, extraction {summary['images_per_second']:.1f} images/s"
     )

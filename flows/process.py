@@ -38,6 +38,7 @@ from lookalike.tasks.extract import (
 )
 from lookalike.tasks.load import FeatureLoadCounts, load_features_task
 from lookalike.tasks.lock import confirm_run_lock, hold_run_lock
+from lookalike.tasks.map import MapCounts, layout_map_task
 from lookalike.tasks.models import weights_identity
 from lookalike.tasks.report import (
     ExtractionProgress,
@@ -79,6 +80,8 @@ class RunSummary:
     duplicate_images: int  # images in a group of duplicates
     duplicates_recomputed: bool  # False: the inputs were unchanged, the groups kept
     duplicate_mode: str  # unchanged, incremental (from the changed images' lists) or full
+    map_points: int  # images on the map
+    map_mode: str  # unchanged, incremental (new images placed among neighbours) or full
     seconds: float
     extract_seconds: float
     images_per_second: float
@@ -207,6 +210,7 @@ def update_database(plan: RunPlan, started: float, lock_wait: float, bytes_read:
         loaded = load_extracted(plan, extraction)
         neighbours = refresh_neighbours(db, plan.staging, settings.k, session)
     duplicates = find_duplicates_task(db, settings.duplicate_threshold)
+    layout = layout_map_task(db)
     return build_summary(
         plan,
         counts,
@@ -214,6 +218,7 @@ def update_database(plan: RunPlan, started: float, lock_wait: float, bytes_read:
         loaded,
         neighbours,
         duplicates,
+        layout,
         started=started,
         lock_wait=lock_wait,
         bytes_read=bytes_read + sync_reads.bytes + extraction.bytes_read,
@@ -239,6 +244,7 @@ def build_summary(
     loaded: FeatureLoadCounts,
     neighbours: NeighbourRefresh,
     duplicates: DuplicateCounts,
+    layout: MapCounts,
     *,
     started: float,
     lock_wait: float,
@@ -269,6 +275,8 @@ def build_summary(
         duplicate_images=duplicates.images,
         duplicates_recomputed=duplicates.recomputed,
         duplicate_mode=duplicates.mode,
+        map_points=layout.points,
+        map_mode=layout.mode,
         seconds=round(time.perf_counter() - started, 3),
         extract_seconds=round(seconds, 3),
         images_per_second=round(extraction.extracted / seconds, 2) if seconds > 0 else 0.0,

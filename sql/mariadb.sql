@@ -42,6 +42,14 @@ CREATE TABLE IF NOT EXISTS duplicate_state (
 	PRIMARY KEY (id)
 )ENGINE=InnoDB CHARSET=utf8mb4 COLLATE utf8mb4_nopad_bin;
 
+CREATE TABLE IF NOT EXISTS image_map (
+	image_id INTEGER NOT NULL, 
+	x FLOAT NOT NULL, 
+	y FLOAT NOT NULL, 
+	content_hash VARCHAR(32) NOT NULL, 
+	PRIMARY KEY (image_id)
+)ENGINE=InnoDB CHARSET=utf8mb4 COLLATE utf8mb4_nopad_bin;
+
 CREATE TABLE IF NOT EXISTS image_names (
 	id INTEGER NOT NULL AUTO_INCREMENT, 
 	file_name VARCHAR(768) COLLATE utf8mb4_nopad_bin NOT NULL, 
@@ -68,6 +76,16 @@ CREATE TABLE IF NOT EXISTS image_neighbours (
 )ENGINE=InnoDB CHARSET=utf8mb4 COLLATE utf8mb4_nopad_bin;
 
 CREATE INDEX IF NOT EXISTS ix_image_neighbours_neighbour_id ON image_neighbours (neighbour_id);
+
+CREATE TABLE IF NOT EXISTS map_state (
+	id INTEGER NOT NULL, 
+	fingerprint VARCHAR(64) NOT NULL, 
+	basis VARCHAR(400) NOT NULL, 
+	fitted_images INTEGER NOT NULL, 
+	placed_images INTEGER NOT NULL, 
+	computed_at DATETIME NOT NULL, 
+	PRIMARY KEY (id)
+)ENGINE=InnoDB CHARSET=utf8mb4 COLLATE utf8mb4_nopad_bin;
 
 CREATE TABLE IF NOT EXISTS runs (
 	id INTEGER NOT NULL AUTO_INCREMENT, 

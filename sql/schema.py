@@ -168,6 +168,31 @@ duplicate_state = Table(
     **_MARIADB,
 )
 
+# Where each image is on the map (tasks/map_layout.py): UMAP of the stored neighbour graph.
+image_map = Table(
+    "image_map",
+    metadata,
+    Column("image_id", Integer, primary_key=True, autoincrement=False),
+    Column("x", Float, nullable=False),
+    Column("y", Float, nullable=False),
+    Column("content_hash", String(32), nullable=False),  # of the image when it was placed
+    **_MARIADB,
+)
+
+# One row: what the stored map was laid out from.
+map_state = Table(
+    "map_state",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=False),
+    Column("fingerprint", String(64), nullable=False),  # inputs; equal: nothing to redo
+    # Model, weights and layout parameters: while they stay, new images can be placed.
+    Column("basis", String(400), nullable=False),
+    Column("fitted_images", Integer, nullable=False),  # images at the last full fit
+    Column("placed_images", Integer, nullable=False),  # images placed since, among neighbours
+    Column("computed_at", DateTime, nullable=False),
+    **_MARIADB,
+)
+
 
 def mariadb_ddl() -> str:
     """The CREATE statements for MariaDB, as used to initialise a container."""

@@ -69,6 +69,8 @@ OPERATIONS = (
     ("GET", "/health"),
     ("GET", "/api/duplicates"),
     ("GET", "/api/images/{image_id}/duplicates"),
+    ("GET", "/api/map"),
+    ("GET", "/api/map/near"),
 )
 
 

@@ -187,10 +187,11 @@ def test_artifacts_assets_logs_and_an_unchanged_rerun(  # type: ignore[no-untype
     )
     assert (again["neighbour_mode"], again["neighbour_rows"]) == ("unchanged", 4 * K)
     drain_prefect_queues()
-    assert again["duplicates_recomputed"] is False
+    assert again["duplicates_recomputed"] is False and again["map_mode"] == "unchanged"
     assert task_states_of(again["flow_run_id"]) == [
         ("find-duplicates", "Completed"),  # finds its inputs' fingerprint unchanged: no work
         ("finish-run", "Completed"),
+        ("layout-map", "Completed"),  # likewise
         ("open-collection", "Completed"),
         ("plan-batches", "Completed"),
         ("plan-neighbour-pass", "Completed"),  # finds the lists current: no kNN task runs

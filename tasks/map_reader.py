@@ -1,0 +1,89 @@
+"""Read the stored map: every point packed once per layout, and the points near a place.
+
+Free of Prefect: the API's /api/map routes read here.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from datetime import datetime
+
+import numpy as np
+from sqlalchemy import Engine, select
+
+from lookalike.sql.schema import image_map, map_state
+from lookalike.tasks.errors import LookalikeError
+
+# One point on the wire: image id (uint32), x, y (float32), little-endian, 12 bytes.
+POINT_FORMAT = np.dtype([("id", "<u4"), ("x", "<f4"), ("y", "<f4")])
+
+
+class MapNotFoundError(LookalikeError):
+    """No run has laid out the map of this database yet."""
+
+
+@dataclass(frozen=True)
+class MapPoints:
+    """Every point of one stored layout."""
+
+    etag: str  # changes whenever the layout changes
+    ids: np.ndarray  # (n,) int64
+    xy: np.ndarray  # (n, 2) float32
+    packed: bytes  # n POINT_FORMAT records, in id order
+
+    def near(
+        self, x: float, y: float, radius: float, limit: int
+    ) -> list[tuple[int, float, float, float]]:
+        """(image id, x, y, distance) of the points within radius of (x, y), closest first."""
+        distances = np.hypot(self.xy[:, 0] - x, self.xy[:, 1] - y)
+        inside = np.flatnonzero(distances <= radius)
+        closest = inside[np.argsort(distances[inside], kind="stable")[:limit]].tolist()
+        return [
+            (int(self.ids[i]), float(self.xy[i, 0]), float(self.xy[i, 1]), float(distances[i]))
+            for i in closest
+        ]
+
+
+def layout_etag(fingerprint: str, computed_at: datetime) -> str:
+    """The ETag of one stored layout: its inputs and when it was made."""
+    return f'"{fingerprint[:16]}-{computed_at:%Y%m%d%H%M%S%f}"'
+
+
+def read_map(engine: Engine) -> MapPoints:
+    """The stored layout; MapNotFoundError when there is none yet."""
+    with engine.connect() as conn:
+        state = conn.execute(select(map_state.c.fingerprint, map_state.c.computed_at)).first()
+        if state is None:
+            raise MapNotFoundError("no map yet: run `lookalike process FOLDER` first")
+        rows = conn.execute(
+            select(image_map.c.image_id, image_map.c.x, image_map.c.y).order_by(
+                image_map.c.image_id
+            )
+        ).all()
+    table = np.array(rows, dtype=np.float64).reshape(-1, 3)
+    packed = np.empty(len(table), dtype=POINT_FORMAT)
+    packed["id"], packed["x"], packed["y"] = table[:, 0], table[:, 1], table[:, 2]
+    etag = layout_etag(state.fingerprint, state.computed_at)
+    xy = np.column_stack([packed["x"], packed["y"]]).astype(np.float32)
+    return MapPoints(etag, table[:, 0].astype(np.int64), xy, packed.tobytes())
+
+
+class MapCache:
+    """The last layout read, kept until the stored map changes (one look at its state row)."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self._points: MapPoints | None = None
+        self._lock = threading.Lock()
+
+    def get(self) -> MapPoints:
+        """The stored layout, read again only when it changed."""
+        with self.engine.connect() as conn:
+            state = conn.execute(select(map_state.c.fingerprint, map_state.c.computed_at)).first()
+        points = self._points
+        if points is not None and state is not None and points.etag == layout_etag(*state):
+            return points
+        with self._lock:
+            self._points = read_map(self.engine)
+            return self._points

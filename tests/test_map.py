@@ -1,0 +1,81 @@
+"""The layout-map step on real runs: full, unchanged, incremental (nobody moves), refit."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from sqlalchemy import select
+
+from lookalike.sql.schema import STATUS_OK, image_map, image_names, map_state
+from lookalike.tasks.database import connect_checked
+from lookalike.tasks.map import MODE_FULL, MODE_INCREMENTAL, MODE_UNCHANGED, layout_map
+from tests.odd_images import write_photos
+from tests.pipeline_catalog import index_folder
+
+pytestmark = pytest.mark.slow
+
+
+def stored_map(url: str) -> dict[int, tuple[float, float]]:
+    engine = connect_checked(url)
+    with engine.connect() as conn:
+        rows = conn.execute(select(image_map.c.image_id, image_map.c.x, image_map.c.y)).all()
+    engine.dispose()
+    return {int(r[0]): (float(r[1]), float(r[2])) for r in rows}
+
+
+def ok_ids(url: str) -> set[int]:
+    engine = connect_checked(url)
+    with engine.connect() as conn:
+        ids = conn.execute(select(image_names.c.id).where(image_names.c.status == STATUS_OK))
+        found = set(ids.scalars())
+    engine.dispose()
+    return found
+
+
+def test_map_is_made_kept_updated_without_moving_anyone_and_refitted(
+    database_url: str, tmp_path: Path
+) -> None:
+    root = tmp_path / "images"
+    write_photos(root / "first", 30, seed=1)
+    index_folder(database_url, root)
+    engine = connect_checked(database_url)
+    first = layout_map(engine)
+    assert (first.mode, first.points, first.placed) == (MODE_FULL, 30, 0)
+    before = stored_map(database_url)
+    assert set(before) == ok_ids(database_url)
+
+    again = layout_map(engine)
+    assert again.mode == MODE_UNCHANGED and stored_map(database_url) == before
+
+    added = write_photos(root / "later", 3, seed=2)
+    (root / "first" / "photo_001_00000.jpg").unlink()
+    index_folder(database_url, root)
+    update = layout_map(engine)
+    assert (update.mode, update.points, update.placed) == (MODE_INCREMENTAL, 32, 3)
+    after = stored_map(database_url)
+    assert set(after) == ok_ids(database_url)
+    assert all(after[i] == position for i, position in before.items() if i in after)
+    assert len(set(before) - set(after)) == 1 and len(set(after) - set(before)) == len(added)
+
+    refit = layout_map(engine, refit=True)
+    assert refit.mode == MODE_FULL and refit.placed == 0
+    with engine.connect() as conn:
+        state = conn.execute(select(map_state)).one()
+    assert (state.fitted_images, state.placed_images) == (32, 0)
+    engine.dispose()
+
+
+def test_many_changes_since_the_last_fit_make_a_full_refit(sqlite_url: str, tmp_path: Path) -> None:
+    root = tmp_path / "images"
+    write_photos(root / "first", 20, seed=3)
+    index_folder(sqlite_url, root)
+    engine = connect_checked(sqlite_url)
+    assert layout_map(engine).mode == MODE_FULL
+    write_photos(root / "later", 3, seed=4)  # 3 of 20 since the fit: placed
+    index_folder(sqlite_url, root)
+    assert layout_map(engine).mode == MODE_INCREMENTAL
+    write_photos(root / "more", 2, seed=5)  # 5 of 20 since the fit: past the fifth, refit
+    index_folder(sqlite_url, root)
+    assert layout_map(engine).mode == MODE_FULL
+    engine.dispose()
