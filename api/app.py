@@ -20,7 +20,12 @@ from lookalike.api.controllers.health import health
 from lookalike.api.controllers.images import ImageController
 from lookalike.api.controllers.legacy import LegacyController
 from lookalike.api.controllers.map import get_map, get_map_near
-from lookalike.api.controllers.pages import duplicates_page, index_page, static_files
+from lookalike.api.controllers.pages import (
+    duplicates_page,
+    index_page,
+    map_page,
+    static_files,
+)
 from lookalike.api.controllers.search import search_by_upload
 from lookalike.api.controllers.stats import get_stats
 from lookalike.api.dependencies import Services, build_dependencies
@@ -71,6 +76,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
             health,
             index_page,
             duplicates_page,
+            map_page,
             static_files,
         ],
         dependencies=build_dependencies(services),
@@ -83,6 +89,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
         on_startup=[
             run_handlers_on(worker_threads_for(engine)),
             services.stats.start,
+            services.maps.start,
             *cache_hooks(neighbours, "start"),
         ],
         on_shutdown=[*cache_hooks(neighbours, "stop"), admission.close, lambda: engine.dispose()],

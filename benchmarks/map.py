@@ -22,6 +22,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -106,10 +107,110 @@ def child(mode: str, count: int) -> dict[str, float]:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+def fill_map_database(url: str, count: int) -> None:
+    """A database holding `count` images laid out on a synthetic map (clusters in 2-D)."""
+    from datetime import datetime
+
+    import sqlalchemy
+
+    from lookalike.sql.schema import image_map, image_names, map_state, metadata
+
+    rng = np.random.default_rng(5)
+    centres = rng.normal(0, 10, (CLUSTERS, 2))
+    xy = centres[rng.integers(0, CLUSTERS, count)] + rng.normal(0, 0.6, (count, 2))
+    engine = sqlalchemy.create_engine(url)
+    metadata.create_all(engine)
+    names = [{"id": i + 1, "file_name": f"folder_{i % 7}/image_{i:07d}.jpg",
+              "content_hash": f"{i:032x}", "size": 1, "mtime_ns": 0, "status": "ok",
+              "indexed": True} for i in range(count)]  # fmt: skip
+    points = [{"image_id": i + 1, "x": float(x), "y": float(y), "content_hash": f"{i:032x}"}
+              for i, (x, y) in enumerate(xy.tolist())]  # fmt: skip
+    with engine.begin() as conn:
+        conn.execute(image_names.insert(), names)
+        conn.execute(image_map.insert(), points)
+        conn.execute(map_state.insert(), [{"id": 1, "fingerprint": "bench", "basis": "bench",
+                     "fitted_images": count, "placed_images": 0,
+                     "computed_at": datetime.now()}])  # fmt: skip
+    engine.dispose()
+
+
+def measure_page(count: int) -> dict[str, float]:
+    """/api/map's size and time, and the page's load time and frame rate, at `count` points."""
+    from benchmarks.api import served
+    from scripts.chromium_args import launch_chromium
+
+    with tempfile.TemporaryDirectory(prefix="lookalike-map-page-") as scratch:
+        url = f"sqlite:///{scratch}/map.sqlite"
+        fill_map_database(url, count)
+        env = {"LOOKALIKE_DATABASE_URL": url, "LOOKALIKE_DATA_DIR": scratch}
+        with served("lookalike.api.app:create_app", env, factory=True) as (port, _):
+            base = f"http://127.0.0.1:{port}"
+            timings = []
+            for _ in range(3):  # the first reads the table; then the packed points are kept
+                started = time.perf_counter()
+                with urllib.request.urlopen(f"{base}/api/map") as response:
+                    size = len(response.read())
+                timings.append((time.perf_counter() - started) * 1000)
+            from playwright.sync_api import sync_playwright
+
+            with sync_playwright() as playwright:
+                browser = launch_chromium(playwright)
+                page = browser.new_page(viewport={"width": 1280, "height": 900})
+                started = time.perf_counter()
+                page.goto(f"{base}/map")
+                page.wait_for_function("() => window.lookalikeMap.map.frames.length > 0",
+                                       timeout=60_000)  # fmt: skip
+                load_s = time.perf_counter() - started
+                fps = page.evaluate(FRAME_RATE)
+                still = page.evaluate(STILL_FRAME_RATE)
+                browser.close()
+    return {"points": count, "payload_mb": round(size / 1e6, 2),
+            "api_first_ms": round(timings[0]), "api_cached_ms": round(min(timings[1:]), 1),
+            "page_load_s": round(load_s, 2), "page_fps": round(fps, 1),
+            "still_fps": round(still, 1)}  # fmt: skip
+
+
+# Pan and zoom a little every frame for 3 s; frames drawn per second (the moving sample).
+FRAME_RATE = """async () => {
+    const m = window.lookalikeMap;
+    const before = m.map.frames.length;
+    const started = performance.now();
+    let step = 0;
+    while (performance.now() - started < 3000) {
+        m.panBy(3, 1);
+        m.zoomAt(640, 450, step++ % 40 < 20 ? 1.01 : 1 / 1.01);
+        await new Promise(resolve => requestAnimationFrame(resolve));
+    }
+    return (m.map.frames.length - before) / ((performance.now() - started) / 1000);
+}"""
+
+
+# Every point drawn, back to back, for 2 s (what a still map costs per frame).
+STILL_FRAME_RATE = """async () => {
+    const m = window.lookalikeMap;
+    await new Promise(resolve => setTimeout(resolve, 400));  // still again: all points
+    let frames = 0;
+    const started = performance.now();
+    while (performance.now() - started < 2000) {
+        m.map.frames.length = 0;
+        window.dispatchEvent(new Event("resize"));  // one full redraw
+        await new Promise(resolve => requestAnimationFrame(() => requestAnimationFrame(resolve)));
+        frames += m.map.frames.length;
+    }
+    return frames / ((performance.now() - started) / 1000);
+}"""
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[20_000, 100_000])
     parser.add_argument("--plain-up-to", type=int, default=20_000)
+    parser.add_argument(
+        "--page-points",
+        type=int,
+        default=250_000,
+        help="points for /api/map and the page (0: none)",
+    )
     parser.add_argument("--layout", type=int, help=argparse.SUPPRESS)  # children's sizes
     parser.add_argument("--plain", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -128,10 +229,16 @@ def main(argv: list[str] | None = None) -> int:
                  if "plain_umap_s" in figures else "")  # fmt: skip
         print(f"{count:>7,} images: layout {figures['layout_s']} s, peak {figures['peak_mb']} MB "
               f"({figures['peak_mb_before_layout']} MB before it){plain}", flush=True)  # fmt: skip
+    page = measure_page(args.page_points) if args.page_points else None
+    if page:
+        print(f"{page['points']:,} points: /api/map {page['payload_mb']} MB, first answer "
+              f"{page['api_first_ms']} ms, then {page['api_cached_ms']} ms; the page drawn in "
+              f"{page['page_load_s']} s, panning and zooming at {page['page_fps']} frames/s "
+              f"(still: {page['still_fps']})")  # fmt: skip
     first = results[0]
     ratio = first["layout_s"] / first["plain_umap_s"] if "plain_umap_s" in first else None
     print(json.dumps({"benchmark": "map", "ratio": None if ratio is None else round(ratio, 3),
-                      "sizes": results}))  # fmt: skip
+                      "sizes": results, "page": page}))  # fmt: skip
     return 0
 
 

@@ -13,6 +13,11 @@ TIMEOUT_MS = 60_000
 # The main page's image and neighbours, or the duplicates view's thumbnails, as far as the
 # window shows them (thumbnails further down load lazily, only when scrolled to).
 ALL_IMAGES_LOADED = """() => {
+    if (window.lookalikeMap) {  // the map: drawn, and any photos on it loaded
+        const photos = [...document.querySelectorAll('#thumbnails img')];
+        return window.lookalikeMap.map.frames.length > 0
+            && photos.every(i => i.complete && i.naturalWidth > 0);
+    }
     const images = [...document.querySelectorAll('#current-image, #neighbours img, #groups img')]
         .filter(i => i.getBoundingClientRect().top < window.innerHeight);
     return images.length > 1 && images.every(i => i.complete && i.naturalWidth > 0);
@@ -34,7 +39,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 
 def take_screenshot(url: str, out: Path, width: int, height: int, full_page: bool) -> None:
-    """Open url, wait until the current image and its neighbours are drawn, save a PNG."""
+    """Open url, wait until its images (or the map) are drawn, save a PNG."""
     from playwright.sync_api import sync_playwright
 
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -38,6 +38,7 @@ from lookalike.tasks.map_layout import (
     fit_layout,
     place_new,
 )
+from lookalike.tasks.map_reader import rows_as_array
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +100,7 @@ def read_graph(conn: Connection, ids: np.ndarray) -> NeighbourGraph:
     neighbour_ids = np.full((len(ids), LAYOUT_NEIGHBOURS), MISSING, dtype=np.int64)
     distances = np.full((len(ids), LAYOUT_NEIGHBOURS), np.inf, dtype=np.float32)
     if rows:
-        table = np.array(rows, dtype=np.float64)
+        table = rows_as_array(rows, 4)
         owners = np.searchsorted(ids, table[:, 0].astype(np.int64)).clip(0, max(len(ids) - 1, 0))
         known = ids[owners] == table[:, 0] if len(ids) else np.zeros(len(table), bool)
         ranks = table[known, 1].astype(np.int64) - 1

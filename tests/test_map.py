@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 from sqlalchemy import select
 
@@ -79,3 +80,33 @@ def test_many_changes_since_the_last_fit_make_a_full_refit(sqlite_url: str, tmp_
     index_folder(sqlite_url, root)
     assert layout_map(engine).mode == MODE_FULL
     engine.dispose()
+
+
+def test_the_demo_sets_copies_land_beside_their_originals(sqlite_url: str, tmp_path: Path) -> None:
+    """Each transformed copy's nearest point on the map belongs to its own photo (the original
+    or another copy) for most copies: 37 of 49 (0.76) with the random weights used here."""
+    from scripts.make_demo_images import make_demo_images
+
+    root = tmp_path / "demo"
+    make_demo_images(root)
+    index_folder(sqlite_url, root)
+    engine = connect_checked(sqlite_url)
+    layout_map(engine)
+    with engine.connect() as conn:
+        rows = conn.execute(
+            select(image_names.c.file_name, image_map.c.x, image_map.c.y).join(
+                image_map, image_map.c.image_id == image_names.c.id
+            )
+        ).all()
+    engine.dispose()
+    names = [row[0] for row in rows]
+    xy = np.array([(row[1], row[2]) for row in rows])
+    families = [name.split("/")[1].removesuffix(".jpg") for name in names]
+    copies = [i for i, name in enumerate(names) if name.startswith("variants/")]
+    beside = 0
+    for i in copies:
+        squared = ((xy - xy[i]) ** 2).sum(axis=1)
+        squared[i] = np.inf
+        beside += families[int(np.argmin(squared))] == families[i]
+    assert len(copies) == 49
+    assert beside / len(copies) >= 0.7, f"{beside} of {len(copies)} copies beside their photo"

@@ -26,6 +26,12 @@ def duplicates_page() -> Response[bytes]:
     return Response(read_page("duplicates.html"), media_type=MediaType.HTML)
 
 
+@get("/map", include_in_schema=False, sync_to_thread=False)
+def map_page() -> Response[bytes]:
+    """The map view; it reads /api/map."""
+    return Response(read_page("map.html"), media_type=MediaType.HTML)
+
+
 @cache
 def read_page(name: str) -> bytes:
     """A page of api/static, read once per process."""

@@ -90,6 +90,7 @@ function renderCurrent(image) {
   $("current-link").href = imageUrl(image.id, "file");
   $("current-name").textContent = image.file_name;
   $("current-meta").textContent = describe(image);
+  $("map-link").href = `/map?id=${image.id}`; // the map opens with this image picked out
   $("fingerprint-figure").hidden = image.status !== "ok";
   if (image.status === "ok") $("current-fingerprint").src = imageUrl(image.id, "fingerprint.svg");
   $("previous").disabled = image.previous_id === null;
