@@ -19,7 +19,7 @@ from lookalike.api.controllers.duplicates import get_image_duplicates, list_dupl
 from lookalike.api.controllers.health import health
 from lookalike.api.controllers.images import ImageController
 from lookalike.api.controllers.legacy import LegacyController
-from lookalike.api.controllers.map import get_map, get_map_near
+from lookalike.api.controllers.map import get_map, get_map_folders, get_map_near
 from lookalike.api.controllers.pages import (
     duplicates_page,
     index_page,
@@ -70,6 +70,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
             list_duplicates,
             get_image_duplicates,
             get_map,
+            get_map_folders,
             get_map_near,
             search_by_upload,
             get_stats,

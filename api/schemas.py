@@ -143,3 +143,10 @@ class MapPoint(msgspec.Struct):
     x: float
     y: float
     distance: float  # from the place asked about, in map units
+
+
+class MapFolders(msgspec.Struct):
+    """The map's points by top-level folder, in the order of /api/map's records."""
+
+    folders: list[str]  # sorted; "" for files at the collection's root
+    points: list[int]  # for each point, its folder's index in folders

@@ -89,6 +89,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     duplicates.set_defaults(func=command_duplicates)
 
+    layout = commands.add_parser("map", help="bring the map up to date, or lay it out afresh")
+    _add_db_options(layout)
+    layout.add_argument(
+        "--refit", action="store_true", help="lay every image out again (moves everyone)"
+    )
+    _add_lock_timeout(layout)
+    layout.set_defaults(func=command_map)
+
     serve = commands.add_parser("serve", help="start the web service and page")
     _add_db_options(serve)
     serve.add_argument("--host", help="address to listen on (default 127.0.0.1)")
@@ -329,6 +337,23 @@ def command_neighbours(args: argparse.Namespace) -> int:
     """lookalike neighbours: recompute every neighbour list and print what was done."""
     summary = run_neighbours(args)
     print(json.dumps(summary) if args.json else f"neighbours rebuilt: {summary}")
+    return 0
+
+
+def command_map(args: argparse.Namespace) -> int:
+    """lookalike map: the layout-map step on its own, under the run lock, then one line."""
+    from lookalike.tasks.database import connect_checked
+    from lookalike.tasks.lock import hold_run_lock
+    from lookalike.tasks.map import layout_map
+
+    settings = Settings.from_env(database_url=args.database_url, lock_timeout=args.lock_timeout)
+    database_url = settings.resolved_database_url
+    engine = connect_checked(database_url)
+    tell_if_waiting(database_url, settings.lock_timeout)
+    with hold_run_lock(database_url, settings.lock_timeout):
+        counts = layout_map(engine, refit=args.refit)
+    engine.dispose()
+    print(f"map: {counts.points} points ({counts.mode})")
     return 0
 
 

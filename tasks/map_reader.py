@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 from sqlalchemy import Engine, select
 
-from lookalike.sql.schema import image_map, map_state
+from lookalike.sql.schema import image_map, image_names, map_state
 from lookalike.tasks.errors import LookalikeError
 
 log = logging.getLogger(__name__)
@@ -37,6 +37,8 @@ class MapPoints:
     ids: np.ndarray  # (n,) int64
     xy: np.ndarray  # (n, 2) float32
     packed: bytes  # n POINT_FORMAT records, in id order
+    folders: list[str]  # top-level folders, sorted ("" for files at the root)
+    folder_of: np.ndarray  # (n,) index into folders of each point, in id order
 
     def near(
         self, x: float, y: float, radius: float, limit: int
@@ -69,17 +71,35 @@ def read_map(engine: Engine) -> MapPoints:
         state = conn.execute(select(map_state.c.fingerprint, map_state.c.computed_at)).first()
         if state is None:
             raise MapNotFoundError("no map yet: run `lookalike process FOLDER` first")
+        joined = image_map.join(image_names, image_map.c.image_id == image_names.c.id)
         rows = conn.execute(
-            select(image_map.c.image_id, image_map.c.x, image_map.c.y).order_by(
-                image_map.c.image_id
-            )
+            select(image_map.c.image_id, image_map.c.x, image_map.c.y)
+            .select_from(joined)
+            .order_by(image_map.c.image_id)
         ).all()
+        names = (
+            conn.execute(
+                select(image_names.c.file_name).select_from(joined).order_by(image_map.c.image_id)
+            )
+            .scalars()
+            .all()
+        )
     table = rows_as_array(rows, 3)
     packed = np.empty(len(table), dtype=POINT_FORMAT)
     packed["id"], packed["x"], packed["y"] = table[:, 0], table[:, 1], table[:, 2]
     etag = layout_etag(state.fingerprint, state.computed_at)
     xy = np.column_stack([packed["x"], packed["y"]]).astype(np.float32)
-    return MapPoints(etag, table[:, 0].astype(np.int64), xy, packed.tobytes())
+    folders, folder_of = top_folders(names)
+    ids = table[:, 0].astype(np.int64)
+    return MapPoints(etag, ids, xy, packed.tobytes(), folders, folder_of)
+
+
+def top_folders(file_names: Sequence[str]) -> tuple[list[str], np.ndarray]:
+    """The sorted top-level folders of these paths, and each path's index among them."""
+    tops = [name.split("/", 1)[0] if "/" in name else "" for name in file_names]
+    folders = sorted(set(tops))
+    where = {folder: i for i, folder in enumerate(folders)}
+    return folders, np.array([where[top] for top in tops], dtype=np.int32)
 
 
 class MapCache:

@@ -24,7 +24,8 @@ pytestmark = pytest.mark.slow
 def laid_out(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, Path]:
     base = tmp_path_factory.mktemp("map")
     url = f"sqlite:///{base / 'db.sqlite'}"
-    write_photos(base / "images", 24, seed=11)
+    write_photos(base / "images" / "a", 14, seed=11)
+    write_photos(base / "images" / "b", 10, seed=13)
     index_folder(url, base / "images")
     engine = connect_checked(url)
     layout_map(engine)
@@ -91,3 +92,15 @@ def test_without_a_map_the_routes_answer_404(sqlite_url: str, tmp_path: Path) ->
             answer = client.get(path)
             assert answer.status_code == 404
             assert "lookalike process" in answer.json()["detail"]
+
+
+def test_folders_name_each_points_top_folder_in_the_maps_order(client: TestClient) -> None:
+    points = np.frombuffer(client.get("/api/map").content, dtype=POINT_FORMAT)
+    answer = client.get("/api/map/folders").json()
+    assert answer["folders"] == ["a", "b"]
+    names = {
+        row["id"]: row["file_name"] for row in client.get("/api/images?limit=50").json()["items"]
+    }
+    tops = [answer["folders"][f] for f in answer["points"]]
+    assert tops == [names[int(i)].split("/")[0] for i in points["id"]]
+    assert tops.count("a") == 14 and tops.count("b") == 10

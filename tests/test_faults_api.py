@@ -71,6 +71,7 @@ OPERATIONS = (
     ("GET", "/api/images/{image_id}/duplicates"),
     ("GET", "/api/map"),
     ("GET", "/api/map/near"),
+    ("GET", "/api/map/folders"),
 )
 
 

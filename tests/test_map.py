@@ -110,3 +110,18 @@ def test_the_demo_sets_copies_land_beside_their_originals(sqlite_url: str, tmp_p
         beside += families[int(np.argmin(squared))] == families[i]
     assert len(copies) == 49
     assert beside / len(copies) >= 0.7, f"{beside} of {len(copies)} copies beside their photo"
+
+
+def test_the_map_command_refits_on_request(
+    sqlite_url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from lookalike.flows.cli import main
+
+    write_photos(tmp_path / "images", 12, seed=6)
+    index_folder(sqlite_url, tmp_path / "images")
+    assert main(["map", "--db", sqlite_url]) == 0
+    assert capsys.readouterr().out == "map: 12 points (full)\n"
+    assert main(["map", "--db", sqlite_url]) == 0
+    assert capsys.readouterr().out == "map: 12 points (unchanged)\n"
+    assert main(["map", "--db", sqlite_url, "--refit"]) == 0
+    assert capsys.readouterr().out == "map: 12 points (full)\n"

@@ -28,7 +28,8 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str]
     """Twenty photos indexed and laid out, served; with the database URL."""
     base = tmp_path_factory.mktemp("map-browser")
     url = f"sqlite:///{base / 'db.sqlite'}"
-    write_photos(base / "images", 20, seed=21)
+    write_photos(base / "images" / "old", 12, seed=21)
+    write_photos(base / "images" / "new", 8, seed=22)
     index_folder(url, base / "images")
     engine = connect_checked(url)
     layout_map(engine)
@@ -112,3 +113,19 @@ def test_the_main_page_links_to_the_map_of_its_image(
     url, _ = served
     page.goto(f"{url}/?id=4")
     page.wait_for_function("() => document.getElementById('map-link').href.endsWith('/map?id=4')")
+
+
+def test_points_can_be_coloured_by_folder(
+    page: Any,  # noqa: F811
+    served: tuple[str, str],
+) -> None:
+    url, _ = served
+    page.goto(f"{url}/map")
+    wait_drawn(page)
+    page.check("#by-folder")
+    page.wait_for_function("() => window.lookalikeMap.map.folderOf !== null")
+    assert page.locator("#legend .legend-item").all_inner_texts() == ["new", "old"]
+    counts = page.evaluate(
+        "() => [...window.lookalikeMap.map.folderOf].reduce((c, f) => (c[f]++, c), [0, 0])"
+    )
+    assert counts == [8, 12]

@@ -11,7 +11,7 @@ from litestar.params import Parameter
 
 from lookalike.api.errors import BadRequestError
 from lookalike.api.repository import ImageRepository
-from lookalike.api.schemas import MapPoint
+from lookalike.api.schemas import MapFolders, MapPoint
 from lookalike.tasks.map_reader import MapCache, MapNotFoundError, MapPoints
 
 MAX_NEAR = 500
@@ -31,6 +31,14 @@ def get_map(request: Request, maps: MapCache) -> Response[bytes]:
     if request.headers.get("if-none-match") == points.etag:
         return Response(b"", status_code=304, headers=headers, media_type=POINTS_MEDIA_TYPE)
     return Response(points.packed, headers=headers, media_type=POINTS_MEDIA_TYPE)
+
+
+@get("/api/map/folders", sync_to_thread=True, tags=["map"])
+def get_map_folders(maps: MapCache) -> Response[MapFolders]:
+    """Each point's top-level folder, for colouring the map by folder (same ETag as /api/map)."""
+    points = _points(maps)
+    folders = MapFolders(folders=points.folders, points=points.folder_of.tolist())
+    return Response(folders, headers={"ETag": points.etag, "Cache-Control": "no-cache"})
 
 
 @get("/api/map/near", sync_to_thread=True, tags=["map"])

@@ -11,8 +11,14 @@ const THUMBNAIL_PIXELS = 64;
 const MOVING_POINTS = 30000;
 const STILL_AFTER_MS = 200;
 
+const BASE_COLOUR = [0.25, 0.45, 0.75];
+// Ten well-separated colours (Tableau 10); folders beyond the tenth reuse them.
+const FOLDER_COLOURS = ["#4e79a7", "#f28e2b", "#59a14f", "#e15759", "#76b7b2", "#edc948",
+  "#b07aa1", "#ff9da7", "#9c755f", "#bab0ac"];
 const view = { x: 0, y: 0, scale: 1 }; // map point at the canvas centre; pixels per map unit
-const map = { ids: null, xy: null, count: 0, highlight: new Map(), frames: [] };
+const map = {
+  ids: null, xy: null, count: 0, highlight: new Map(), frames: [], folderOf: null, folders: [],
+};
 let gl = null;
 let program = null;
 let drawPending = false;
@@ -50,6 +56,7 @@ function shufflePoints() {
     [order[i], order[j]] = [order[j], order[i]];
   }
   order.sort((a, b) => map.highlight.has(map.ids[b]) - map.highlight.has(map.ids[a]));
+  map.sortedIds = map.ids; // /api/map/folders answers in this order
   const [ids, xy] = [new Uint32Array(map.count), new Float32Array(map.count * 2)];
   order.forEach((from, to) => {
     ids[to] = map.ids[from];
@@ -65,6 +72,41 @@ async function loadHighlight(id) {
   const response = await fetch(`/api/images/${id}/neighbours`); // up to 20, as stored
   if (!response.ok) return;
   for (const neighbour of await response.json()) map.highlight.set(neighbour.id, [1.0, 0.7, 0.1]);
+}
+
+// Each point's top-level folder (loaded on first use), in /api/map's id order, then shuffled
+// like the points.
+async function loadFolders() {
+  const response = await fetch("/api/map/folders");
+  if (!response.ok) throw new Error(`folders: HTTP ${response.status}`);
+  const answer = await response.json();
+  const byId = new Map();
+  answer.points.forEach((folder, i) => byId.set(map.sortedIds[i], folder));
+  map.folderOf = Uint32Array.from(map.ids, (id) => byId.get(id));
+  map.folders = answer.folders;
+}
+
+async function colourByFolder() {
+  try {
+    if ($("by-folder").checked && !map.folderOf) await loadFolders();
+    uploadColours();
+    showLegend();
+    requestDraw();
+  } catch (error) {
+    $("message").textContent = `Map: ${error.message}`;
+  }
+}
+
+function showLegend() {
+  const legend = $("legend");
+  if (!$("by-folder").checked) return legend.replaceChildren();
+  legend.replaceChildren(...map.folders.slice(0, FOLDER_COLOURS.length).map((folder, i) => {
+    const item = document.createElement("span");
+    item.className = "legend-item";
+    item.style.setProperty("--swatch", FOLDER_COLOURS[i]);
+    item.textContent = folder || "(top folder)";
+    return item;
+  }));
 }
 
 // --- drawing --------------------------------------------------------------------------------
@@ -108,14 +150,25 @@ function setUpGl() {
   gl.linkProgram(program);
   gl.useProgram(program);
   upload("position", map.xy, 2);
+  uploadColours();
+  gl.enable(gl.BLEND);
+  gl.blendFunc(gl.SRC_ALPHA, gl.ONE_MINUS_SRC_ALPHA);
+}
+
+function rgb(hex) {
+  return [1, 3, 5].map((at) => Number.parseInt(hex.slice(at, at + 2), 16) / 255);
+}
+
+function uploadColours() {
   const colours = new Float32Array(map.count * 3);
+  const byFolder = $("by-folder").checked && map.folderOf;
+  const palette = FOLDER_COLOURS.map(rgb);
   for (let i = 0; i < map.count; i++) {
-    const tint = map.highlight.get(map.ids[i]) || [0.25, 0.45, 0.75];
+    const tint = map.highlight.get(map.ids[i])
+      || (byFolder ? palette[map.folderOf[i] % palette.length] : BASE_COLOUR);
     colours.set(tint, 3 * i);
   }
   upload("colour", colours, 3);
-  gl.enable(gl.BLEND);
-  gl.blendFunc(gl.SRC_ALPHA, gl.ONE_MINUS_SRC_ALPHA);
 }
 
 function upload(name, values, size) {
@@ -296,6 +349,7 @@ function listen() {
     zoomAt(...local(event), Math.exp(-event.deltaY / 400));
   }, { passive: false });
   $("map").addEventListener("keydown", onKey);
+  $("by-folder").addEventListener("change", colourByFolder);
   window.addEventListener("resize", requestDraw);
 }
 
