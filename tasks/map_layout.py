@@ -10,8 +10,10 @@ Pure engine: no Prefect, no database.
 from __future__ import annotations
 
 import logging
+import sys
 import warnings
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -52,8 +54,7 @@ def fit_layout(graph: NeighbourGraph, seed: int = LAYOUT_SEED) -> np.ndarray:
     count = len(graph.ids)
     if count < 3:  # UMAP needs a few points; two or fewer go on a line
         return np.column_stack([np.arange(count), np.zeros(count)]).astype(np.float32)
-    import umap  # umap-learn: imported here, its numba functions compile on first use
-
+    umap = import_umap()
     indices, distances = with_self_first(graph)
     neighbours = min(LAYOUT_NEIGHBOURS, indices.shape[1], count - 1)
     reducer = umap.UMAP(
@@ -70,6 +71,17 @@ def fit_layout(graph: NeighbourGraph, seed: int = LAYOUT_SEED) -> np.ndarray:
         warnings.filterwarnings("ignore", message=".*n_jobs value 1 overridden.*")
         positions = reducer.fit_transform(placeholder)
     return np.asarray(positions, dtype=np.float32)
+
+
+def import_umap() -> Any:
+    """umap-learn, imported on first use (its numba functions compile then), without its
+    parametric model: umap/__init__ imports that, and it loads TensorFlow (2.8 s, 640 MB)
+    into every run that lays the map out even when no image needed the model."""
+    if "umap" not in sys.modules and "tensorflow" not in sys.modules:
+        sys.modules.setdefault("umap.parametric_umap", None)  # type: ignore[arg-type]
+    import umap
+
+    return umap
 
 
 def with_self_first(graph: NeighbourGraph) -> tuple[np.ndarray, np.ndarray]:

@@ -86,3 +86,24 @@ def test_images_without_placed_neighbours_go_to_the_middle() -> None:
 def test_two_images_or_fewer_lie_on_a_line() -> None:
     graph = NeighbourGraph.from_ids(np.array([5, 6]), np.array([[6], [5]]), np.ones((2, 1)))
     assert fit_layout(graph).tolist() == [[0, 0], [1, 0]]
+
+
+@pytest.mark.slow
+def test_laying_out_does_not_load_tensorflow() -> None:
+    """A run that needs no model must not pay for TensorFlow (umap-learn would import it)."""
+    import subprocess
+    import sys
+
+    script = (
+        "import sys, numpy as np\n"
+        "from lookalike.tasks.map_layout import NeighbourGraph, fit_layout\n"
+        "ids = np.arange(40)\n"
+        "rows = (ids[:, None] + np.arange(1, 6)[None, :]) % 40\n"
+        "graph = NeighbourGraph.from_ids(ids, rows, np.ones(rows.shape, np.float32))\n"
+        "assert fit_layout(graph).shape == (40, 2)\n"
+        "print('tensorflow' in sys.modules)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, check=True
+    )
+    assert done.stdout.strip() == "False"
