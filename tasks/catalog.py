@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from collections.abc import Iterable, Sequence
@@ -426,3 +427,25 @@ def sync_catalog_task(database_url: str, root: str) -> ChangeCounts:
 def finish_run_task(database_url: str, run_id: int, status: str, summary: dict[str, Any]) -> None:
     """Record how the run ended."""
     finish_run(engine_for(database_url), run_id, status, summary)
+
+
+def fingerprint_ok_images(
+    conn: Connection, *basis_parts: object
+) -> tuple[list[tuple[int, str]], str, str]:
+    """What a table derived from the lists (duplicates, the map) is computed from: the ok
+    images' (id, content hash) in id order, the basis (model and weights, then basis_parts)
+    and a fingerprint of both; an equal fingerprint means nothing to redo."""
+    rows = [
+        (int(image_id), str(content_hash))
+        for image_id, content_hash in conn.execute(
+            select(image_names.c.id, image_names.c.content_hash)
+            .where(image_names.c.status == STATUS_OK)
+            .order_by(image_names.c.id)
+        )
+    ]
+    weights = conn.execute(select(collection.c.model, collection.c.weights)).first()
+    basis = repr((tuple(weights or ()), *basis_parts))
+    digest = hashlib.blake2b(basis.encode(), digest_size=16)
+    for image_id, content_hash in rows:
+        digest.update(f"{image_id}:{content_hash};".encode())
+    return rows, basis, digest.hexdigest()

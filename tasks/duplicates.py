@@ -9,7 +9,6 @@ offered are stored too, so another threshold regroups them without a new run.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 from dataclasses import dataclass
@@ -23,15 +22,13 @@ from prefect.cache_policies import NO_CACHE
 from sqlalchemy import Connection, Engine, delete, func, insert, or_, select
 
 from lookalike.sql.schema import (
-    STATUS_OK,
-    collection,
     duplicate_groups,
     duplicate_inputs,
     duplicate_pairs,
     duplicate_state,
-    image_names,
     image_neighbours,
 )
+from lookalike.tasks.catalog import fingerprint_ok_images
 from lookalike.tasks.database import DATABASE_RETRIES, engine_for
 from lookalike.tasks.duplicate_groups import (
     Groups,
@@ -92,22 +89,13 @@ class Change:
 
 def read_inputs(conn: Connection, threshold: float) -> DuplicateInputs:
     """Ok images and their hashes, and a fingerprint of what the groups depend on."""
-    rows = conn.execute(
-        select(image_names.c.id, image_names.c.content_hash)
-        .where(image_names.c.status == STATUS_OK)
-        .order_by(image_names.c.id)
-    ).all()
-    weights = conn.execute(select(collection.c.model, collection.c.weights)).first()
     widest = conn.execute(select(func.max(image_neighbours.c.rank))).scalar_one()
-    basis = repr((tuple(weights or ()), widest, round(threshold, 6)))
-    digest = hashlib.blake2b(basis.encode(), digest_size=16)
-    for image_id, content_hash in rows:
-        digest.update(f"{image_id}:{content_hash};".encode())
+    rows, basis, fingerprint = fingerprint_ok_images(conn, widest, round(threshold, 6))
     return DuplicateInputs(
         ids=np.array([r[0] for r in rows], dtype=np.int64),
         hashes=[r[1] for r in rows],
         basis=basis,
-        fingerprint=digest.hexdigest(),
+        fingerprint=fingerprint,
     )
 
 

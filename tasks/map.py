@@ -9,7 +9,6 @@ changed images are placed among their neighbours, and nobody else moves.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -22,13 +21,11 @@ from prefect.cache_policies import NO_CACHE
 from sqlalchemy import Connection, Engine, delete, insert, select
 
 from lookalike.sql.schema import (
-    STATUS_OK,
-    collection,
     image_map,
-    image_names,
     image_neighbours,
     map_state,
 )
+from lookalike.tasks.catalog import fingerprint_ok_images
 from lookalike.tasks.database import DATABASE_RETRIES, engine_for
 from lookalike.tasks.map_layout import (
     LAYOUT_NEIGHBOURS,
@@ -72,19 +69,9 @@ class MapInputs:
 
 def read_map_inputs(conn: Connection) -> MapInputs:
     """Ok images and their hashes, and a fingerprint of what the map depends on."""
-    rows = conn.execute(
-        select(image_names.c.id, image_names.c.content_hash)
-        .where(image_names.c.status == STATUS_OK)
-        .order_by(image_names.c.id)
-    ).all()
-    weights = conn.execute(select(collection.c.model, collection.c.weights)).first()
     # Not the lists' length: only their first LAYOUT_NEIGHBOURS entries are used.
-    basis = repr((tuple(weights or ()), LAYOUT_NEIGHBOURS, LAYOUT_SEED))
-    digest = hashlib.blake2b(basis.encode(), digest_size=16)
-    for image_id, content_hash in rows:
-        digest.update(f"{image_id}:{content_hash};".encode())
-    hashes = {int(image_id): str(content_hash) for image_id, content_hash in rows}
-    return MapInputs(hashes=hashes, basis=basis, fingerprint=digest.hexdigest())
+    rows, basis, fingerprint = fingerprint_ok_images(conn, LAYOUT_NEIGHBOURS, LAYOUT_SEED)
+    return MapInputs(hashes=dict(rows), basis=basis, fingerprint=fingerprint)
 
 
 def read_graph(conn: Connection, ids: np.ndarray) -> NeighbourGraph:

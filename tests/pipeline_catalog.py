@@ -165,6 +165,16 @@ def index_folder(url: str, root: Path) -> int:
     return run_id
 
 
+def index_and_lay_out(url: str, root: Path) -> None:
+    """index_folder, then the map laid out as a run's layout-map step does it."""
+    from lookalike.tasks.map import layout_map
+
+    index_folder(url, root)
+    engine = connect_checked(url)
+    layout_map(engine)
+    engine.dispose()
+
+
 def build_catalog(url: str, base: Path) -> Catalog:
     """The API tests' collection under base/images: 11 rows, 5 of them indexed.
 

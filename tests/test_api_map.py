@@ -14,7 +14,7 @@ from lookalike.tasks.database import connect_checked
 from lookalike.tasks.map import layout_map
 from lookalike.tasks.map_reader import POINT_FORMAT
 from tests.odd_images import write_photos
-from tests.pipeline_catalog import app_settings, index_folder
+from tests.pipeline_catalog import app_settings, index_and_lay_out, index_folder
 from tests.test_map import ok_ids, stored_map
 
 pytestmark = pytest.mark.slow
@@ -26,10 +26,7 @@ def laid_out(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, Path]:
     url = f"sqlite:///{base / 'db.sqlite'}"
     write_photos(base / "images" / "a", 14, seed=11)
     write_photos(base / "images" / "b", 10, seed=13)
-    index_folder(url, base / "images")
-    engine = connect_checked(url)
-    layout_map(engine)
-    engine.dispose()
+    index_and_lay_out(url, base / "images")
     return url, base
 
 

@@ -7,11 +7,9 @@ from typing import Any
 
 import pytest
 
-from lookalike.tasks.database import connect_checked
-from lookalike.tasks.map import layout_map
 from scripts.chromium_args import CHROMIUM
 from tests.odd_images import write_photos
-from tests.pipeline_catalog import app_settings, index_folder
+from tests.pipeline_catalog import app_settings, index_and_lay_out
 from tests.test_api_browser import browser, page, serving  # noqa: F401 - fixtures
 
 pytestmark = [
@@ -30,10 +28,7 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str]
     url = f"sqlite:///{base / 'db.sqlite'}"
     write_photos(base / "images" / "old", 12, seed=21)
     write_photos(base / "images" / "new", 8, seed=22)
-    index_folder(url, base / "images")
-    engine = connect_checked(url)
-    layout_map(engine)
-    engine.dispose()
+    index_and_lay_out(url, base / "images")
     with serving(app_settings(url, base)) as served_url:
         yield served_url, url
 
