@@ -181,6 +181,8 @@ class Admission:
     render: WorkLane
     search_limit: ClientRateLimit
     render_limit: ClientRateLimit
+    write_limit: ClientRateLimit  # judgements, per user and per address (two keys)
+    sign_in_limit: ClientRateLimit  # per address
     compute_threads: int
 
     @classmethod
@@ -193,6 +195,8 @@ class Admission:
             render=WorkLane("render", slots, settings.render_queue),
             search_limit=ClientRateLimit("search", parse_rate(settings.search_rate)),
             render_limit=ClientRateLimit("render", parse_rate(settings.render_rate)),
+            write_limit=ClientRateLimit("judgement", parse_rate(settings.write_rate)),
+            sign_in_limit=ClientRateLimit("sign-in", parse_rate(settings.signin_rate)),
             compute_threads=compute_threads(cores),
         )
 

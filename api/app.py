@@ -11,6 +11,7 @@ from litestar import Litestar
 from litestar.config.cors import CORSConfig
 from litestar.datastructures import ResponseHeader, State
 from litestar.openapi import OpenAPIConfig
+from litestar.openapi.spec import Components, Reference, SecurityScheme
 from sqlalchemy import Engine
 from sqlalchemy.pool import QueuePool
 
@@ -18,6 +19,12 @@ from lookalike.api.admission import Admission
 from lookalike.api.controllers.duplicates import get_image_duplicates, list_duplicates
 from lookalike.api.controllers.health import health
 from lookalike.api.controllers.images import ImageController
+from lookalike.api.controllers.judgements import (
+    delete_judgement,
+    list_judgement_history,
+    list_judgements,
+    put_judgement,
+)
 from lookalike.api.controllers.legacy import LegacyController
 from lookalike.api.controllers.map import get_map, get_map_folders, get_map_near
 from lookalike.api.controllers.pages import (
@@ -27,13 +34,22 @@ from lookalike.api.controllers.pages import (
     static_files,
 )
 from lookalike.api.controllers.search import search_by_upload
+from lookalike.api.controllers.session import SessionController
 from lookalike.api.controllers.stats import get_stats
 from lookalike.api.dependencies import Services, build_dependencies
 from lookalike.api.errors import EXCEPTION_HANDLERS
+from lookalike.api.judgement_store import JudgementStore
 from lookalike.api.neighbour_cache import NeighbourCache, NeighbourLookup
 from lookalike.api.repository import ImageRepository, StatsCache
 from lookalike.api.search_index import SimilaritySearch
-from lookalike.tasks.database import create_reader_engine, is_mariadb
+from lookalike.api.security import (
+    Accounts,
+    csrf_middleware,
+    identity_middleware,
+    session_config,
+    signing_key,
+)
+from lookalike.tasks.database import create_db_engine, create_reader_engine, is_mariadb
 from lookalike.tasks.duplicate_reader import GroupIndexCache
 from lookalike.tasks.map_reader import MapCache
 from lookalike.tasks.settings import Settings
@@ -43,6 +59,17 @@ log = logging.getLogger(__name__)
 MULTIPART_OVERHEAD_BYTES = 64 * 1024  # boundaries and part headers around the uploaded file
 API_VERSION = "1.0.0"
 DEFAULT_WORKER_THREADS = 5
+SECURITY_SCHEMES: dict[str, SecurityScheme | Reference] = {
+    "bearerToken": SecurityScheme(
+        type="http", scheme="bearer", description="A token from `lookalike users token NAME`."
+    ),
+    "sessionCookie": SecurityScheme(
+        type="apiKey",
+        name="lookalike_session",
+        security_scheme_in="cookie",
+        description="The page's session (POST /api/session); needs the X-CSRF-Token header.",
+    ),
+}
 
 
 def create_app(settings: Settings | None = None) -> Litestar:
@@ -52,16 +79,23 @@ def create_app(settings: Settings | None = None) -> Litestar:
     repository = ImageRepository(engine)
     neighbours = NeighbourCache(repository) if uses_neighbour_cache(settings, engine) else None
     admission = Admission.from_settings(settings)
+    writer = (
+        create_db_engine(settings.writer_database_url) if settings.writer_database_url else None
+    )
+    judgements = JudgementStore(engine, writer)
+    key = signing_key(settings)
     services = Services(
         settings=settings,
         repository=repository,
         search=SimilaritySearch(repository, settings, compute_threads=admission.compute_threads),
         stats=StatsCache(repository),
         neighbour_cache=neighbours,
-        neighbours=NeighbourLookup(repository, neighbours),
+        neighbours=NeighbourLookup(repository, neighbours, judgements),
         duplicates=GroupIndexCache(engine),
         admission=admission,
         maps=MapCache(engine),
+        accounts=Accounts(engine),
+        judgement_store=judgements,
     )
     return Litestar(
         route_handlers=[
@@ -72,6 +106,11 @@ def create_app(settings: Settings | None = None) -> Litestar:
             get_map,
             get_map_folders,
             get_map_near,
+            put_judgement,
+            delete_judgement,
+            list_judgements,
+            list_judgement_history,
+            SessionController,
             search_by_upload,
             get_stats,
             health,
@@ -84,7 +123,17 @@ def create_app(settings: Settings | None = None) -> Litestar:
         exception_handlers=EXCEPTION_HANDLERS,
         state=State(vars(services)),  # the same objects, for tests and tools
         cors_config=cors_config(settings.cors_origins),
-        openapi_config=OpenAPIConfig(title="lookalike", version=API_VERSION, path="/schema"),
+        middleware=[
+            session_config(settings, key).middleware,
+            identity_middleware(),
+            csrf_middleware(settings, key),
+        ],
+        openapi_config=OpenAPIConfig(
+            title="lookalike",
+            version=API_VERSION,
+            path="/schema",
+            components=Components(security_schemes=SECURITY_SCHEMES),
+        ),
         request_max_body_size=settings.upload_limit_mb * 1024 * 1024 + MULTIPART_OVERHEAD_BYTES,
         response_headers=[ResponseHeader(name="X-Content-Type-Options", value="nosniff")],
         on_startup=[
@@ -93,7 +142,12 @@ def create_app(settings: Settings | None = None) -> Litestar:
             services.maps.start,
             *cache_hooks(neighbours, "start"),
         ],
-        on_shutdown=[*cache_hooks(neighbours, "stop"), admission.close, lambda: engine.dispose()],
+        on_shutdown=[
+            *cache_hooks(neighbours, "stop"),
+            admission.close,
+            lambda: engine.dispose(),
+            *([writer.dispose] if writer is not None else []),
+        ],
         debug=False,
     )
 

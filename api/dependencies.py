@@ -9,9 +9,11 @@ from typing import Any
 from litestar.di import Provide
 
 from lookalike.api.admission import Admission
+from lookalike.api.judgement_store import JudgementStore
 from lookalike.api.neighbour_cache import NeighbourCache, NeighbourLookup
 from lookalike.api.repository import ImageRepository, StatsCache
 from lookalike.api.search_index import SimilaritySearch
+from lookalike.api.security import Accounts
 from lookalike.tasks.duplicate_reader import GroupIndexCache
 from lookalike.tasks.map_reader import MapCache
 from lookalike.tasks.settings import Settings
@@ -26,6 +28,8 @@ SERVICE_NAMES = (
     "duplicates",
     "admission",
     "maps",
+    "accounts",
+    "judgement_store",
 )
 
 
@@ -42,6 +46,8 @@ class Services:
     duplicates: GroupIndexCache
     admission: Admission
     maps: MapCache
+    accounts: Accounts
+    judgement_store: JudgementStore
 
 
 def build_dependencies(services: Services) -> dict[str, Provide]:

@@ -10,6 +10,7 @@ from litestar.exceptions import (
     ClientException,
     HTTPException,
     InternalServerException,
+    NotAuthorizedException,
     NotFoundException,
     PermissionDeniedException,
     ServiceUnavailableException,
@@ -65,6 +66,21 @@ class CorruptFeaturesError(InternalServerException):
 
 class ServiceUnavailableError(ServiceUnavailableException):
     """Something the route needs (database, model) is not available right now (503)."""
+
+
+class SignInRequiredError(NotAuthorizedException):
+    """No identity, or a token or session that is not (or no longer) valid (401)."""
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(detail=detail, headers={"WWW-Authenticate": 'Bearer realm="lookalike"'})
+
+
+class AdminOnlyError(PermissionDeniedException):
+    """A curator asked for what only admins may do (403)."""
+
+
+class WritesDisabledError(ServiceUnavailableException):
+    """The API has no writer database account (LOOKALIKE_WRITER_DATABASE_URL) (503)."""
 
 
 class ServerBusyError(ServiceUnavailableException):

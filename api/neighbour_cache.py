@@ -19,6 +19,7 @@ from litestar.concurrency import sync_to_thread
 from sqlalchemy import Engine, text
 
 from lookalike.api.errors import BadRequestError
+from lookalike.api.judgement_store import JudgementStore, with_verdicts
 from lookalike.api.repository import DEFAULT_NEIGHBOURS, ImageRepository, RunMarker
 from lookalike.api.schemas import Neighbour
 
@@ -136,9 +137,15 @@ class NeighbourLookup:
     in an anyio task group per request, a quarter of the server's time on this route.
     """
 
-    def __init__(self, repository: ImageRepository, cache: NeighbourCache | None) -> None:
+    def __init__(
+        self,
+        repository: ImageRepository,
+        cache: NeighbourCache | None,
+        judgements: JudgementStore,
+    ) -> None:
         self.repository = repository
         self.cache = cache
+        self.judgements = judgements
 
     async def fetch(self, image_id: int, k: int | None) -> list[Neighbour]:
         """The k nearest neighbours of an image (default up to 20), closest first."""
@@ -146,6 +153,23 @@ class NeighbourLookup:
         if cached is not None:
             return cached  # no thread hop, no query
         return await sync_to_thread(self.repository.get_neighbours, image_id, k)
+
+    async def judged(
+        self, image_id: int, found: list[Neighbour], user_id: int | None, hide: bool
+    ) -> list[Neighbour]:
+        """The neighbours with curators' verdicts; with hide, the caller's "not similar"
+        pairs (anonymous: where that verdict outnumbers the others) are replaced by further
+        stored neighbours. No thread hop or query while the database holds no verdicts."""
+        if not found or not self.judgements.may_have_verdicts():
+            return found
+        signed_in = user_id is not None
+        verdicts = await sync_to_thread(self.judgements.annotate, image_id, found, user_id)
+        shown = with_verdicts(found, verdicts, hide, signed_in)
+        if len(shown) == len(found):
+            return shown
+        everything = await sync_to_thread(self.repository.get_all_neighbours, image_id)
+        verdicts = await sync_to_thread(self.judgements.annotate, image_id, everything, user_id)
+        return with_verdicts(everything, verdicts, True, signed_in)[: len(found)]
 
 
 def read_all_lists(engine: Engine, marker: RunMarker) -> CachedNeighbourLists:

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+from typing import Annotated, Literal
+
 import msgspec
+
+Verdict = Literal["same_object", "similar", "not_similar"]
+MAX_NOTE_CHARS = 500  # the same bound as tasks.judgements.MAX_NOTE_CHARS
 
 
 class ImageSummary(msgspec.Struct):
@@ -41,13 +46,93 @@ class ImageDetail(msgspec.Struct):
     next_id: int | None
 
 
+class VerdictCounts(msgspec.Struct):
+    """How many people gave each verdict on a pair."""
+
+    same_object: int = 0
+    similar: int = 0
+    not_similar: int = 0
+
+
 class Neighbour(msgspec.Struct):
-    """A similar image: its rank (1 is the closest) and euclidean distance."""
+    """A similar image: its rank (1 is the closest), euclidean distance, and the verdicts
+    curators gave on the pair (``my_verdict``: the caller's own, when signed in)."""
 
     id: int
     file_name: str
     rank: int
     distance: float
+    verdicts: VerdictCounts = msgspec.field(default_factory=VerdictCounts)
+    my_verdict: Verdict | None = None
+
+
+class JudgementInput(msgspec.Struct, forbid_unknown_fields=True):
+    """A verdict on a pair, with an optional short note."""
+
+    verdict: Verdict
+    note: Annotated[str, msgspec.Meta(max_length=MAX_NOTE_CHARS)] | None = None
+
+
+class Judgement(msgspec.Struct):
+    """One user's current verdict on a pair (the pair as it was judged: image, neighbour)."""
+
+    image_id: int
+    neighbour_id: int
+    user: str
+    verdict: Verdict
+    note: str | None
+    updated_at: str  # ISO 8601, UTC
+
+
+class JudgementPage(msgspec.Struct):
+    """Current judgements, newest first; ``total`` counts every one that matches."""
+
+    total: int
+    offset: int
+    limit: int
+    items: list[Judgement]
+
+
+class AuditEntry(msgspec.Struct):
+    """One change to a judgement: who, when, from where, from what to what (null: none)."""
+
+    id: int
+    image_id: int
+    neighbour_id: int
+    user: str
+    old_verdict: Verdict | None
+    new_verdict: Verdict | None
+    note: str | None
+    changed_at: str
+    address: str | None
+
+
+class AuditPage(msgspec.Struct):
+    """Every change to judgements, newest first."""
+
+    total: int
+    offset: int
+    limit: int
+    items: list[AuditEntry]
+
+
+class SignIn(msgspec.Struct, forbid_unknown_fields=True):
+    """Sign in with an API token, or with a user name and password."""
+
+    token: Annotated[str, msgspec.Meta(max_length=200)] | None = None
+    name: Annotated[str, msgspec.Meta(max_length=64)] | None = None
+    password: Annotated[str, msgspec.Meta(max_length=1024)] | None = None
+
+
+class SessionInfo(msgspec.Struct):
+    """Who the caller is, and what the service offers them."""
+
+    signed_in: bool
+    name: str | None
+    role: str | None
+    writable: bool  # the service has a writer account: judgements can be saved
+    sign_in_offered: bool  # users exist who could sign in
+    read_requires_login: bool
 
 
 class Features(msgspec.Struct):
@@ -95,8 +180,9 @@ class DuplicateImage(msgspec.Struct):
     size: int
     width: int | None
     height: int | None
-    distance: float
-    kind: str  # exact (same content hash as the representative) or near
+    distance: float | None  # null for images a curator judged the same object
+    # exact (same content hash as the representative), near, or judged ("same object")
+    kind: str
 
 
 class DuplicateGroup(msgspec.Struct):

@@ -26,6 +26,7 @@ from rich.progress import (
 )
 from rich.text import Text
 
+from lookalike.flows.cli_accounts import add_account_commands
 from lookalike.tasks.errors import LookalikeError, first_line
 from lookalike.tasks.progress import ProgressUpdate, watch_progress
 from lookalike.tasks.settings import TASK_RUNNERS, Settings
@@ -102,6 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", help="address to listen on (default 127.0.0.1)")
     serve.add_argument("--port", type=int, help="port to listen on (default 5000)")
     serve.set_defaults(func=command_serve)
+    add_account_commands(commands, _add_db_options)
     return parser
 
 
@@ -375,7 +377,7 @@ def command_duplicates(args: argparse.Namespace) -> int:
             "size": m.size,
             "width": m.width,
             "height": m.height,
-            "distance": round(m.distance, 6),
+            "distance": None if m.distance is None else round(m.distance, 6),
             "kind": m.kind,
         }
         for g in groups

@@ -77,6 +77,35 @@ CREATE TABLE IF NOT EXISTS image_neighbours (
 
 CREATE INDEX IF NOT EXISTS ix_image_neighbours_neighbour_id ON image_neighbours (neighbour_id);
 
+CREATE TABLE IF NOT EXISTS judgement_audit (
+	id BIGINT NOT NULL AUTO_INCREMENT, 
+	image_id INTEGER NOT NULL, 
+	other_id INTEGER NOT NULL, 
+	user_id INTEGER NOT NULL, 
+	old_verdict VARCHAR(16), 
+	new_verdict VARCHAR(16), 
+	note MEDIUMTEXT, 
+	changed_at DATETIME NOT NULL, 
+	address VARCHAR(64), 
+	PRIMARY KEY (id)
+)ENGINE=InnoDB CHARSET=utf8mb4 COLLATE utf8mb4_nopad_bin;
+
+CREATE INDEX IF NOT EXISTS ix_judgement_audit_pair ON judgement_audit (image_id, other_id);
+
+CREATE TABLE IF NOT EXISTS judgements (
+	image_id INTEGER NOT NULL, 
+	other_id INTEGER NOT NULL, 
+	user_id INTEGER NOT NULL, 
+	verdict VARCHAR(16), 
+	note MEDIUMTEXT, 
+	updated_at DATETIME NOT NULL, 
+	PRIMARY KEY (image_id, other_id, user_id)
+)ENGINE=InnoDB CHARSET=utf8mb4 COLLATE utf8mb4_nopad_bin;
+
+CREATE INDEX IF NOT EXISTS ix_judgements_other_id ON judgements (other_id);
+
+CREATE INDEX IF NOT EXISTS ix_judgements_user_id ON judgements (user_id);
+
 CREATE TABLE IF NOT EXISTS map_state (
 	id INTEGER NOT NULL, 
 	fingerprint VARCHAR(64) NOT NULL, 
@@ -95,6 +124,21 @@ CREATE TABLE IF NOT EXISTS runs (
 	weights VARCHAR(255) NOT NULL, 
 	summary MEDIUMTEXT, 
 	PRIMARY KEY (id)
+)ENGINE=InnoDB CHARSET=utf8mb4 COLLATE utf8mb4_nopad_bin;
+
+CREATE TABLE IF NOT EXISTS users (
+	id INTEGER NOT NULL AUTO_INCREMENT, 
+	name VARCHAR(64) NOT NULL, 
+	`role` VARCHAR(16) NOT NULL, 
+	token_key VARCHAR(16), 
+	token_hash VARCHAR(128), 
+	password_hash VARCHAR(200), 
+	credential_version INTEGER NOT NULL, 
+	created_at DATETIME NOT NULL, 
+	removed_at DATETIME, 
+	PRIMARY KEY (id), 
+	UNIQUE (name), 
+	UNIQUE (token_key)
 )ENGINE=InnoDB CHARSET=utf8mb4 COLLATE utf8mb4_nopad_bin;
 
 CREATE TABLE IF NOT EXISTS image_features (

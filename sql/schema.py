@@ -194,6 +194,64 @@ map_state = Table(
 )
 
 
+# People who may write (tasks/accounts.py). A removed user keeps the row, so that their
+# judgements stay attributed, but loses every credential.
+users = Table(
+    "users",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("name", String(64), nullable=False, unique=True),
+    Column("role", String(16), nullable=False),  # curator | admin
+    # An API token is "lka_<key>_<secret>": the key finds the row, the secret is kept only as
+    # a salted SHA-256 (salt$hex); the password only as salted scrypt (salt$hex).
+    Column("token_key", String(16), unique=True),
+    Column("token_hash", String(128)),
+    Column("password_hash", String(200)),
+    # Raised whenever a credential changes or the user is removed: sessions carry the value
+    # they were signed in with and end when it no longer matches.
+    Column("credential_version", Integer, nullable=False, default=1),
+    Column("created_at", DateTime, nullable=False),
+    Column("removed_at", DateTime),
+    **_MARIADB,
+)
+
+# One current verdict per user and pair; the pair is stored as (smaller id, larger id), since
+# "same object" or "not similar" holds whichever of the two images it was given from.
+# A cleared mark keeps its row with verdict NULL: the writer account may insert and update
+# these tables, never delete from them. No foreign keys to images: a judgement outlives a
+# photo's removal, as knowledge about the archive.
+judgements = Table(
+    "judgements",
+    metadata,
+    Column("image_id", Integer, primary_key=True, autoincrement=False),
+    Column("other_id", Integer, primary_key=True, autoincrement=False),
+    Column("user_id", Integer, primary_key=True, autoincrement=False),
+    Column("verdict", String(16)),  # same_object | similar | not_similar; NULL: cleared
+    Column("note", _text),
+    Column("updated_at", DateTime, nullable=False),
+    Index("ix_judgements_other_id", "other_id"),
+    Index("ix_judgements_user_id", "user_id"),
+    **_MARIADB,
+)
+
+# Every change to a judgement, oldest first: who, when, from what to what.
+judgement_audit = Table(
+    "judgement_audit",
+    metadata,
+    Column("id", BigInteger().with_variant(Integer, "sqlite"), primary_key=True),
+    Column("image_id", Integer, nullable=False),
+    Column("other_id", Integer, nullable=False),
+    Column("user_id", Integer, nullable=False),
+    Column("old_verdict", String(16)),
+    Column("new_verdict", String(16)),
+    Column("note", _text),
+    Column("changed_at", DateTime, nullable=False),
+    Column("address", String(64)),  # the client's address, as the API saw it
+    Index("ix_judgement_audit_pair", "image_id", "other_id"),
+    **_MARIADB,
+)
+
+
 def mariadb_ddl() -> str:
     """The CREATE statements for MariaDB, as used to initialise a container."""
     dialect = mysql.dialect()

@@ -7,7 +7,6 @@ import json
 import logging
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +28,7 @@ from lookalike.sql.schema import (
     image_neighbours,
     runs,
 )
-from lookalike.tasks.database import DATABASE_RETRIES, engine_for
+from lookalike.tasks.database import DATABASE_RETRIES, engine_for, utcnow
 from lookalike.tasks.discover import Changes, HashedFile, KnownImage, find_changes
 from lookalike.tasks.errors import LookalikeError
 from lookalike.tasks.models import INCEPTION_V3
@@ -68,11 +67,6 @@ class ChangeCounts:
     deleted: int
     unchanged: int
     unreadable: int
-
-
-def utcnow() -> datetime:
-    """Timezone-naive UTC, as stored in DateTime columns."""
-    return datetime.now(UTC).replace(tzinfo=None)
 
 
 def check_collection(

@@ -6,6 +6,7 @@ import functools
 import logging
 import sqlite3
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +47,11 @@ def parse_database_url(url: str) -> URL:
             "or mysql+pymysql://USER:PASSWORD@HOST:PORT/DB"
         )
     return parsed
+
+
+def utcnow() -> datetime:
+    """Timezone-naive UTC, as stored in DateTime columns."""
+    return datetime.now(UTC).replace(tzinfo=None)
 
 
 def is_mariadb(engine: Engine) -> bool:

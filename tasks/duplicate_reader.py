@@ -34,8 +34,11 @@ class Member:
     size: int
     width: int | None
     height: int | None
-    distance: float
-    kind: str
+    distance: float | None  # None: joined by a curator's "same object" judgement
+    kind: str  # exact | near | judged
+
+
+JUDGED = "judged"
 
 
 @dataclass(frozen=True)
@@ -144,6 +147,15 @@ def with_members(engine: Engine, index: GroupIndex, group_ids: list[int]) -> lis
         )
         for g in group_ids
     ]
+
+
+def judged_members(engine: Engine, ids: set[int]) -> list[Member]:
+    """Images joined to a group by "same object" judgements, by id (those that still exist)."""
+    columns = [image_names.c.file_name, image_names.c.size]
+    columns += [image_names.c.width, image_names.c.height]
+    with engine.connect() as conn:
+        rows = sorted(_select_in(conn, columns, sorted(ids)))
+    return [Member(r[0], r[1], int(r[2]), r[3], r[4], None, JUDGED) for r in rows]
 
 
 def group_containing(index: GroupIndex, image_id: int) -> int | None:

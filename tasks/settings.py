@@ -75,6 +75,17 @@ class Settings(BaseSettings):
     # made on request plus fingerprints.
     search_rate: str = "30/minute"
     render_rate: str = "600/minute"
+    # Judgements (the API's only writes): they go through this second database URL, whose
+    # account may only write the judgement tables; empty: write routes answer 503.
+    writer_database_url: str = ""
+    read_requires_login: bool = False  # true: every read route needs a token or a session too
+    # Signs the page's session and CSRF cookies; empty: a random one per process, so that
+    # sign-ins end when the API restarts. Set it (32+ characters) to keep them.
+    session_secret: str = ""
+    secure_cookies: bool = True  # false only behind plain HTTP other than localhost
+    # Per user and per client address: judgements written; per address: sign-in attempts.
+    write_rate: str = "60/minute"
+    signin_rate: str = "10/minute"
 
     def __init__(self, **values: Any) -> None:
         """The environment's values under the given ones, checked."""
@@ -100,7 +111,13 @@ class Settings(BaseSettings):
             # model_validate validates without reading the environment again.
             return type(self).model_validate({**self.model_dump(), **given})
 
-    @field_validator("reduced_scale_decode", "neighbour_cache", mode="before")
+    @field_validator(
+        "reduced_scale_decode",
+        "neighbour_cache",
+        "read_requires_login",
+        "secure_cookies",
+        mode="before",
+    )
     @classmethod
     def _strip_flag(cls, value: Any) -> Any:
         """' true ' reads as 'true' (pydantic takes true/false, 1/0, yes/no, on/off, any case)."""
@@ -122,8 +139,12 @@ class Settings(BaseSettings):
         check_duplicate_threshold(self.duplicate_threshold)
         if min(self.search_slots, self.search_queue, self.render_queue) < 0:
             raise SettingsError("search slots, search queue and render queue must be 0 or more")
-        for name in ("search_rate", "render_rate"):
+        for name in ("search_rate", "render_rate", "write_rate", "signin_rate"):
             parse_rate(getattr(self, name), env_name(name))
+        if self.session_secret and len(self.session_secret) < MIN_SESSION_SECRET:
+            raise SettingsError(
+                f"the session secret must have at least {MIN_SESSION_SECRET} characters"
+            )
         if not 0 <= self.lock_timeout < float("inf"):
             raise SettingsError(f"the lock timeout must be 0 s or more, got {self.lock_timeout:g}")
         return self
@@ -145,6 +166,8 @@ class Settings(BaseSettings):
         """Where the API caches thumbnails."""
         return self.thumbnail_dir or self.data_dir / "thumbnails"
 
+
+MIN_SESSION_SECRET = 32
 
 # The largest duplicate threshold offered: pairs up to it are kept for regrouping.
 MAX_DUPLICATE_THRESHOLD = 0.25

@@ -9,6 +9,7 @@ import re
 import subprocess
 import sys
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -383,39 +384,96 @@ def mariadb_init_files() -> list[Path]:
     return [targets[target] for target in sorted(targets)]
 
 
-@pytest.mark.mariadb
-def test_init_files_make_the_schema_and_an_account_that_can_only_read(mariadb_url: str) -> None:
-    from lookalike.tasks.database import connect_checked
-
+@pytest.fixture
+def init_accounts(mariadb_url: str) -> Iterator[tuple[str, str]]:
+    """The compose stack's init files run against a fresh database: (reader URL, writer URL)."""
     url = sqlalchemy.engine.make_url(mariadb_url)
-    user, password = f"ro_{uuid.uuid4().hex[:10]}", "it's a \\secret"
+    tag = uuid.uuid4().hex[:10]
+    reader, writer = f"ro_{tag}", f"rw_{tag}"
+    password = "it's a \\secret"
     env = {
         "PATH": os.environ["PATH"],
         "ADMIN_URL": mariadb_url,
         "MARIADB_DATABASE": str(url.database),
-        "API_DB_USER": user,
+        "API_DB_USER": reader,
         "API_DB_PASSWORD": password,
+        "WRITER_DB_USER": writer,
+        "WRITER_DB_PASSWORD": password,
     }
     init_files = mariadb_init_files()
-    assert [path.name for path in init_files] == ["mariadb.sql", "mariadb-readonly-user.sh"]
+    assert [path.name for path in init_files] == [
+        "mariadb.sql",
+        "mariadb-readonly-user.sh",
+        "mariadb-writer-user.sh",
+    ]
     admin = sqlalchemy.create_engine(mariadb_url)
     try:
         for init_file in init_files:
             result = run_init_file(init_file, env)
             assert result.returncode == 0, result.stderr
-        reader_url = url.set(username=user, password=password)
-        reader = connect_checked(reader_url.render_as_string(hide_password=False))
-        with reader.connect() as conn:
-            assert conn.exec_driver_sql("SELECT COUNT(*) FROM image_names").scalar() == 0
-            with pytest.raises(sqlalchemy.exc.OperationalError, match="INSERT command denied"):
-                conn.exec_driver_sql(
-                    "INSERT INTO runs (started_at, status, weights) VALUES (NOW(), 'ok', 'x')"
-                )
-        reader.dispose()
+        yield tuple(  # type: ignore[misc]
+            url.set(username=name, password=password).render_as_string(hide_password=False)
+            for name in (reader, writer)
+        )
     finally:
         with admin.begin() as conn:
-            conn.execute(sqlalchemy.text(f"DROP USER IF EXISTS '{user}'@'%'"))
+            for name in (reader, writer):
+                conn.execute(sqlalchemy.text(f"DROP USER IF EXISTS '{name}'@'%'"))
         admin.dispose()
+
+
+@pytest.mark.mariadb
+def test_init_files_make_an_account_that_can_only_read(init_accounts: tuple[str, str]) -> None:
+    from lookalike.tasks.database import connect_checked
+
+    reader = connect_checked(init_accounts[0])
+    with reader.connect() as conn:
+        assert conn.exec_driver_sql("SELECT COUNT(*) FROM image_names").scalar() == 0
+        with pytest.raises(sqlalchemy.exc.OperationalError, match="INSERT command denied"):
+            conn.exec_driver_sql(
+                "INSERT INTO runs (started_at, status, weights) VALUES (NOW(), 'ok', 'x')"
+            )
+        with pytest.raises(sqlalchemy.exc.OperationalError, match="INSERT command denied"):
+            conn.exec_driver_sql(
+                "INSERT INTO judgements (image_id, other_id, user_id, verdict, updated_at) "
+                "VALUES (1, 2, 1, 'similar', NOW())"
+            )
+    reader.dispose()
+
+
+@pytest.mark.mariadb
+def test_init_files_make_a_writer_that_can_only_add_and_change_judgements(
+    init_accounts: tuple[str, str],
+) -> None:
+    from lookalike.tasks.database import create_db_engine
+
+    writer = create_db_engine(init_accounts[1])
+    with writer.begin() as conn:
+        conn.exec_driver_sql(
+            "INSERT INTO judgements (image_id, other_id, user_id, verdict, updated_at) "
+            "VALUES (1, 2, 1, 'similar', NOW())"
+        )
+        conn.exec_driver_sql("UPDATE judgements SET verdict = NULL WHERE image_id = 1")
+        conn.exec_driver_sql(
+            "INSERT INTO judgement_audit (image_id, other_id, user_id, changed_at) "
+            "VALUES (1, 2, 1, NOW())"
+        )
+    refused = [
+        ("DELETE command denied", "DELETE FROM judgements"),
+        ("UPDATE command denied", "UPDATE judgement_audit SET note = 'x'"),
+        ("DELETE command denied", "DELETE FROM judgement_audit"),
+        (
+            "INSERT command denied",
+            "INSERT INTO users (name, role, credential_version, "
+            "created_at) VALUES ('eve', 'admin', 1, NOW())",
+        ),
+        ("SELECT command denied", "SELECT * FROM users"),
+        ("UPDATE command denied", "UPDATE image_names SET status = 'ok'"),
+    ]
+    for message, statement in refused:
+        with writer.connect() as conn, pytest.raises(sqlalchemy.exc.DBAPIError, match=message):
+            conn.exec_driver_sql(statement)
+    writer.dispose()
 
 
 def test_readonly_init_script_refuses_to_run_without_credentials() -> None:

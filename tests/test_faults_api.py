@@ -21,6 +21,7 @@ from litestar import Litestar
 from litestar.testing import TestClient
 
 from lookalike.api.app import create_app
+from lookalike.tasks.accounts import add_user, issue_token
 from lookalike.tasks.database import connect_checked
 from lookalike.tasks.duplicates import find_duplicates
 from lookalike.tasks.settings import MAX_DUPLICATE_THRESHOLD
@@ -72,7 +73,17 @@ OPERATIONS = (
     ("GET", "/api/map"),
     ("GET", "/api/map/near"),
     ("GET", "/api/map/folders"),
+    ("PUT", "/api/images/{image_id}/neighbours/{neighbour_id}/judgement"),
+    ("DELETE", "/api/images/{image_id}/neighbours/{neighbour_id}/judgement"),
+    ("GET", "/api/judgements"),
+    ("GET", "/api/judgements/history"),
+    ("GET", "/api/session"),
+    ("POST", "/api/session"),
+    ("DELETE", "/api/session"),
 )
+
+
+SEARCH = ("POST", "/api/search")
 
 
 def assert_json_error(response: Response, *statuses: int) -> dict[str, Any]:
@@ -124,8 +135,11 @@ def shared(
     catalog = build_catalog(f"sqlite:///{base / 'lookalike.sqlite'}", base)
     engine = connect_checked(catalog.url)
     find_duplicates(engine, MAX_DUPLICATE_THRESHOLD)  # groups to read (the pipeline's step)
+    add_user(engine, "admin", "admin")
+    catalog.token = issue_token(engine, "admin")  # type: ignore[attr-defined]
     engine.dispose()
-    app = create_app(app_settings(catalog.url, base))
+    settings = app_settings(catalog.url, base, writer_database_url=catalog.url, write_rate="off")
+    app = create_app(settings)
     with TestClient(app=app) as client:
         yield catalog, app, client
 
@@ -473,20 +487,23 @@ def test_the_fuzzed_operations_are_every_operation(fuzz_target: tuple[Any, Catal
     assert listed == set(OPERATIONS)
 
 
+@pytest.mark.parametrize("with_token", [False, True], ids=["anonymous", "admin-token"])
 @pytest.mark.parametrize(
     ("method", "path"),
     # The upload route builds the feature model on its first valid image: seconds, once.
-    [pytest.param(*op, marks=pytest.mark.slow) if op[0] == "POST" else op for op in OPERATIONS],
+    [pytest.param(*op, marks=pytest.mark.slow) if op == SEARCH else op for op in OPERATIONS],
 )
 def test_schema_fuzzing_never_gets_a_server_error(
-    fuzz_target: tuple[Any, Catalog], method: str, path: str
+    fuzz_target: tuple[Any, Catalog], method: str, path: str, with_token: bool
 ) -> None:
     schema, catalog = fuzz_target
     names = {image_id: name for name, image_id in catalog.ids.items()}
     seen: dict[int, int] = {}
+    token = catalog.token  # type: ignore[attr-defined]
+    headers = {"Authorization": f"Bearer {token}"} if with_token else {}
 
     @settings(
-        max_examples=12 if method == "POST" else 25,
+        max_examples=(12 if method == "POST" else 25) if not with_token else 12,
         deadline=None,
         derandomize=True,  # the same cases every run: a red run can be replayed
         database=None,
@@ -494,7 +511,7 @@ def test_schema_fuzzing_never_gets_a_server_error(
     )
     @given(case=schema[path][method].as_strategy())
     def check(case: Any) -> None:
-        response = case.call(timeout=120)
+        response = case.call(timeout=120, headers=headers)
         seen[response.status_code] = seen.get(response.status_code, 0) + 1
         assert response.status_code < 500, (case.as_curl_command(), response.text[:300])
         if response.status_code >= 400:

@@ -55,9 +55,11 @@ def synopses() -> dict[str, str]:
     for block in code_blocks():
         current: list[str] | None = None
         for line in block.splitlines():
-            start = re.match(r"\s*(?:\.venv/bin/)?lookalike (\S+)(.*)", line)
+            start = re.match(r"\s*(?:\.venv/bin/)?lookalike (\S+)(?: ([a-z]+))?", line)
             if start:
+                both = f"{start[1]} {start[2]}"
                 command = TOP_LEVEL if start[1].startswith("-") else start[1]
+                command = both if both in parsers() else command
                 current = found.setdefault(command, [])
                 current.append(line)
             elif current is not None and re.match(r"\s+\[", line):
@@ -94,12 +96,21 @@ def setting_variables() -> list[str]:
 
 
 def parsers() -> dict[str, argparse.ArgumentParser]:
-    """The program's parser (TOP_LEVEL) and each subcommand's, walked from build_parser()."""
-    top = build_parser()
-    found = {TOP_LEVEL: top}
-    for action in top._actions:
-        if isinstance(action, argparse._SubParsersAction):
-            found.update(action.choices)
+    """The program's parser (TOP_LEVEL) and each command's, walked from build_parser(); a
+    command with actions of its own (`users add`) is keyed by both words."""
+    found = {TOP_LEVEL: build_parser()}
+
+    def walk(parser: argparse.ArgumentParser, prefix: str) -> None:
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for name, sub in action.choices.items():
+                    key = f"{prefix} {name}".strip()
+                    if any(isinstance(a, argparse._SubParsersAction) for a in sub._actions):
+                        walk(sub, key)  # a group of actions: its actions are the commands
+                    else:
+                        found[key] = sub
+
+    walk(found[TOP_LEVEL], "")
     return found
 
 

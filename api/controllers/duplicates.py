@@ -9,6 +9,7 @@ from litestar.exceptions import NotFoundException
 from litestar.params import Parameter
 
 from lookalike.api.controllers.params import ImageId
+from lookalike.api.judgement_store import JudgementStore
 from lookalike.api.repository import ImageRepository
 from lookalike.api.schemas import (
     DuplicateGroup,
@@ -21,7 +22,9 @@ from lookalike.tasks.duplicate_reader import (
     Group,
     GroupIndex,
     GroupIndexCache,
+    Member,
     group_containing,
+    judged_members,
     with_members,
 )
 from lookalike.tasks.settings import MAX_DUPLICATE_THRESHOLD
@@ -55,15 +58,37 @@ def list_duplicates(
 def get_image_duplicates(
     repository: ImageRepository,
     duplicates: GroupIndexCache,
+    judgement_store: JudgementStore,
     image_id: ImageId,
     threshold: Threshold = None,
 ) -> DuplicatePage:
-    """The group the image belongs to (no group: an empty list)."""
+    """The group the image belongs to, with images curators judged "same object" (none: [])."""
     repository.get_image(image_id)  # 404 for an unknown image
     index = _index(duplicates, threshold)
     group = group_containing(index, image_id)
     groups = [] if group is None else with_members(repository.engine, index, [group])
-    return _page(index, groups, 0, 1)
+    return _page(index, with_judged(repository, judgement_store, groups, image_id), 0, 1)
+
+
+def with_judged(
+    repository: ImageRepository, store: JudgementStore, groups: list[Group], image_id: int
+) -> list[Group]:
+    """The image's group, joined by the images curators marked "same object" with a member.
+
+    Without a group, the image itself leads a group of those it was judged the same as.
+    """
+    members = [m.id for m in groups[0].members] if groups else [image_id]
+    partners = store.same_object_partners(members)
+    if not partners:
+        return groups
+    judged = judged_members(repository.engine, partners)
+    if groups:
+        return [Group(groups[0].id, groups[0].members + judged)]
+    (itself,) = judged_members(repository.engine, {image_id})
+    representative = Member(
+        itself.id, itself.file_name, itself.size, itself.width, itself.height, 0.0, "exact"
+    )
+    return [Group(image_id, [representative, *judged])]
 
 
 def _index(duplicates: GroupIndexCache, threshold: float | None) -> GroupIndex:

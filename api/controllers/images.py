@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any, cast
+from typing import Annotated, Any, Literal, cast
 
 import msgspec
 from litestar import Controller, MediaType, Request, Response, get
@@ -26,6 +26,7 @@ from lookalike.api.neighbour_cache import NeighbourLookup
 from lookalike.api.openapi import REFUSALS, RefusableOperation
 from lookalike.api.repository import MAX_RANK, ImageRepository
 from lookalike.api.schemas import Features, ImageDetail, ImagePage, Neighbour
+from lookalike.api.security import current_identity
 from lookalike.tasks.settings import Settings
 
 _JSON = msgspec.json.Encoder()
@@ -66,19 +67,32 @@ class ImageController(Controller):
     @get("/{image_id:int}/neighbours")
     async def get_neighbours(
         self,
+        request: Request[Any, Any, Any],
         neighbours: NeighbourLookup,
         image_id: ImageId,
         k: Annotated[
             int | None, Parameter(le=MAX_RANK, description="1..stored k; default up to 20")
         ] = None,
+        hide: Annotated[
+            Literal["not_similar"] | None,
+            Parameter(description="not_similar: leave out pairs judged not similar"),
+        ] = None,
     ) -> Response[list[Neighbour]]:
-        """The most similar images, closest first."""
+        """The most similar images, closest first, with the verdicts curators gave.
+
+        With ``hide=not_similar`` the pairs the caller marked "not similar" are left out (for
+        anonymous callers: those where "not similar" outnumbers the other verdicts), and
+        further stored neighbours take their places.
+        """
         if k is not None and k < 1:
             raise BadRequestError(f"k must be at least 1, got {k}")
         found = await neighbours.fetch(image_id, k)
+        identity = current_identity(request)
+        user_id = identity.id if identity else None
+        shown = await neighbours.judged(image_id, found, user_id, hide is not None)
         # Encoded here: Litestar passes bytes through instead of inspecting the list. The
         # annotation stays list[Neighbour], which is what the schema documents.
-        encoded = cast("list[Neighbour]", _JSON.encode(found))
+        encoded = cast("list[Neighbour]", _JSON.encode(shown))
         return Response(encoded, media_type=MediaType.JSON)
 
     @get("/{image_id:int}/features", sync_to_thread=True)
