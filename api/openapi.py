@@ -23,6 +23,14 @@ REFUSALS = {
     ),
 }
 
+# What the routes that need an identity may answer besides.
+DENIALS = {
+    401: ResponseSpec(ErrorAnswer, description="No valid token or session: sign in first."),
+    403: ResponseSpec(
+        ErrorAnswer, description="Not allowed: the role does not allow it, or a CSRF check failed."
+    ),
+}
+
 
 @dataclass
 class RefusableOperation(Operation):

@@ -5,18 +5,16 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 from litestar import Request, delete, get, put
-from litestar.openapi import ResponseSpec
 from litestar.params import Parameter
 
 from lookalike.api.admission import client_key
 from lookalike.api.controllers.params import ImageId
 from lookalike.api.errors import BadRequestError
 from lookalike.api.judgement_store import JudgementStore
-from lookalike.api.openapi import REFUSALS, RefusableOperation
+from lookalike.api.openapi import DENIALS, REFUSALS, RefusableOperation
 from lookalike.api.repository import ImageRepository
 from lookalike.api.schemas import (
     AuditPage,
-    ErrorAnswer,
     Judgement,
     JudgementInput,
     JudgementPage,
@@ -28,12 +26,6 @@ JUDGEMENT_PATH = "/api/images/{image_id:int}/neighbours/{neighbour_id:int}/judge
 MAX_JUDGEMENT_BODY = 16 * 1024  # a verdict and a 500-character note, with room to spare
 MAX_PAGE = 500
 SIGNED_IN: list[dict[str, list[str]]] = [{"bearerToken": []}, {"sessionCookie": []}]
-DENIALS = {
-    401: ResponseSpec(ErrorAnswer, description="No valid token or session: sign in first."),
-    403: ResponseSpec(
-        ErrorAnswer, description="Not allowed: the role does not allow it, or a CSRF check failed."
-    ),
-}
 WRITE: dict[str, Any] = {
     "guards": [requires_identity],
     "responses": {**DENIALS, **REFUSALS},

@@ -9,10 +9,9 @@ from litestar.concurrency import sync_to_thread
 from litestar.openapi import ResponseSpec
 from litestar.status_codes import HTTP_200_OK
 
-from lookalike.api.controllers.judgements import DENIALS
 from lookalike.api.errors import BadRequestError, SignInRequiredError
 from lookalike.api.judgement_store import JudgementStore
-from lookalike.api.openapi import REFUSALS, RefusableOperation
+from lookalike.api.openapi import DENIALS, REFUSALS, RefusableOperation
 from lookalike.api.schemas import ErrorAnswer, SessionInfo, SignIn
 from lookalike.api.security import SESSION_PATH, Accounts, current_identity, limit_sign_ins
 from lookalike.tasks.accounts import Identity

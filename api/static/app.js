@@ -1,10 +1,15 @@
-// lookalike page: choose an image, see its fingerprint and its most similar images.
+// lookalike page: choose an image, see its fingerprint and its most similar images;
+// signed-in curators judge each pair (same object, similar, not similar).
 "use strict";
 
 const NEIGHBOURS = 20;
 const NO_IMAGES = "No images indexed yet: run `lookalike process FOLDER` first.";
+const NOT_WRITABLE = "Judgements cannot be saved: this server does not accept judgements.";
 const $ = (id) => document.getElementById(id);
 let current = null; // the ImageDetail shown, or null while an upload is shown
+let session = null; // GET /api/session's answer; null until it came, or when it failed
+let notWritable = null; // a save's 503 detail: the server cannot save judgements after all
+let pageStarted = false; // false while the archive waits for a sign-in to be read
 
 // One request at a time fills the page. Starting another (a click, an upload, Back) aborts
 // the one before, so a slow older answer never overwrites a newer one. Path searches fill
@@ -31,7 +36,11 @@ async function fetchJson(url, options = {}) {
   if (options.signal) options.signal.throwIfAborted();
   if (!response.ok) {
     const detail = body && body.detail ? body.detail : response.statusText;
-    throw new Error(`${detail}${retryAdvice(response)} (HTTP ${response.status})`);
+    const error = new Error(`${detail}${retryAdvice(response)} (HTTP ${response.status})`);
+    // Callers that react to one status (401, 503) need it, and the bare detail, apart.
+    error.status = response.status;
+    error.detail = detail;
+    throw error;
   }
   return body;
 }
@@ -43,8 +52,34 @@ function retryAdvice(response) {
   return ` \u2014 please try again in ${seconds} second${seconds === 1 ? "" : "s"}`;
 }
 
+// The server checks every state-changing request for the CSRF cookie's value in a header
+// (double submit): a forged request from another site carries the cookie but cannot read it.
+function csrfHeaders() {
+  const match = document.cookie.match(/(?:^|;\s*)lookalike_csrf=([^;]*)/);
+  return match ? { "X-CSRF-Token": match[1] } : {};
+}
+
+// Every POST, PUT and DELETE goes through here, so none lacks the CSRF header.
+// json, when given, is the body; body is sent as it is (a FormData).
+async function send(method, url, { json, body, signal } = {}) {
+  // Any GET sets the cookie; should none have been answered yet, one is asked for first.
+  if (!("X-CSRF-Token" in csrfHeaders())) await fetch("/api/session").catch(() => null);
+  const headers = csrfHeaders();
+  if (json !== undefined) {
+    headers["Content-Type"] = "application/json";
+    body = JSON.stringify(json);
+  }
+  return fetchJson(url, { method, headers, body, signal });
+}
+
 const imageUrl = (id, what) => `/api/images/${id}/${what}`;
 const thumbnailUrl = (id, size) => imageUrl(id, `thumbnail?size=${size}`);
+const judgementUrl = (id, neighbourId) => imageUrl(id, `neighbours/${neighbourId}/judgement`);
+
+function neighboursUrl(id) {
+  const hide = signedIn() && $("hide-not-similar").checked;
+  return imageUrl(id, "neighbours") + (hide ? "?hide=not_similar" : "");
+}
 
 // --- the URL says which image is current, so it can be shared ----------------------------
 
@@ -114,8 +149,11 @@ const formatDistance = (distance) => String(Number(distance.toPrecision(3)));
 
 // The button's name is "RANK. distance D FILE": the file name once (the thumbnail's alt is
 // empty, the tooltip sits on the name itself, which may be cut short on screen).
-function neighbourItem(neighbour) {
+// imageId: the image these are the neighbours of, whom the verdicts are about; null for an
+// upload's, which no one can judge.
+function neighbourItem(neighbour, imageId) {
   const item = document.createElement("li");
+  item.dataset.neighbour = String(neighbour.id);
   const button = document.createElement("button");
   button.type = "button";
   button.className = "neighbour";
@@ -133,16 +171,98 @@ function neighbourItem(neighbour) {
   button.append(img, distance, name);
   button.addEventListener("click", () => showImage(neighbour.id));
   item.append(button);
+  if (imageId !== null) {
+    // Beside the card's button, not in it: a button inside a button is not allowed.
+    const counts = document.createElement("p");
+    counts.className = "verdicts muted";
+    counts.title = "Curators' verdicts on this pair";
+    item.append(counts);
+    if (canJudge()) item.append(judgementControls(item, neighbour, imageId));
+    updateCard(item, neighbour);
+  }
   return item;
 }
 
-function renderNeighbours(neighbours, title, subject) {
+const VERDICTS = [
+  ["same_object", "Same object"],
+  ["similar", "Similar"],
+  ["not_similar", "Not similar"],
+];
+
+// "same object 1 · similar 0 · not similar 2", or "" while nobody has judged the pair.
+function verdictSummary(counts) {
+  if (!counts || !VERDICTS.some(([key]) => counts[key] > 0)) return "";
+  return VERDICTS.map(([key, label]) => `${label.toLowerCase()} ${counts[key]}`).join(" \u00b7 ");
+}
+
+// Three toggle buttons (pressing the pressed one clears it), Clear, and an optional note.
+function judgementControls(item, neighbour, imageId) {
+  const group = document.createElement("div");
+  group.className = "judge";
+  group.setAttribute("role", "group");
+  group.setAttribute("aria-label", `Your verdict on ${neighbour.file_name}`);
+  const note = document.createElement("input");
+  note.type = "text";
+  note.className = "note";
+  note.maxLength = 500;
+  note.placeholder = "Note (optional)";
+  note.setAttribute("aria-label", "Note with your verdict (optional)");
+  const mine = () => item.dataset.myVerdict || null;
+  for (const [verdict, label] of VERDICTS) {
+    const toggle = document.createElement("button");
+    toggle.type = "button";
+    toggle.dataset.verdict = verdict;
+    toggle.textContent = label;
+    toggle.addEventListener("click", () => {
+      judge(item, imageId, neighbour, mine() === verdict ? null : verdict, note.value);
+    });
+    group.append(toggle);
+  }
+  const clear = document.createElement("button");
+  clear.type = "button";
+  clear.className = "clear";
+  clear.textContent = "Clear";
+  clear.addEventListener("click", () => judge(item, imageId, neighbour, null, ""));
+  // Enter in the note saves it with the verdict already given (a toggle would clear it).
+  note.addEventListener("keydown", (event) => {
+    if (event.key !== "Enter" || !mine()) return;
+    event.preventDefault();
+    judge(item, imageId, neighbour, mine(), note.value);
+  });
+  group.append(clear, note);
+  return group;
+}
+
+// Counts, pressed states and Clear from a fresh answer, in place: focus stays where it is.
+function updateCard(item, neighbour) {
+  item.neighbour = neighbour; // kept for redrawing the card (see judgementFailed)
+  const counts = item.querySelector(".verdicts");
+  counts.textContent = verdictSummary(neighbour.verdicts);
+  counts.hidden = counts.textContent === "";
+  item.dataset.myVerdict = neighbour.my_verdict || "";
+  for (const toggle of item.querySelectorAll("[data-verdict]")) {
+    toggle.setAttribute("aria-pressed", String(toggle.dataset.verdict === neighbour.my_verdict));
+  }
+  const clear = item.querySelector(".clear");
+  if (!clear) return;
+  const hadFocus = document.activeElement === clear;
+  clear.hidden = !neighbour.my_verdict;
+  if (hadFocus && clear.hidden) item.querySelector("[data-verdict]").focus();
+}
+
+function fillList(neighbours, imageId) {
+  $("neighbours").replaceChildren(...neighbours.map((n) => neighbourItem(n, imageId)));
+}
+
+// imageId: the image they are the neighbours of, or null for an upload's.
+function renderNeighbours(neighbours, title, subject, imageId) {
   const list = $("neighbours");
   const focusWasInList = list.contains(document.activeElement);
   const heading = neighbours.length ? title : "No similar images stored yet";
   $("neighbours-title").hidden = false;
   $("neighbours-title").textContent = heading;
-  list.replaceChildren(...neighbours.map(neighbourItem));
+  fillList(neighbours, imageId);
+  renderJudging();
   announce(`${subject}. ${heading}.`);
   // The clicked neighbour is gone with the old list: keep keyboard users on the new image.
   if (focusWasInList) $("current-name").focus();
@@ -159,10 +279,26 @@ async function showImage(id, { how = "push" } = {}) {
     current = image;
     renderCurrent(image);
     rememberInUrl(id, how);
-    const neighbours = await fetchJson(`/api/images/${id}/neighbours`, { signal });
-    renderNeighbours(neighbours, `The ${neighbours.length} most similar`, image.file_name);
+    await showNeighbours(image, signal);
   } catch (error) {
     if (!signal.aborted) showMessage(`Image ${id}: ${error.message}`);
+  }
+}
+
+async function showNeighbours(image, signal) {
+  const neighbours = await fetchJson(neighboursUrl(image.id), { signal });
+  renderNeighbours(neighbours, `The ${neighbours.length} most similar`, image.file_name, image.id);
+}
+
+// The current image's neighbours again: who is signed in, or what is hidden, has changed.
+async function reloadNeighbours() {
+  if (!current) return renderJudging(); // an upload's neighbours carry no verdicts
+  const image = current;
+  const signal = newPageRequest();
+  try {
+    await showNeighbours(image, signal);
+  } catch (error) {
+    if (!signal.aborted) showMessage(`Image ${image.id}: ${error.message}`);
   }
 }
 
@@ -234,12 +370,12 @@ async function searchByUpload() {
   form.append("file", file);
   try {
     const url = `/api/search?k=${NEIGHBOURS}`;
-    const neighbours = await fetchJson(url, { method: "POST", body: form, signal });
+    const neighbours = await send("POST", url, { body: form, signal });
     current = null;
     renderUpload(file);
     history.pushState({ upload: true }, "", window.location.pathname);
     const title = `The ${neighbours.length} most similar to your upload`;
-    renderNeighbours(neighbours, title, `Your upload ${file.name}`);
+    renderNeighbours(neighbours, title, `Your upload ${file.name}`, null);
     showMessage("");
   } catch (error) {
     if (!signal.aborted) showMessage(`Upload: ${error.message}`);
@@ -258,20 +394,184 @@ async function loadStats() {
   }
 }
 
-function start() {
+// --- judgements --------------------------------------------------------------------------
+
+const signedIn = () => Boolean(session && session.signed_in);
+const canJudge = () => signedIn() && session.writable && notWritable === null;
+
+// Sets the caller's verdict on the pair (null clears it), then fetches the counts afresh.
+async function judge(item, imageId, neighbour, verdict, note) {
+  if (item.getAttribute("aria-busy") === "true") return; // one change per card at a time
+  // Another image or an upload (a newer page request) makes this card's answer stale.
+  const signal = pageRequest.signal;
+  const url = judgementUrl(imageId, neighbour.id);
+  item.setAttribute("aria-busy", "true");
+  try {
+    if (verdict === null) await send("DELETE", url);
+    else await send("PUT", url, { json: { verdict, note: note.trim() || undefined } });
+    if (signal.aborted) return;
+    const given = VERDICTS.find(([key]) => key === verdict);
+    announce(`${neighbour.file_name}: ${given ? `marked ${given[1].toLowerCase()}` : "verdict cleared"}.`);
+    await refreshCards(imageId, signal);
+  } catch (error) {
+    if (!signal.aborted) judgementFailed(error);
+  } finally {
+    item.removeAttribute("aria-busy");
+  }
+}
+
+function judgementFailed(error) {
+  if (error.status === 503 && /^judgements cannot be saved/i.test(error.detail)) {
+    // No writer database after all: the controls go, the line says why.
+    notWritable = error.detail;
+    const shown = [...$("neighbours").children].map((item) => item.neighbour);
+    fillList(shown, current ? current.id : null);
+    renderJudging();
+  } else if (error.status === 401) {
+    loadSession().then(reloadNeighbours); // the session ended: show the page signed out
+  }
+  showMessage(`Judgement not saved: ${error.message}`);
+}
+
+// Fresh counts for the cards shown; when the list itself changed (a pair now hidden, so
+// another takes its place), it is drawn anew.
+async function refreshCards(imageId, signal) {
+  const neighbours = await fetchJson(neighboursUrl(imageId), { signal });
+  const items = [...$("neighbours").children];
+  const unchanged = neighbours.length === items.length
+    && neighbours.every((n, i) => items[i].dataset.neighbour === String(n.id));
+  if (unchanged) {
+    neighbours.forEach((n, i) => updateCard(items[i], n));
+    return;
+  }
+  const focusWasInList = $("neighbours").contains(document.activeElement);
+  fillList(neighbours, imageId);
+  $("neighbours-title").textContent = `The ${neighbours.length} most similar`;
+  if (focusWasInList) $("current-name").focus(); // the focused card may be gone
+}
+
+// The hide option and, where judgements cannot be saved, why: for signed-in users only.
+function renderJudging() {
+  $("judging").hidden = !(signedIn() && current !== null && !$("neighbours-title").hidden);
+  const why = signedIn() && !canJudge() ? notWritable || NOT_WRITABLE : "";
+  // The server's detail starts in lower case ("judgements cannot be saved: ..."): a sentence.
+  $("judging-note").textContent = why.charAt(0).toUpperCase() + why.slice(1);
+  $("judging-note").hidden = !why;
+}
+
+// --- signing in and out ------------------------------------------------------------------
+
+function accountMessage(text) {
+  $("account-message").textContent = text || "";
+}
+
+async function loadSession() {
+  try {
+    session = await fetchJson("/api/session");
+  } catch (error) {
+    session = null;
+    accountMessage(`Signing in is unavailable: ${error.message}`);
+  }
+  renderAccount();
+}
+
+function renderAccount() {
+  const offered = Boolean(session && session.sign_in_offered);
+  $("sign-in-toggle").hidden = signedIn() || !offered;
+  $("signed-in").hidden = !signedIn();
+  $("signed-in-as").textContent = signedIn() ? `Signed in as ${session.name} (${session.role})` : "";
+  if (signedIn() || !offered) showSignIn(false);
+}
+
+function showSignIn(open) {
+  $("sign-in").hidden = !open;
+  $("sign-in-toggle").setAttribute("aria-expanded", String(open));
+  if (open) $("sign-in-token").focus();
+}
+
+// One form: the token when one is given, else the name and password.
+function credentials() {
+  const token = $("sign-in-token").value.trim();
+  if (token) return { token };
+  const name = $("sign-in-name").value.trim();
+  const password = $("sign-in-password").value;
+  return name && password ? { name, password } : null;
+}
+
+async function signIn(event) {
+  event.preventDefault();
+  const given = credentials();
+  if (!given) return accountMessage("Enter a token, or a name and a password.");
+  accountMessage("Signing in\u2026");
+  try {
+    session = await send("POST", "/api/session", { json: given });
+  } catch (error) {
+    return accountMessage(`Sign-in failed: ${error.message}`);
+  }
+  $("sign-in-token").value = "";
+  $("sign-in-password").value = "";
+  notWritable = null;
+  renderAccount();
+  accountMessage("");
+  $("sign-out").focus(); // the form that had focus is gone; its successor is Sign out
+  if (!pageStarted) {
+    showMessage("");
+    startPage(); // the archive needed an account to be read
+  } else {
+    reloadNeighbours(); // now with this user's verdicts and controls
+  }
+}
+
+async function signOut() {
+  try {
+    await send("DELETE", "/api/session");
+  } catch (error) {
+    return accountMessage(`Sign-out failed: ${error.message}`);
+  }
+  // Where reading needs an account, nothing of the archive may stay: start over.
+  if (session && session.read_requires_login) return window.location.reload();
+  await loadSession();
+  accountMessage("Signed out.");
+  $("sign-in-toggle").focus();
+  reloadNeighbours(); // without this user's verdicts and controls
+}
+
+// --- start -------------------------------------------------------------------------------
+
+// Stats and the first image: at once, or once signed in where reading needs an account.
+function startPage() {
+  pageStarted = true;
+  loadStats();
+  const id = idFromLocation();
+  if (id === null) showImageAt(0, "replace");
+  else showImage(id, { how: "keep" });
+}
+
+async function start() {
   $("previous").addEventListener("click", () => current && showImage(current.previous_id));
   $("next").addEventListener("click", () => current && showImage(current.next_id));
   $("random").addEventListener("click", showRandomImage);
   $("path-search").addEventListener("submit", searchByPath);
   $("upload").addEventListener("change", searchByUpload);
+  $("sign-in-toggle").addEventListener("click", () => showSignIn($("sign-in").hidden));
+  $("sign-in-cancel").addEventListener("click", () => {
+    showSignIn(false);
+    $("sign-in-toggle").focus();
+  });
+  $("sign-in").addEventListener("submit", signIn);
+  $("sign-out").addEventListener("click", signOut);
+  $("hide-not-similar").addEventListener("change", reloadNeighbours);
   window.addEventListener("popstate", () => {
     const id = idFromLocation();
     if (id !== null) showImage(id, { how: "keep" });
   });
-  loadStats();
-  const id = idFromLocation();
-  if (id === null) showImageAt(0, "replace");
-  else showImage(id, { how: "keep" });
+  await loadSession();
+  if (session && session.read_requires_login && !session.signed_in) {
+    showMessage("Sign in to see this archive.");
+    showSignIn(true);
+    return;
+  }
+  startPage();
 }
 
 start();
