@@ -42,13 +42,7 @@ from lookalike.api.judgement_store import JudgementStore
 from lookalike.api.neighbour_cache import NeighbourCache, NeighbourLookup
 from lookalike.api.repository import ImageRepository, StatsCache
 from lookalike.api.search_index import SimilaritySearch
-from lookalike.api.security import (
-    Accounts,
-    csrf_middleware,
-    identity_middleware,
-    session_config,
-    signing_key,
-)
+from lookalike.api.security import Accounts, security_middleware
 from lookalike.tasks.database import create_db_engine, create_reader_engine, is_mariadb
 from lookalike.tasks.duplicate_reader import GroupIndexCache
 from lookalike.tasks.map_reader import MapCache
@@ -83,7 +77,6 @@ def create_app(settings: Settings | None = None) -> Litestar:
         create_db_engine(settings.writer_database_url) if settings.writer_database_url else None
     )
     judgements = JudgementStore(engine, writer)
-    key = signing_key(settings)
     services = Services(
         settings=settings,
         repository=repository,
@@ -123,11 +116,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
         exception_handlers=EXCEPTION_HANDLERS,
         state=State(vars(services)),  # the same objects, for tests and tools
         cors_config=cors_config(settings.cors_origins),
-        middleware=[
-            session_config(settings, key).middleware,
-            identity_middleware(),
-            csrf_middleware(settings, key),
-        ],
+        middleware=[security_middleware(settings)],
         openapi_config=OpenAPIConfig(
             title="lookalike",
             version=API_VERSION,

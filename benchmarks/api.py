@@ -6,6 +6,7 @@ concurrent keep-alive clients, then drops the database. The last line printed is
 
     .venv/bin/python benchmarks/api.py [--images 100000] [--k 100] [--clients 8] [--seconds 10]
                                        [--keep NAME]   # keep the filled database for reruns
+                                       [--server-path DIR]  # serve another version instead
 """
 
 from __future__ import annotations
@@ -406,6 +407,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--keep", metavar="NAME", help="keep the filled database NAME (reused when it exists)"
     )
+    parser.add_argument(
+        "--server-path",
+        help="serve another version's lookalike package, to compare (a folder holding "
+        "lookalike/{api,tasks,flows,sql} links into a worktree); the bare route stays",
+    )
     args = parser.parse_args(argv)
 
     python_path = {"PYTHONPATH": str(REPO)}
@@ -414,9 +420,11 @@ def main(argv: list[str] | None = None) -> int:
             fill_database(url, args.images, args.k, Path(scratch))
         settle(url)
         env = {"LOOKALIKE_DATABASE_URL": url, "LOOKALIKE_DATA_DIR": scratch, **python_path}
+        if args.server_path:
+            env["PYTHONPATH"] = os.pathsep.join([args.server_path, str(REPO)])
         with (
             served("benchmarks.api:bare_app", python_path, factory=False) as (bare_port, _),
-            served("api.app:create_app", env, factory=True) as (port, _),
+            served("lookalike.api.app:create_app", env, factory=True) as (port, _),
         ):
             wait_for_neighbour_cache(port)
             ids = random.Random(3)
