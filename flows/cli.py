@@ -10,7 +10,7 @@ import logging
 import os
 import sys
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from rich.console import Console
@@ -40,21 +40,32 @@ RANDOM_WEIGHTS_NOTE = (
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The argument parser with its three commands."""
+    """The argument parser with its commands."""
     parser = argparse.ArgumentParser(prog="lookalike", description=__doc__)
-    parser.add_argument("--verbose", "-v", action="store_true", help="show Prefect's run logs")
+    parser.add_argument("--verbose", "-v", action="store_true", help=VERBOSE_HELP)
+    parser.add_argument("--version", action="version", version=f"lookalike {package_version()}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    add = command_factory(commands)
 
-    process = commands.add_parser(
-        "process", help="extract features of a folder and find neighbours"
+    process = add(
+        "process",
+        "extract features of a folder and find neighbours",
+        "Bring the database up to date with the folder: new and changed images are extracted, "
+        "deleted ones removed, and the neighbour lists, duplicate groups and map updated.",
+        "lookalike process ~/photos --weights none    # try it without downloading weights",
     )
     process.add_argument("root", metavar="ROOT", help="folder of images (searched recursively)")
     _add_db_options(process)
     process.add_argument(
-        "--weights", help="imagenet (default), none (seeded random init) or a .h5 file"
+        "--weights",
+        help="imagenet (default), none (seeded random init) or a .h5 file (env LOOKALIKE_WEIGHTS)",
     )
-    process.add_argument("--k", type=int, help="neighbours per image (default 100)")
-    process.add_argument("--batch-size", type=int, help="images per model call (default 64)")
+    _add_k(process)
+    process.add_argument(
+        "--batch-size",
+        type=int,
+        help="images per model call (default 64; env LOOKALIKE_BATCH_SIZE)",
+    )
     process.add_argument(
         "--recompute",
         action="store_true",
@@ -65,9 +76,14 @@ def build_parser() -> argparse.ArgumentParser:
     process.add_argument("--json", action="store_true", help="print the summary as one JSON line")
     process.set_defaults(func=command_process)
 
-    neighbours = commands.add_parser("neighbours", help="recompute neighbours from stored features")
+    neighbours = add(
+        "neighbours",
+        "recompute neighbours from stored features",
+        "Recompute every image's neighbour list from the stored features (no image is read).",
+        "lookalike neighbours --k 50",
+    )
     _add_db_options(neighbours)
-    neighbours.add_argument("--k", type=int, help="neighbours per image (default 100)")
+    _add_k(neighbours)
     _add_runner_options(neighbours)
     _add_lock_timeout(neighbours)
     neighbours.add_argument(
@@ -75,8 +91,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     neighbours.set_defaults(func=command_neighbours)
 
-    duplicates = commands.add_parser(
-        "duplicates", help="list the groups of duplicate images the last run found"
+    duplicates = add(
+        "duplicates",
+        "list the groups of duplicate images the last run found",
+        "The groups of exact and near duplicates the last run found, largest first.",
+        "lookalike duplicates --threshold 0.1 --format csv > duplicates.csv",
     )
     _add_db_options(duplicates)
     duplicates.add_argument(
@@ -90,7 +109,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     duplicates.set_defaults(func=command_duplicates)
 
-    layout = commands.add_parser("map", help="bring the map up to date, or lay it out afresh")
+    layout = add(
+        "map",
+        "bring the map up to date, or lay it out afresh",
+        "Place new images on the map of the archive, or lay every image out again.",
+        "lookalike map --refit",
+    )
     _add_db_options(layout)
     layout.add_argument(
         "--refit", action="store_true", help="lay every image out again (moves everyone)"
@@ -98,13 +122,60 @@ def build_parser() -> argparse.ArgumentParser:
     _add_lock_timeout(layout)
     layout.set_defaults(func=command_map)
 
-    serve = commands.add_parser("serve", help="start the web service and page")
+    serve = add(
+        "serve",
+        "start the web service and page",
+        "Serve the API and the web page on the database, until stopped.",
+        "lookalike serve --host 0.0.0.0 --port 8080",
+    )
     _add_db_options(serve)
-    serve.add_argument("--host", help="address to listen on (default 127.0.0.1)")
-    serve.add_argument("--port", type=int, help="port to listen on (default 5000)")
+    serve.add_argument(
+        "--host", help="address to listen on (default 127.0.0.1; env LOOKALIKE_HOST)"
+    )
+    serve.add_argument(
+        "--port", type=int, help="port to listen on (default 5000; env LOOKALIKE_PORT)"
+    )
     serve.set_defaults(func=command_serve)
-    add_account_commands(commands, _add_db_options)
+    add_account_commands(add, _add_db_options)
     return parser
+
+
+VERBOSE_HELP = "show Prefect's run logs and TensorFlow's start-up notes"
+CommandFactory = Callable[[str, str, str, str], argparse.ArgumentParser]
+
+
+def command_factory(commands: Any) -> CommandFactory:
+    """A maker of subcommands with a description, an example and --verbose of their own."""
+    verbose = argparse.ArgumentParser(add_help=False)
+    # SUPPRESS: the subcommand sets it only when given, and `lookalike -v process` still works.
+    verbose.add_argument("--verbose", "-v", action="store_true", default=argparse.SUPPRESS,
+                         help=VERBOSE_HELP)  # fmt: skip
+
+    def add(name: str, summary: str, description: str, example: str) -> argparse.ArgumentParser:
+        return commands.add_parser(  # type: ignore[no-any-return]
+            name,
+            help=summary,
+            description=description,
+            epilog=f"example:\n  {example}",
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+            parents=[verbose],
+        )
+
+    return add
+
+
+def package_version() -> str:
+    """The installed distribution's version."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("lookalike")
+    except PackageNotFoundError:
+        return "unknown (not installed)"
+
+
+def _add_k(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--k", type=int, help="neighbours per image (default 100; env LOOKALIKE_K)")
 
 
 def _add_db_options(parser: argparse.ArgumentParser) -> None:
@@ -222,6 +293,9 @@ def quiet_prefect_console(verbose: bool) -> None:
     if not verbose:
         # Failures reach the user as one line from main(); the UI keeps the full log.
         os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "CRITICAL")
+        # Prefect's own internals (e.g. events it could not send while the ephemeral server
+        # stopped after a failure) log through a handler of their own.
+        os.environ.setdefault("PREFECT_LOGGING_HANDLERS_DEBUG_LEVEL", "CRITICAL")
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 

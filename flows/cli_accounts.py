@@ -15,13 +15,20 @@ from lookalike.tasks.settings import Settings
 AddOptions = Callable[[argparse.ArgumentParser], None]
 
 
-def add_account_commands(commands: Any, add_db_options: AddOptions) -> None:
-    """`users` (add, token, password, remove, list) and `judgements export`."""
-    users = commands.add_parser("users", help="manage who may write judgements, and their tokens")
+def add_account_commands(add: Any, add_db_options: AddOptions) -> None:
+    """`users` (add, token, password, remove, list) and `judgements export`; add makes a
+    command with a description and an example (flows.cli.command_factory)."""
+    users = add(
+        "users",
+        "manage who may write judgements, and their tokens",
+        "Users who may judge pairs on the page or through the API; see the README's "
+        "'Judgements and accounts'.",
+        "lookalike users add ann && lookalike users token ann",
+    )
     actions = users.add_subparsers(dest="action", required=True, metavar="ACTION")
-    add = actions.add_parser("add", help="add a user (no credentials yet)")
-    add.add_argument("name", metavar="NAME")
-    add.add_argument(
+    add_user = actions.add_parser("add", help="add a user (no credentials yet)")
+    add_user.add_argument("name", metavar="NAME")
+    add_user.add_argument(
         "--role",
         choices=("curator", "admin"),
         default="curator",
@@ -36,11 +43,16 @@ def add_account_commands(commands: Any, add_db_options: AddOptions) -> None:
     remove = actions.add_parser("remove", help="revoke every credential (judgements stay)")
     remove.add_argument("name", metavar="NAME")
     listing = actions.add_parser("list", help="list users, roles and which credentials they have")
-    for parser in (add, token, password, remove, listing):
+    for parser in (add_user, token, password, remove, listing):
         add_db_options(parser)
     users.set_defaults(func=command_users)
 
-    judgements = commands.add_parser("judgements", help="export curators' judgements")
+    judgements = add(
+        "judgements",
+        "export curators' judgements",
+        "Every current judgement with both images' files, for analysis or training.",
+        "lookalike judgements export --format jsonl --output judgements.jsonl",
+    )
     export_actions = judgements.add_subparsers(dest="action", required=True, metavar="ACTION")
     export = export_actions.add_parser("export", help="every current judgement, with both files")
     export.add_argument("--format", choices=("csv", "jsonl"), default="csv", help="output format")

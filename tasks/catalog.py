@@ -75,6 +75,9 @@ def check_collection(
     """The collection row, after refusing another folder or, unless recompute, other weights."""
     with engine.connect() as conn:
         row = conn.execute(select(collection).where(collection.c.id == 1)).first()
+        # Weights that never produced a feature (a first run that could not fetch them)
+        # bind nothing: another run may use other weights without --recompute.
+        has_features = conn.execute(select(image_features.c.image_id).limit(1)).first()
     if row is None:
         return None
     if row.root != str(root):
@@ -82,10 +85,11 @@ def check_collection(
             f"this database holds the collection of {row.root}, not {root}; "
             "use another database (--db) for another folder"
         )
-    if (row.model, row.weights) != (MODEL_NAME, weights_id) and not recompute:
+    if (row.model, row.weights) != (MODEL_NAME, weights_id) and has_features and not recompute:
         raise CollectionMismatchError(
             f"this database's features come from {row.model} with weights {row.weights!r}, "
-            f"this run would use {weights_id!r}; pass --recompute to re-extract everything"
+            f"this run would use {weights_id!r}; pass --recompute "
+            "(flow parameter: -p recompute=true) to re-extract everything"
         )
     return row
 

@@ -41,6 +41,14 @@ _NO_GPU_NOISE = re.compile(
     r"failed call to cuInit|Could not find cuda drivers|"
     r"All log messages before absl::InitializeLog\(\) is called"
 )
+# TensorFlow's start-up notes (absl INFO lines such as "oneDNN custom operations are on", and
+# the CPU-feature note): written before TF_CPP_MIN_LOG_LEVEL takes effect, so they are
+# dropped here when that variable asks for quiet (the CLI sets it unless --verbose).
+_STARTUP_NOISE = re.compile(
+    r"^I\d{4} [\d:.]+\s+\d+ \S+:\d+\] |"
+    r"^To enable the following instructions: .*rebuild TensorFlow|"
+    + _NO_GPU_NOISE.pattern
+)
 
 
 class WeightsError(LookalikeError, ValueError):
@@ -55,6 +63,7 @@ class ModelSpec:
     input_size: int  # decoded images are input_size x input_size RGB
     feature_dim: int  # length of one feature vector
     weights_source: str  # where weights "imagenet" come from
+    weights_url: str  # what is fetched for weights "imagenet", named when fetching fails
     build: Callable[[str | None], Any]  # Keras model for "imagenet", a file, or None (random)
     preprocess: Callable[[Any], Any]  # uint8 pixel tensor -> the network's input tensor
 
@@ -83,6 +92,8 @@ INCEPTION_V3 = ModelSpec(
     input_size=INPUT_SIZE,
     feature_dim=FEATURE_DIM,
     weights_source="ImageNet weights of keras.applications, downloaded by Keras once",
+    weights_url="https://storage.googleapis.com/tensorflow/keras-applications/inception_v3/"
+    "inception_v3_weights_tf_dim_ordering_tf_kernels_notop.h5",
     build=_build_inception_v3,
     preprocess=_inception_preprocess,
 )
@@ -116,7 +127,7 @@ class FeatureModel:
         tf, keras = import_tensorflow()
         self.on_gpu = bool(tf.config.list_physical_devices("GPU"))
         _configure_devices(tf, keras, self.on_gpu)
-        self.model = spec.build(None if weights == "none" else weights)
+        self.model = build_with_weights(spec, weights)
         if weights == "none":
             seed_weights(self.model, RANDOM_INIT_SEED)
         size = spec.input_size
@@ -140,6 +151,29 @@ class FeatureModel:
             padded[: len(chunk)] = chunk
             out[start : start + len(chunk)] = self._forward(padded).numpy()[: len(chunk)]
         return out
+
+
+def build_with_weights(spec: ModelSpec, weights: str) -> Any:
+    """The spec's Keras model with these weights; WeightsError when they cannot be fetched."""
+    if weights == "none":
+        return spec.build(None)
+    try:
+        return spec.build(weights)
+    except Exception as exc:  # Keras wraps a failed download in a bare Exception
+        if weights != "imagenet" or "fetch failure" not in str(exc):
+            raise
+        log.debug("fetching the pretrained weights failed", exc_info=True)
+        raise WeightsError(unreachable_weights(spec, exc)) from None
+
+
+def unreachable_weights(spec: ModelSpec, exc: BaseException) -> str:
+    """One line: what could not be fetched, why, and the two ways out."""
+    reason = str(exc).rsplit(" -- ", 1)[-1].strip() or type(exc).__name__
+    return (
+        f"could not fetch the ImageNet weights of {spec.name} from {spec.weights_url} "
+        f"({reason}): give a local copy with --weights FILE.h5 (LOOKALIKE_WEIGHTS), or try "
+        "lookalike without them with --weights none (seeded random init)"
+    )
 
 
 @functools.lru_cache(maxsize=2)
@@ -222,13 +256,22 @@ def import_tensorflow() -> tuple[Any, Any]:
     one (a cuInit error and driver notes) is left out: it is expected there, and in a web
     server's log it reads as a failure.
     """
-    quiet = "tensorflow" not in sys.modules and not gpu_device_files()
-    with _stderr_without(_NO_GPU_NOISE) if quiet else contextlib.nullcontext():
+    first = "tensorflow" not in sys.modules
+    noise = _STARTUP_NOISE if startup_notes_unwanted() else _NO_GPU_NOISE
+    quiet = first and (noise is _STARTUP_NOISE or not gpu_device_files())
+    with _stderr_without(noise) if quiet else contextlib.nullcontext():
         import keras
         import tensorflow as tf
 
         tf.config.list_physical_devices()  # the first call initialises every device
+    if first and noise is _STARTUP_NOISE:
+        keras.config.disable_interactive_logging()  # "Downloading data from ..." to the log
     return tf, keras
+
+
+def startup_notes_unwanted() -> bool:
+    """Whether TF_CPP_MIN_LOG_LEVEL asks TensorFlow for fewer than its INFO lines."""
+    return os.environ.get("TF_CPP_MIN_LOG_LEVEL", "0").strip() not in ("", "0")
 
 
 def gpu_device_files() -> bool:

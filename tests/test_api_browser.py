@@ -141,6 +141,9 @@ def test_page_shows_an_image_its_fingerprint_and_neighbours(
     distances = [float(text.split(" distance ")[1]) for text in shown]
     assert distances == pytest.approx([d for _, d in catalog.neighbours[first]], rel=5e-3)
     expect(page.locator("#stats")).to_contain_text("11 images (5 indexed)", timeout=TIMEOUT_MS)
+    # The catalog's features come from --weights none: the page says what that means.
+    expect(page.locator("#random-weights")).to_be_visible(timeout=TIMEOUT_MS)
+    expect(page.locator("#random-weights")).to_contain_text("similarities are not meaningful")
 
 
 def test_clicking_a_neighbour_makes_it_current_and_the_url_follows(
@@ -369,6 +372,7 @@ def test_an_empty_collection_says_how_to_fill_it(served_empty: str, page: Any) -
         "No images indexed yet: run `lookalike process FOLDER` first.", timeout=TIMEOUT_MS
     )
     expect(page.locator("#stats")).to_contain_text("0 images (0 indexed)", timeout=TIMEOUT_MS)
+    assert page.locator("#random-weights").is_hidden()  # no weights recorded: nothing to say
     page.evaluate("document.getElementById('message').textContent = ''")
     page.locator("#random").click()
     expect(message).to_contain_text("lookalike process FOLDER", timeout=TIMEOUT_MS)

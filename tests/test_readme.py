@@ -123,12 +123,16 @@ def documented_form(action: argparse.Action) -> str:
 
 
 def cli_items() -> list[tuple[str, str]]:
-    """(command, argument) for every argument of every parser, --help left out."""
+    """(command, argument) for every argument of every parser, --help and --version left out,
+    and --verbose only at the top (every command takes it; the README says so once)."""
     return [
         (command, documented_form(action))
         for command, parser in parsers().items()
         for action in parser._actions
-        if not isinstance(action, argparse._HelpAction | argparse._SubParsersAction)
+        if not isinstance(
+            action, argparse._HelpAction | argparse._SubParsersAction | argparse._VersionAction
+        )
+        and (command == TOP_LEVEL or action.dest != "verbose")
     ]
 
 

@@ -389,6 +389,9 @@ async function loadStats() {
     const stats = await fetchJson("/api/stats");
     const model = stats.model ? ` \u00b7 ${stats.model}, weights ${stats.weights}` : "";
     $("stats").textContent = `${stats.images} images (${stats.ok} indexed)${model}`;
+    // The CLI says the same after a run: random features make every similarity arbitrary.
+    const random = Boolean(stats.weights && stats.weights.startsWith("none"));
+    $("random-weights").hidden = !random;
   } catch (error) {
     $("stats").textContent = `Statistics unavailable: ${error.message}`;
   }
