@@ -12,6 +12,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -20,9 +21,11 @@ from sqlalchemy import func, select
 
 from lookalike.sql.schema import RUN_COMPLETED, STATUS_OK, image_names, image_neighbours, runs
 from lookalike.tasks.database import connect_checked
+from scripts.make_demo_images import DEFAULT_COUNT, plan_images
 from tests.odd_images import write_photos
 
 ROOT = Path(__file__).resolve().parent.parent
+README_RECIPE = "Deployments (`prefect.yaml`)"  # the text just before the recipe's block
 PREFECT = [sys.executable, "-m", "prefect"]
 
 
@@ -57,18 +60,20 @@ def wait_for_health(api_url: str, server: subprocess.Popen[bytes], timeout: floa
     pytest.fail(f"prefect server did not answer within {timeout:.0f} s")
 
 
-@pytest.fixture
-def prefect_env(tmp_path: Path) -> Iterator[dict[str, str]]:
-    """A running `prefect server start` on a free port; the environment that talks to it."""
+@contextmanager
+def prefect_server(home: Path) -> Iterator[dict[str, str]]:
+    """A running `prefect server start` on a free port, its data under home; the environment
+    that talks to it (no PREFECT_* or LOOKALIKE_* setting of the caller's own)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "LOOKALIKE_"))}
     port = free_port()
     env.update(
-        PREFECT_HOME=str(tmp_path / "prefect-home"),  # its own SQLite database lives here
+        PREFECT_HOME=str(home / "prefect-home"),  # its own SQLite database lives here
         PREFECT_SERVER_ANALYTICS_ENABLED="false",
         PREFECT_API_URL=f"http://127.0.0.1:{port}/api",
         PREFECT_LOGGING_LEVEL="WARNING",
     )
-    with (tmp_path / "server.log").open("wb") as log:
+    home.mkdir(parents=True, exist_ok=True)
+    with (home / "server.log").open("wb") as log:
         server = subprocess.Popen(
             [*PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port)],
             env=env,
@@ -85,6 +90,21 @@ def prefect_env(tmp_path: Path) -> Iterator[dict[str, str]]:
         except subprocess.TimeoutExpired:
             server.kill()
             server.wait()
+
+
+@pytest.fixture
+def prefect_env(tmp_path: Path) -> Iterator[dict[str, str]]:
+    """A running `prefect server start` of this test alone."""
+    with prefect_server(tmp_path) as env:
+        yield env
+
+
+@pytest.fixture(scope="module")
+def shared_prefect_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
+    """A running `prefect server start` shared by the tests of the README's recipe, which
+    create (or overwrite) the same work pool and deployments each time they run."""
+    with prefect_server(tmp_path_factory.mktemp("prefect-server")) as env:
+        yield env
 
 
 def prefect(*args: str, env: dict[str, str], timeout: float = 120) -> str:
@@ -156,3 +176,105 @@ def test_deployment_runs_on_a_process_worker(prefect_env: dict[str, str], tmp_pa
     assert (ok, neighbours, run_rows) == (3, 3 * 2, [RUN_COMPLETED])
     # The pull step ran the flow in LOOKALIKE_PROJECT_DIR: the relative data folder is there.
     assert list((workdir / "data" / "staging" / "features").rglob("*.arrow"))
+
+
+# --- the README's deployment recipe, run verbatim -----------------------------------------------
+
+
+def readme_recipe() -> str:
+    """The first fenced code block after README_RECIPE in the README, exactly as written."""
+    readme = (ROOT / "README.md").read_text()
+    assert README_RECIPE in readme, f"the README has no {README_RECIPE!r}"
+    match = re.search(r"^```\w*\n(.*?)^```", readme[readme.index(README_RECIPE) :], re.M | re.S)
+    assert match, f"no code block after {README_RECIPE!r} in the README"
+    return match.group(1)
+
+
+def run_recipe(checkout: Path, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    """The README's recipe, run by bash in checkout, stopping at the first failing command
+    (`set -e -o pipefail`: what a reader sees when a step fails)."""
+    venv_bin = str(Path(sys.executable).parent)  # prefect, lookalike and python3 of this venv
+    env = dict(env, PATH=f"{venv_bin}{os.pathsep}{env['PATH']}", PWD=str(checkout))
+    return subprocess.run(
+        ["bash", "-e", "-o", "pipefail", "-c", readme_recipe()],
+        cwd=checkout, env=env, capture_output=True, text=True, timeout=400,
+    )  # fmt: skip
+
+
+def new_checkout(folder: Path) -> Path:
+    """A folder with what the recipe reads of a checkout: prefect.yaml (and, for `make demo`,
+    the Makefile's scripts)."""
+    folder.mkdir()
+    (folder / "prefect.yaml").write_bytes((ROOT / "prefect.yaml").read_bytes())
+    (folder / "scripts").symlink_to(ROOT / "scripts", target_is_directory=True)
+    return folder
+
+
+def deployment_runs(api_url: str, root: Path) -> list[dict[str, Any]]:
+    """The runs of the process-images deployment on root that were started (not the nightly
+    ones still scheduled)."""
+    deployment = api_call(api_url, "/deployments/name/process-images/process-images")
+    started = {
+        "deployment_id": {"any_": [deployment["id"]]},
+        "state": {"type": {"not_any_": ["SCHEDULED"]}},
+    }
+    flow_runs = api_call(api_url, "/flow_runs/filter", {"flow_runs": started})
+    return [run for run in flow_runs if run["parameters"].get("root") == str(root)]
+
+
+def last_line(text: str) -> str:
+    lines = text.strip().splitlines()
+    return lines[-1] if lines else ""
+
+
+@pytest.mark.slow
+def test_readme_recipe_indexes_the_demo_set(
+    shared_prefect_env: dict[str, str], tmp_path: Path
+) -> None:
+    checkout = new_checkout(tmp_path / "checkout")
+    # `make demo` of this Makefile in the checkout, with this venv (nothing to install).
+    venv = Path(sys.executable).parent.parent
+    made = subprocess.run(
+        ["make", "-f", str(ROOT / "Makefile"), "-o", "install", f"VENV={venv}", "demo"],
+        cwd=checkout, env=shared_prefect_env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert made.returncode == 0, f"make demo:\n{made.stdout}\n{made.stderr}"
+
+    result = run_recipe(checkout, shared_prefect_env)
+
+    assert result.returncode == 0, f"the recipe failed:\n{result.stdout}\n{result.stderr}"
+    assert last_line(result.stdout) == "Completed", result.stdout
+    images = checkout / "demo-images"
+    started = deployment_runs(shared_prefect_env["PREFECT_API_URL"], images)
+    assert [run["state"]["type"] for run in started] == ["COMPLETED"], started
+    engine = connect_checked(f"sqlite:///{checkout / 'data' / 'lookalike.sqlite'}")
+    with engine.connect() as conn:
+        names = (
+            conn.execute(select(image_names.c.file_name).where(image_names.c.status == STATUS_OK))
+            .scalars()
+            .all()
+        )
+        run_rows = conn.execute(select(runs.c.status).order_by(runs.c.id)).scalars().all()
+    engine.dispose()
+    assert sorted(names) == sorted(image.relative_path for image in plan_images(DEFAULT_COUNT))
+    # make demo's run, then the deployment's: same weights, so not refused.
+    assert run_rows == [RUN_COMPLETED, RUN_COMPLETED]
+
+
+@pytest.mark.slow
+def test_readme_recipe_fails_with_the_reason_when_the_run_fails(
+    shared_prefect_env: dict[str, str], tmp_path: Path
+) -> None:
+    checkout = new_checkout(tmp_path / "checkout")  # no `make demo`: no demo-images folder
+    images = checkout / "demo-images"
+
+    result = run_recipe(checkout, shared_prefect_env)
+
+    output = f"{result.stdout}\n{result.stderr}"
+    assert result.returncode == 1, output
+    assert "stopped!" in output  # the worker ran the run and stopped; its check failed
+    reason = last_line(result.stdout)
+    assert reason.startswith("Failed: "), output
+    assert reason.endswith(f"DiscoveryError: folder not found: {images}"), output
+    started = deployment_runs(shared_prefect_env["PREFECT_API_URL"], images)
+    assert [run["state"]["type"] for run in started] == ["FAILED"], started
