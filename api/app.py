@@ -33,7 +33,7 @@ from lookalike.api.controllers.pages import (
     map_page,
     static_files,
 )
-from lookalike.api.controllers.search import search_by_upload
+from lookalike.api.controllers.search import search_by_text, search_by_upload
 from lookalike.api.controllers.session import SessionController
 from lookalike.api.controllers.stats import get_stats
 from lookalike.api.dependencies import Services, build_dependencies
@@ -105,6 +105,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
             list_judgement_history,
             SessionController,
             search_by_upload,
+            search_by_text,
             get_stats,
             health,
             index_page,

@@ -61,7 +61,7 @@ class UnreadableImageError(ClientException):
 
 
 class CorruptFeaturesError(InternalServerException):
-    """A stored feature vector does not have 2048 float32 values (500, with its detail)."""
+    """A stored feature vector is not of its model's length, or of an unknown model (500)."""
 
 
 class ServiceUnavailableError(ServiceUnavailableException):

@@ -1,14 +1,18 @@
-"""A feature vector drawn as a 46x46 heatmap in the plasma colour map, as SVG or PNG."""
+"""A feature vector drawn as a square heatmap in the plasma colour map, as SVG or PNG.
+
+The square is the smallest that holds the vector: 46x46 for InceptionV3's 2048 values, 28x28
+for 768, 23x23 for CLIP's 512, 20x20 for DINOv2-small's 384; the cells past the end are 0.
+"""
 
 from __future__ import annotations
 
 import io
+import math
 from functools import lru_cache
 
 import numpy as np
 from PIL import Image
 
-GRID = 46  # 46 * 46 = 2116 cells, the smallest square that holds 2048 values
 DEFAULT_CELL_PIXELS = 6
 
 # Matplotlib's plasma colour map sampled at entries 0, 8, 16, ..., 248 and 255 of its 256;
@@ -32,24 +36,32 @@ def plasma_table() -> np.ndarray:
     return np.rint(np.stack(channels, axis=1)).astype(np.uint8)
 
 
+def grid_side(values: int) -> int:
+    """The side of the smallest square grid that holds this many values."""
+    return math.isqrt(values - 1) + 1 if values > 0 else 1
+
+
 def colour_levels(vector: np.ndarray) -> np.ndarray:
-    """The vector padded with zeros to 46x46 and scaled to colour levels 0..255 (min to max)."""
-    values = np.zeros(GRID * GRID, dtype=np.float64)
-    flat = np.asarray(vector, dtype=np.float64).ravel()[: GRID * GRID]
+    """The vector padded with zeros to its square and scaled to colour levels 0..255 (min to
+    max); shape (side, side)."""
+    flat = np.asarray(vector, dtype=np.float64).ravel()
+    side = grid_side(flat.size)
+    values = np.zeros(side * side, dtype=np.float64)
     values[: flat.size] = np.nan_to_num(flat, nan=0.0, posinf=0.0, neginf=0.0)
     low, high = values.min(), values.max()
     scaled = (values - low) / (high - low) if high > low else np.zeros_like(values)
-    return np.rint(scaled * 255).astype(np.uint8).reshape(GRID, GRID)
+    return np.rint(scaled * 255).astype(np.uint8).reshape(side, side)
 
 
 def render_svg(vector: np.ndarray, cell_pixels: int = DEFAULT_CELL_PIXELS) -> str:
     """The heatmap as SVG: one path per colour level keeps it small (about 30 kB)."""
     levels = colour_levels(vector)
     table = plasma_table()
-    side = GRID * cell_pixels
+    grid = len(levels)
+    side = grid * cell_pixels
     parts = [
         f'<svg xmlns="http://www.w3.org/2000/svg" width="{side}" height="{side}" '
-        f'viewBox="0 0 {GRID} {GRID}" shape-rendering="crispEdges">'
+        f'viewBox="0 0 {grid} {grid}" shape-rendering="crispEdges">'
     ]
     for level in np.unique(levels):
         rows, cols = np.nonzero(levels == level)
@@ -63,10 +75,10 @@ def render_svg(vector: np.ndarray, cell_pixels: int = DEFAULT_CELL_PIXELS) -> st
 
 
 def render_png(vector: np.ndarray, cell_pixels: int = DEFAULT_CELL_PIXELS) -> bytes:
-    """The heatmap as a PNG of (46 * cell_pixels) pixels a side."""
+    """The heatmap as a PNG of (grid side * cell_pixels) pixels a side."""
     rgb = plasma_table()[colour_levels(vector)]
     image = Image.fromarray(rgb)
-    side = GRID * cell_pixels
+    side = len(rgb) * cell_pixels
     image = image.resize((side, side), Image.Resampling.NEAREST)
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")

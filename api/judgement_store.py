@@ -125,7 +125,10 @@ def with_verdicts(
             continue
         if pair is not None:
             neighbour = msgspec.structs.replace(
-                neighbour, verdicts=VerdictCounts(**pair.counts), my_verdict=pair.mine
+                neighbour,
+                verdicts=VerdictCounts(**pair.counts),
+                my_verdict=pair.mine,
+                my_note=pair.my_note,
             )
         shown.append(neighbour)
     return shown

@@ -14,7 +14,6 @@ from sqlalchemy import Connection, Engine, bindparam, func, select, text
 from lookalike.api.errors import BadRequestError, CorruptFeaturesError, ImageNotFoundError
 from lookalike.api.schemas import ImageDetail, ImagePage, ImageSummary, Neighbour, Stats
 from lookalike.sql.schema import (
-    FEATURE_DIM,
     RUN_COMPLETED,
     STATUS_FAILED,
     STATUS_OK,
@@ -27,10 +26,10 @@ from lookalike.sql.schema import (
 )
 from lookalike.tasks.database import is_mariadb
 from lookalike.tasks.lock import mariadb_lock_name
+from lookalike.tasks.models import UnknownModelError, feature_dim_of, parse_model_name
 
 log = logging.getLogger(__name__)
 
-FEATURE_BYTES = FEATURE_DIM * 4
 DEFAULT_NEIGHBOURS = 20
 MATRIX_FETCH_ROWS = 2000
 MAX_RANK = 32767  # rank is a SMALLINT
@@ -62,7 +61,7 @@ class FeatureMatrix:
     """Every stored feature vector of one model, row i belonging to image ids[i]."""
 
     ids: np.ndarray  # int64 (n,)
-    vectors: np.ndarray  # float32 (n, 2048)
+    vectors: np.ndarray  # float32 (n, the model's dimension)
 
 
 class ImageRepository:
@@ -177,7 +176,7 @@ class ImageRepository:
             return _select_neighbours(conn, image_id, MAX_RANK)
 
     def get_features(self, image_id: int) -> tuple[str, np.ndarray]:
-        """The model name and 2048 float32 features of an image."""
+        """The model name and float32 features (the model's dimension) of an image."""
         with self.engine.connect() as conn:
             row = conn.execute(
                 select(image_features.c.model, image_features.c.features).where(
@@ -188,7 +187,7 @@ class ImageRepository:
                 if _image_exists(conn, image_id):
                     raise ImageNotFoundError(f"image {image_id} has no features (not indexed yet)")
                 raise ImageNotFoundError(f"no image with id {image_id}")
-        return row.model, decode_features(image_id, row.features)
+        return row.model, decode_features(image_id, row.features, row.model)
 
     def get_collection(self) -> CollectionInfo | None:
         """The collection row, or None before the first indexing run."""
@@ -257,6 +256,7 @@ class ImageRepository:
             model=None if info is None else info.model,
             weights=None if info is None else info.weights,
             last_completed_run=None if finished is None else finished.isoformat(),
+            text_search=None if info is None else has_text_tower(info.model),
         )
 
     def file_names(self, image_ids: list[int]) -> dict[int, str]:
@@ -279,7 +279,7 @@ class ImageRepository:
             count = conn.execute(select(func.count()).select_from(joined).where(condition))
             capacity = int(count.scalar_one())
             ids = np.empty(capacity, dtype=np.int64)
-            vectors = np.empty((capacity, FEATURE_DIM), dtype=np.float32)
+            vectors = np.empty((capacity, model_dim(model)), dtype=np.float32)
             rows = conn.execution_options(stream_results=True, yield_per=MATRIX_FETCH_ROWS).execute(
                 select(image_features.c.image_id, image_features.c.features)
                 .select_from(joined)
@@ -291,7 +291,7 @@ class ImageRepository:
                 if filled == capacity:  # rows were added since the count: take them next refresh
                     break
                 ids[filled] = image_id
-                vectors[filled] = decode_features(image_id, blob)
+                vectors[filled] = decode_features(image_id, blob, model)
                 filled += 1
         return FeatureMatrix(ids=ids[:filled], vectors=vectors[:filled])
 
@@ -357,13 +357,24 @@ class StatsCache:
         self._first.set()  # a failed first count too: waiters raise its error
 
 
-def decode_features(image_id: int, blob: bytes) -> np.ndarray:
-    """2048 little-endian float32 values from a BLOB, refusing one of any other length."""
-    if len(blob) != FEATURE_BYTES:
+def decode_features(image_id: int, blob: bytes, model: str) -> np.ndarray:
+    """The model's dimension of little-endian float32 values from a BLOB, refusing one of any
+    other length (model: the stored model name)."""
+    expected = model_dim(model) * 4
+    if len(blob) != expected:
         raise CorruptFeaturesError(
-            f"stored features of image {image_id} have {len(blob)} bytes, expected {FEATURE_BYTES}"
+            f"stored features of image {image_id} have {len(blob)} bytes, expected {expected}"
         )
     return np.frombuffer(blob, dtype="<f4").astype(np.float32, copy=False)
+
+
+def model_dim(model: str) -> int:
+    """The vector length of a stored model name; CorruptFeaturesError for a name this
+    version does not know (its vectors cannot be read)."""
+    try:
+        return feature_dim_of(model)
+    except UnknownModelError as exc:
+        raise CorruptFeaturesError(str(exc)) from None
 
 
 def _image_exists(conn: Connection, image_id: int) -> bool:
@@ -410,3 +421,11 @@ def _neighbours_per_image(conn: Connection) -> int:
         select(func.max(image_neighbours.c.rank)).where(image_neighbours.c.image_id == first)
     ).scalar_one()
     return int(stored or 0)
+
+
+def has_text_tower(stored_model: str) -> bool:
+    """Whether the collection's model can embed words (search in words); unknown: no."""
+    try:
+        return parse_model_name(stored_model)[0].text_tower
+    except UnknownModelError:
+        return False

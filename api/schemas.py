@@ -64,6 +64,7 @@ class Neighbour(msgspec.Struct):
     distance: float
     verdicts: VerdictCounts = msgspec.field(default_factory=VerdictCounts)
     my_verdict: Verdict | None = None
+    my_note: str | None = None  # the note the caller gave with my_verdict
 
 
 class JudgementInput(msgspec.Struct, forbid_unknown_fields=True):
@@ -155,6 +156,7 @@ class Stats(msgspec.Struct):
     model: str | None
     weights: str | None
     last_completed_run: str | None  # ISO 8601, UTC as stored
+    text_search: bool | None = None  # the model has a text tower: GET /api/search?text= works
 
 
 class Health(msgspec.Struct, omit_defaults=True):

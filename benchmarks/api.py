@@ -88,7 +88,7 @@ def scratch_database(keep: str | None) -> Iterator[tuple[str, bool]]:
 def fill_database(url: str, images: int, k: int, folder: Path) -> None:
     """Synthetic rows through LOAD DATA LOCAL INFILE: names, features and k neighbours each."""
     from lookalike.sql.schema import RUN_COMPLETED, collection, image_neighbours, metadata, runs
-    from lookalike.tasks.catalog import MODEL_NAME
+    from lookalike.tasks.catalog import DEFAULT_MODEL_NAME as MODEL_NAME
     from lookalike.tasks.database import create_db_engine
     from lookalike.tasks.models import weights_identity
 

@@ -3,6 +3,13 @@
     .venv/bin/python benchmarks/extract.py                      # 128 JPEGs 1280x960, batch 64
     .venv/bin/python benchmarks/extract.py --workers 1          # other decoder thread count
     .venv/bin/python benchmarks/extract.py --weights imagenet   # where the weights can load
+    .venv/bin/python benchmarks/extract.py --model all --precision float32,bfloat16 --images 64
+
+--model and --precision take one name, a comma-separated list, or "all"; with more than one
+combination, each gets the alternating end-to-end and model-only rounds and one row of a
+table, and the detailed report of a single run (one per call, time split, reduced-scale
+decode) is left out. The ratio of the JSON line is then the lowest end-to-end / model-only
+ratio of the table.
 
 Three ways through the same photos and the same FeatureModel, on whatever device TensorFlow
 finds (CPU here; a GPU machine runs it unchanged):
@@ -44,8 +51,13 @@ from lookalike.tasks.extract import (  # noqa: E402
     plan_batches,
 )
 from lookalike.tasks.models import (  # noqa: E402
+    MODELS,
+    PRECISIONS,
     FeatureModel,
+    ModelSpec,
+    feature_model_name,
     load_feature_model,
+    model_spec,
     weights_identity,
 )
 from lookalike.tasks.settings import Settings  # noqa: E402
@@ -54,7 +66,9 @@ from lookalike.tasks.stage import feature_batch_path, write_feature_batch  # noq
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--weights", default="none", help="none | imagenet | FILE.h5")
+    parser.add_argument("--weights", default="none", help="none | imagenet | a file or preset")
+    parser.add_argument("--model", default="inception_v3", help=f"{', '.join(MODELS)} or all")
+    parser.add_argument("--precision", default="float32", help=f"{', '.join(PRECISIONS)} or all")
     parser.add_argument("--images", type=int, default=128, help="photos end to end")
     parser.add_argument("--batch-size", type=int, default=Settings().batch_size)
     parser.add_argument("--workers", type=int, default=0, help="decoder threads; 0: default")
@@ -94,10 +108,23 @@ def pending_images(paths: list[Path], tag: str) -> list[PendingImage]:
     ]
 
 
-def decode_all(paths: list[Path], reduced_scale: bool = False) -> tuple[np.ndarray, float]:
-    """Every photo decoded in this thread, and the seconds per image."""
+def choices(text: str, known: Any) -> list[str]:
+    """A comma-separated list of names (or "all") as a list, in the known order."""
+    names = list(known) if text == "all" else [name.strip() for name in text.split(",")]
+    unknown = [name for name in names if name not in known]
+    if unknown:
+        raise SystemExit(f"unknown {unknown}: choose from {', '.join(known)} or all")
+    return names
+
+
+def decode_all(
+    paths: list[Path], reduced_scale: bool = False, size: int = 299
+) -> tuple[np.ndarray, float]:
+    """Every photo decoded in this thread at the model's input size, and seconds per image."""
     started = time.perf_counter()
-    pixels = np.stack([decode_image(p, reduced_scale=reduced_scale).pixels for p in paths])
+    pixels = np.stack(
+        [decode_image(p, size=size, reduced_scale=reduced_scale).pixels for p in paths]
+    )
     return pixels, (time.perf_counter() - started) / len(paths)
 
 
@@ -122,11 +149,14 @@ def model_only(model: FeatureModel, pixels: np.ndarray) -> Stopwatch:
 
 
 def end_to_end(
-    paths: list[Path], args: argparse.Namespace, staging: Path, tag: str
+    paths: list[Path], args: argparse.Namespace, staging: Path, tag: str, model: FeatureModel
 ) -> tuple[Stopwatch, ExtractTimings]:
     """lookalike's extraction of the photos into a fresh staging folder."""
     batches = plan_batches(
-        pending_images(paths, tag), args.batch_size, weights_identity(args.weights)
+        pending_images(paths, tag),
+        args.batch_size,
+        weights_identity(args.weights, model.spec),
+        model=model.model_name,
     )
     timings = ExtractTimings()
     with Stopwatch() as watch:
@@ -142,13 +172,14 @@ def end_to_end(
     return watch, timings
 
 
-def one_per_call_seconds(paths: list[Path], weights: str) -> float:
+def one_per_call_seconds(paths: list[Path], weights: str, batched: FeatureModel) -> float:
     """Decode an image, run the model on it alone, next image: no batching, no overlap."""
-    model = load_feature_model(weights, 1)
-    model.embed(decode_image(paths[0]).pixels[None])  # compiled before timing, as for the others
+    model = load_feature_model(weights, 1, batched.spec, batched.precision)
+    size = model.spec.input_size
+    model.embed(decode_image(paths[0], size=size).pixels[None])  # compiled before timing
     started = time.perf_counter()
     for path in paths:
-        model.embed(decode_image(path).pixels[None])
+        model.embed(decode_image(path, size=size).pixels[None])
     return time.perf_counter() - started
 
 
@@ -158,7 +189,7 @@ def serial_split(paths: list[Path], model: FeatureModel, staging: Path) -> dict[
     blobs = [p.read_bytes() for p in paths]  # from the page cache: the photos were just written
     read = time.perf_counter() - started
     started = time.perf_counter()
-    decoded = [decode_image_bytes(blob) for blob in blobs]
+    decoded = [decode_image_bytes(blob, size=model.spec.input_size) for blob in blobs]
     decode = time.perf_counter() - started
     pixels = np.stack([d.pixels for d in decoded])
     started = time.perf_counter()
@@ -194,8 +225,9 @@ def reduced_scale_report(paths: list[Path], model: FeatureModel) -> dict[str, fl
     1 for any two photos; the centred cosine (the set's mean vector removed) and the same
     figure between different photos show how much of what tells photos apart survives.
     """
-    full, full_seconds = decode_all(paths)
-    reduced, reduced_seconds = decode_all(paths, reduced_scale=True)
+    size = model.spec.input_size
+    full, full_seconds = decode_all(paths, size=size)
+    reduced, reduced_seconds = decode_all(paths, reduced_scale=True, size=size)
     a, b = model.embed(full).astype(np.float64), model.embed(reduced).astype(np.float64)
     centre = a.mean(axis=0)
     cosine, centred = rowwise_cosine(a, b), rowwise_cosine(a - centre, b - centre)
@@ -232,33 +264,27 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     paths = write_photos(work / "photos", args.images, width, height, args.seed)
     megabytes = sum(p.stat().st_size for p in paths) / 1e6
     print(f"{args.images} JPEGs {width}x{height}, {megabytes:.1f} MB, in {work}")
-
-    model = load_feature_model(args.weights, args.batch_size)
+    combinations = [
+        (model_spec(key), precision)
+        for key in choices(args.model, MODELS)
+        for precision in choices(args.precision, PRECISIONS)
+    ]
+    if len(combinations) > 1:
+        return compare(args, work, paths, combinations, load_before)
+    spec, precision = combinations[0]
+    model = load_feature_model(args.weights, args.batch_size, spec, precision)
     workers = args.workers or default_decode_workers()
     device = "GPU" if model.on_gpu else "CPU"
-    print(f"{device}, {os.cpu_count()} cores, batch {args.batch_size}, {workers} decoder threads")
-    pixels, _ = decode_all(paths)
-    model.embed(pixels[: args.batch_size])  # trace and compile before anything is timed
-
-    best_model, best_e2e, best_timings = float("inf"), float("inf"), ExtractTimings()
-    model_cpu, e2e_cpu = float("inf"), float("inf")
-    for round_ in range(args.rounds):
-        alone = model_only(model, pixels)
-        whole, timings = end_to_end(paths, args, work / f"staging{round_}", f"r{round_}")
-        print(
-            f"round {round_ + 1}: model only {args.images / alone.wall:7.2f} images/s "
-            f"({alone.cpu:6.1f} CPU s), end to end {args.images / whole.wall:7.2f} images/s "
-            f"({whole.cpu:6.1f} CPU s), load average {os.getloadavg()[0]:.2f}",
-            flush=True,
-        )
-        best_model, model_cpu = min(best_model, alone.wall), min(model_cpu, alone.cpu)
-        e2e_cpu = min(e2e_cpu, whole.cpu)
-        if whole.wall < best_e2e:
-            best_e2e, best_timings = whole.wall, timings
-    del pixels
+    print(
+        f"{model.model_name} on {device}, {os.cpu_count()} cores, batch {args.batch_size}, "
+        f"{workers} decoder threads"
+    )
+    best = timed_rounds(args, work, paths, model)
+    best_e2e, best_timings = best["e2e"], best["timings"]
+    best_model, model_cpu, e2e_cpu = best["model"], best["model_cpu"], best["e2e_cpu"]
 
     old_paths = paths[: args.old_images]
-    old_s = one_per_call_seconds(old_paths, args.weights)
+    old_s = one_per_call_seconds(old_paths, args.weights, model)
     split = serial_split(paths[: args.batch_size], model, work / "split")
     reduced = reduced_scale_report(paths[: args.compare_images], model)
 
@@ -293,6 +319,7 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     return {
         "benchmark": "extract",
         "device": device,
+        "model": model.model_name,
         "weights": args.weights,
         "images": args.images,
         "image_size": f"{width}x{height}",
@@ -308,6 +335,79 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         "split_ms_per_image": split,
         "reduced_scale": reduced,
         "load_average": [round(load_before, 2), round(load_after, 2)],
+    }
+
+
+def timed_rounds(
+    args: argparse.Namespace, work: Path, paths: list[Path], model: FeatureModel
+) -> dict[str, Any]:
+    """Model only and end to end, alternating for args.rounds rounds; the best of each."""
+    pixels, _ = decode_all(paths, size=model.spec.input_size)
+    model.embed(pixels[: args.batch_size])  # trace and compile before anything is timed
+    best: dict[str, Any] = dict(
+        model=float("inf"), e2e=float("inf"), timings=ExtractTimings(),
+        model_cpu=float("inf"), e2e_cpu=float("inf"),
+    )  # fmt: skip
+    tag = model.model_name.replace(" ", "-")
+    for round_ in range(args.rounds):
+        alone = model_only(model, pixels)
+        staging = work / f"staging-{tag}-{round_}"
+        whole, timings = end_to_end(paths, args, staging, f"{tag}{round_}", model)
+        shutil.rmtree(staging, ignore_errors=True)
+        print(
+            f"round {round_ + 1}: model only {args.images / alone.wall:7.2f} images/s "
+            f"({alone.cpu:6.1f} CPU s), end to end {args.images / whole.wall:7.2f} images/s "
+            f"({whole.cpu:6.1f} CPU s), load average {os.getloadavg()[0]:.2f}",
+            flush=True,
+        )
+        best["model"] = min(best["model"], alone.wall)
+        best["model_cpu"] = min(best["model_cpu"], alone.cpu)
+        best["e2e_cpu"] = min(best["e2e_cpu"], whole.cpu)
+        if whole.wall < best["e2e"]:
+            best["e2e"], best["timings"] = whole.wall, timings
+    return best
+
+
+def compare(
+    args: argparse.Namespace,
+    work: Path,
+    paths: list[Path],
+    combinations: list[tuple[ModelSpec, str]],
+    load_before: float,
+) -> dict[str, Any]:
+    """End to end and model only for each model and precision, one table row each."""
+    rows = []
+    for spec, precision in combinations:
+        model = load_feature_model(args.weights, args.batch_size, spec, precision)
+        print(f"{model.model_name}:", flush=True)
+        best = timed_rounds(args, work, paths, model)
+        rows.append(
+            {
+                "model": feature_model_name(spec, precision),
+                "dim": spec.feature_dim,
+                "input": spec.input_size,
+                "end_to_end_images_per_s": round(args.images / best["e2e"], 2),
+                "model_only_images_per_s": round(args.images / best["model"], 2),
+                "ratio": round(best["model"] / best["e2e"], 3),
+            }
+        )
+        load_feature_model.cache_clear()  # one model in memory at a time
+    print(f"\n{'model':<28} {'dim':>5} {'input':>5} {'end to end':>11} {'model only':>11} ratio")
+    for row in rows:
+        print(
+            f"{row['model']:<28} {row['dim']:>5} {row['input']:>5} "
+            f"{row['end_to_end_images_per_s']:>11.2f} {row['model_only_images_per_s']:>11.2f} "
+            f"{row['ratio']:.3f}"
+        )
+    print(f"images/s; {args.weights} weights, batch {args.batch_size}, {os.cpu_count()} cores")
+    return {
+        "benchmark": "extract",
+        "weights": args.weights,
+        "images": args.images,
+        "batch_size": args.batch_size,
+        "ratio": min(row["ratio"] for row in rows),
+        "models": rows,
+        "load_average": [round(load_before, 2), round(os.getloadavg()[0], 2)],
     }
 
 

@@ -37,8 +37,8 @@ import sqlalchemy
 from sqlalchemy import Engine, insert
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from lookalike.sql.schema import FEATURE_DIM, STATUS_PENDING, image_names, metadata  # noqa: E402
-from lookalike.tasks.catalog import MODEL_NAME  # noqa: E402
+from lookalike.sql.schema import STATUS_PENDING, image_names, metadata  # noqa: E402
+from lookalike.tasks.catalog import DEFAULT_MODEL_NAME as MODEL_NAME  # noqa: E402
 from lookalike.tasks.database import create_db_engine  # noqa: E402
 from lookalike.tasks.load import (  # noqa: E402
     escape_field,
@@ -46,7 +46,10 @@ from lookalike.tasks.load import (  # noqa: E402
     load_feature_batches,
     load_neighbour_table,
 )
+from lookalike.tasks.models import INCEPTION_V3  # noqa: E402
 from lookalike.tasks.stage import read_table, write_feature_batch, write_neighbour_lists  # noqa: E402
+
+FEATURE_DIM = INCEPTION_V3.feature_dim  # the default model's
 
 DEFAULT_ADMIN_URL = os.environ.get(
     "LOOKALIKE_TEST_DATABASE_URL", "mysql+pymysql://root:@127.0.0.1:3306/test"

@@ -10,7 +10,10 @@ import logging
 import os
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict
+from pathlib import Path
 from typing import Any
 
 from rich.console import Console
@@ -27,15 +30,23 @@ from rich.progress import (
 from rich.text import Text
 
 from lookalike.flows.cli_accounts import add_account_commands
+from lookalike.flows.cli_search import RANDOM_WEIGHTS_NOTE, add_search_command
 from lookalike.tasks.errors import LookalikeError, first_line
+from lookalike.tasks.models import (
+    DEFAULT_MODEL,
+    MODELS,
+    PRECISIONS,
+    REDUCED_MODELS_VARIABLE,
+    parse_model_name,
+)
 from lookalike.tasks.progress import ProgressUpdate, watch_progress
 from lookalike.tasks.settings import TASK_RUNNERS, Settings
 
 log = logging.getLogger("lookalike")
 
-RANDOM_WEIGHTS_NOTE = (
-    "note: weights 'none' are a seeded random initialisation, not ImageNet: "
-    "similarities are not meaningful (for tests and demos without the weights)"
+REDUCED_MODEL_NOTE = (
+    f"note: {REDUCED_MODELS_VARIABLE} is set: the model is {{}}, a reduced test-only "
+    "configuration of the network, not the network itself"
 )
 
 
@@ -57,8 +68,20 @@ def build_parser() -> argparse.ArgumentParser:
     process.add_argument("root", metavar="ROOT", help="folder of images (searched recursively)")
     _add_db_options(process)
     process.add_argument(
+        "--model",
+        choices=list(MODELS),
+        help=f"the feature network (default {DEFAULT_MODEL}; env LOOKALIKE_MODEL)",
+    )
+    process.add_argument(
         "--weights",
-        help="imagenet (default), none (seeded random init) or a .h5 file (env LOOKALIKE_WEIGHTS)",
+        help="imagenet (default: the model's pretrained weights), none (seeded random init), "
+        "a .h5, .weights.h5 or .keras file, or a KerasHub preset folder (env LOOKALIKE_WEIGHTS)",
+    )
+    process.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        help="what the model computes in (default float16 on a GPU, else float32; "
+        "env LOOKALIKE_PRECISION)",
     )
     _add_k(process)
     process.add_argument(
@@ -69,7 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     process.add_argument(
         "--recompute",
         action="store_true",
-        help="allow other weights than the database's: re-extract everything",
+        help="allow another model, precision or weights than the database's: re-extract everything",
     )
     _add_runner_options(process)
     _add_lock_timeout(process)
@@ -136,6 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--port", type=int, help="port to listen on (default 5000; env LOOKALIKE_PORT)"
     )
     serve.set_defaults(func=command_serve)
+    add_search_command(add, _add_db_options)
     add_account_commands(add, _add_db_options)
     return parser
 
@@ -219,10 +243,15 @@ def _add_lock_timeout(parser: argparse.ArgumentParser) -> None:
 
 
 class RateColumn(ProgressColumn):
-    """Items per second, as measured by rich over the last half minute."""
+    """Items per second: while the stage runs, rich's estimate over the last half minute; once
+    it has ended, items over the stage's whole time, the rate the run's summary reports."""
 
     def render(self, task: Task) -> Text:
-        speed = task.finished_speed or task.speed
+        elapsed = task.elapsed
+        if task.finished and elapsed:
+            speed: float | None = task.completed / elapsed
+        else:
+            speed = task.speed
         return Text(f"{speed:.1f}/s" if speed else "-/s", style="progress.data.speed")
 
 
@@ -300,30 +329,100 @@ def quiet_prefect_console(verbose: bool) -> None:
 
 
 def run_process(args: argparse.Namespace) -> dict[str, Any]:
-    """Run the process-images flow with the command's options (None: the environment's)."""
+    """Bring the database up to date with the options given (None: the environment's).
+
+    Without a Prefect server configured, a folder that needs nothing is answered from the
+    database and the folder's stat, without starting Prefect's temporary API server
+    (flows.process.up_to_date_summary); anything to do, or a configured server, runs the
+    process-images flow. The summary's "prefect" says which: "not started", "ephemeral" or
+    "server".
+    """
     settings = Settings.from_env(  # bad settings fail here, before Prefect is imported
         batch_size=args.batch_size,
         k=args.k,
         weights=args.weights,
         database_url=args.database_url,
+        model=args.model,
+        precision=args.precision,
         **runner_options(args),
     )
-    from lookalike.flows.process import check_inputs, process_images
+    from lookalike.flows.process import plan_run, process_images, up_to_date_summary
     from lookalike.flows.runners import build_task_runner
 
-    check_inputs(args.root, settings, args.recompute)  # one clear line before Prefect starts
+    checked = time.perf_counter()
+    plan, check_bytes = plan_run(args.root, settings, args.recompute)  # one line, before Prefect
     build_task_runner(settings.task_runner, settings.dask_address)
+    api_url = prefect_api_url()
+    if api_url is None:
+        answer = up_to_date_summary(plan, started=checked, bytes_read=check_bytes)
+        if answer is not None:
+            return {**asdict(answer), "prefect": PREFECT_NOT_STARTED}
+    else:
+        check_prefect_server(api_url)
     tell_if_waiting(settings.resolved_database_url, settings.lock_timeout)
     with terminal_progress(enabled=not args.json):
-        return process_images(
+        summary = process_images(
             root=args.root,
             batch_size=args.batch_size,
             k=args.k,
             weights=args.weights,
             database_url=args.database_url,
             recompute=args.recompute,
+            model=args.model,
+            precision=args.precision,
             **runner_options(args),
         )
+    return {**summary, "prefect": PREFECT_EPHEMERAL if api_url is None else PREFECT_SERVER}
+
+
+PREFECT_NOT_STARTED = "not started"  # found up to date before Prefect was needed
+PREFECT_EPHEMERAL = "ephemeral"  # the flow ran on a temporary API server started for it
+PREFECT_SERVER = "server"  # the flow ran against the server PREFECT_API_URL names
+
+
+class PrefectServerError(LookalikeError):
+    """PREFECT_API_URL names a server that does not answer; one line with the two ways out."""
+
+
+def prefect_api_url() -> str | None:
+    """The configured Prefect API (PREFECT_API_URL, from the environment or the active
+    profile); None in ephemeral mode, where a run starts a temporary server of its own."""
+    from prefect.settings import get_current_settings
+
+    return get_current_settings().api.url or None
+
+
+def check_prefect_server(api_url: str) -> None:
+    """PrefectServerError, in one line with the ways out, unless the configured Prefect API
+    answers its health check."""
+    import httpx
+    from prefect.client.orchestration import get_client
+
+    try:
+        with get_client(sync_client=True) as client:  # entering asks the server's version
+            failure = client.api_healthcheck()
+    except Exception as exc:
+        failure = exc
+    if failure is None:
+        return
+    log.debug("Prefect API health check failed", exc_info=failure)
+    unreachable = isinstance(failure, httpx.TransportError) or (
+        isinstance(failure, RuntimeError) and str(failure).startswith("Failed to reach API")
+    )
+    if not unreachable:
+        raise PrefectServerError(
+            f"the Prefect server at {api_url} (PREFECT_API_URL) cannot be used: "
+            f"{first_line(failure)}"
+        )
+    unset = (
+        "unset PREFECT_API_URL in the environment"
+        if os.environ.get("PREFECT_API_URL")
+        else "run prefect config unset PREFECT_API_URL"
+    )
+    raise PrefectServerError(
+        f"no Prefect server answers at {api_url} (PREFECT_API_URL): start it with "
+        f"prefect server start, or {unset} to let each run start a temporary one"
+    )
 
 
 def runner_options(args: argparse.Namespace) -> dict[str, Any]:
@@ -342,6 +441,9 @@ def run_neighbours(args: argparse.Namespace) -> dict[str, Any]:
     from lookalike.flows.runners import build_task_runner
 
     build_task_runner(settings.task_runner, settings.dask_address)
+    api_url = prefect_api_url()
+    if api_url is not None:
+        check_prefect_server(api_url)
     tell_if_waiting(settings.resolved_database_url, settings.lock_timeout)
     return rebuild_neighbours(k=args.k, database_url=args.database_url, **runner_options(args))
 
@@ -359,8 +461,15 @@ def tell_if_waiting(database_url: str, timeout: float) -> None:
 
 def print_process_summary(summary: dict[str, Any]) -> None:
     """The human-readable end of a process run."""
-    print(f"processed {summary['root']} into {summary['database']}")
-    print(f"  weights: {summary['weights']}")
+    if summary["prefect"] == PREFECT_NOT_STARTED:
+        print(
+            f"up to date: {summary['found']:,} images, nothing to do "
+            "(checked without starting Prefect)"
+        )
+        print(f"  folder {summary['root']}, database {summary['database']}")
+    else:
+        print(f"processed {summary['root']} into {summary['database']}")
+    print(f"  model: {summary['model']}, weights: {summary['weights']}")
     print(
         "  found {found}, new {new}, changed {changed}, deleted {deleted}, "
         "extracted {extracted}, failed {failed}, cached batches {cached_batches}".format(**summary)
@@ -375,14 +484,33 @@ def print_process_summary(summary: dict[str, Any]) -> None:
         f"images ({summary['duplicate_mode']})"
     )
     print(f"  map: {summary['map_points']} points ({summary['map_mode']})")
-    print(
-        f"  time {summary['seconds']:.1f} s, extraction {summary['images_per_second']:.1f} images/s"
+    print(f"  {time_line(summary)}")
+
+
+def time_line(summary: dict[str, Any]) -> str:
+    """Wall time since the command started, what it includes, and extraction's rate if any."""
+    included = {
+        PREFECT_NOT_STARTED: "start-up included; the check",
+        PREFECT_EPHEMERAL: "start-up and Prefect's temporary API server included; the flow",
+        PREFECT_SERVER: "start-up included; the flow",
+    }[summary["prefect"]]
+    line = f"time {summary['wall_seconds']:.1f} s since the command started ({included} "
+    line += f"{summary['seconds']:.1f} s)"
+    if not summary["extracted"]:
+        return line + ", nothing extracted"
+    images = summary["extracted"]
+    return line + (
+        f", extraction {images} image{'' if images == 1 else 's'} in "
+        f"{summary['extract_seconds']:.1f} s (model start-up included): "
+        f"{summary['images_per_second']:.1f} images/s"
     )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the lookalike console script; the exit status."""
+    started = command_started(argv)
     args = build_parser().parse_args(argv)
+    args.started = started
     quiet_prefect_console(args.verbose)
     if args.data_dir:
         os.environ["LOOKALIKE_DATA_DIR"] = args.data_dir
@@ -400,13 +528,35 @@ def main(argv: Sequence[str] | None = None) -> int:
 def command_process(args: argparse.Namespace) -> int:
     """lookalike process: bring the database up to date with the folder, then print a summary."""
     summary = run_process(args)
+    summary["wall_seconds"] = round(time.perf_counter() - args.started, 3)
     if summary["weights"].startswith("none"):
         print(RANDOM_WEIGHTS_NOTE, file=sys.stderr)
+    if parse_model_name(summary["model"])[0].test_only:
+        print(REDUCED_MODEL_NOTE.format(summary["model"]), file=sys.stderr)
     if args.json:
         print(json.dumps(summary))
     else:
         print_process_summary(summary)
     return 0
+
+
+def command_started(argv: Sequence[str] | None) -> float:
+    """The command's start on the perf_counter clock: for the console script (argv None) the
+    process's own start, so that the interpreter's and the imports' time count too; for a
+    call of main(argv) from other code, the call."""
+    age = process_age() if argv is None else None
+    return time.perf_counter() - (age or 0.0)
+
+
+def process_age() -> float | None:
+    """Seconds since this process started, from /proc (Linux); None where that is unknown."""
+    try:
+        fields = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+        age = uptime - int(fields[19]) / os.sysconf("SC_CLK_TCK")  # field 22: start time
+    except (OSError, ValueError, IndexError):
+        return None
+    return age if age >= 0 else None
 
 
 def command_neighbours(args: argparse.Namespace) -> int:

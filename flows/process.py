@@ -20,14 +20,19 @@ from lookalike.tasks.catalog import (
     ChangeCounts,
     NoImagesError,
     check_collection,
+    collection_is_current,
+    count_by_status,
+    count_unfinished_runs,
     finish_run_task,
     list_failed,
+    list_pending,
     open_collection_task,
     sync_catalog_task,
+    unchanged_catalog,
 )
 from lookalike.tasks.database import connect_checked, engine_for, parse_database_url
 from lookalike.tasks.discover import any_image, check_root
-from lookalike.tasks.duplicates import DuplicateCounts, find_duplicates_task
+from lookalike.tasks.duplicates import DuplicateCounts, find_duplicates_task, unchanged_duplicates
 from lookalike.tasks.errors import first_line
 from lookalike.tasks.extract import (
     Batch,
@@ -36,10 +41,12 @@ from lookalike.tasks.extract import (
     plan_batches_task,
     shard_is_staged,
 )
+from lookalike.tasks.knn.plan import PassKind
 from lookalike.tasks.load import FeatureLoadCounts, load_features_task
-from lookalike.tasks.lock import confirm_run_lock, hold_run_lock
-from lookalike.tasks.map import MapCounts, layout_map_task
-from lookalike.tasks.models import weights_identity
+from lookalike.tasks.lock import RunLockError, confirm_run_lock, hold_run_lock
+from lookalike.tasks.map import MapCounts, layout_map_task, unchanged_map
+from lookalike.tasks.models import feature_identity
+from lookalike.tasks.neighbours import plan_neighbour_pass
 from lookalike.tasks.report import (
     ExtractionProgress,
     count_image_reads,
@@ -60,6 +67,7 @@ class RunSummary:
 
     root: str
     database: str
+    model: str  # the stored model name: network, and precision unless float32
     weights: str
     found: int
     new: int
@@ -71,7 +79,10 @@ class RunSummary:
     cached_batches: int
     decoded: int  # images handed to the decoder
     model_calls: int  # forward passes of the model
-    bytes_read: int  # bytes of image files opened for hashing or decoding
+    # Bytes of the files under the folder that the run opened for reading, each at its full
+    # size: image files hashed or decoded, and files without an image suffix (a CREDITS.txt)
+    # opened for their first 16 bytes to see whether they are images, which happens every run.
+    bytes_read: int
     tensorflow_imported: bool  # in the flow's process, by the end of the run
     neighbour_mode: str
     neighbour_rows: int
@@ -82,12 +93,12 @@ class RunSummary:
     duplicate_mode: str  # unchanged, incremental (from the changed images' lists) or full
     map_points: int  # images on the map
     map_mode: str  # unchanged, incremental (new images placed among neighbours) or full
-    seconds: float
-    extract_seconds: float
-    images_per_second: float
+    seconds: float  # the flow's own time (the up-to-date check's without Prefect), no start-up
+    extract_seconds: float  # the extraction stage, model start-up included; 0 when none ran
+    images_per_second: float  # extracted / extract_seconds; 0 when nothing was extracted
     lock_wait_seconds: float
     task_runner: str
-    flow_run_id: str
+    flow_run_id: str  # empty when no flow ran (the folder was found up to date without Prefect)
 
 
 @dataclass(frozen=True)
@@ -95,6 +106,7 @@ class RunPlan:
     """Everything a run works with, resolved and checked before the run lock is taken."""
 
     folder: str
+    model: str  # stored model name (tasks.models.feature_model_name)
     weights_id: str
     database_url: str
     staging: str
@@ -115,18 +127,19 @@ class Extraction:
     seconds: float
 
 
-def check_inputs(root: str, settings: Settings, recompute: bool = False) -> tuple[str, str]:
-    """Fail fast, in one line, on a bad folder, database or weights: (folder, weights id)."""
+def check_inputs(root: str, settings: Settings, recompute: bool = False) -> tuple[str, str, str]:
+    """Fail fast, in one line, on a bad folder, database, model, precision or weights:
+    (folder, stored model name, weights id)."""
     folder = check_root(Path(root))
     if not any_image(folder):
         raise NoImagesError(f"no image files found in {folder}")
-    weights_id = weights_identity(settings.weights)
+    model, weights_id = feature_identity(settings.model, settings.weights, settings.precision)
     engine = connect_checked(settings.resolved_database_url)
     try:
-        check_collection(engine, folder, weights_id, recompute=recompute)
+        check_collection(engine, folder, weights_id, recompute=recompute, model=model)
     finally:
         engine.dispose()
-    return str(folder), weights_id
+    return str(folder), model, weights_id
 
 
 @flow(name="process-images", task_runner=ThreadPoolTaskRunner(max_workers=1))  # type: ignore[arg-type]
@@ -141,6 +154,8 @@ def process_images(
     dask_address: str | None = None,
     lock_timeout: float | None = None,
     duplicate_threshold: float | None = None,
+    model: str | None = None,
+    precision: str | None = None,
 ) -> dict[str, Any]:
     """Bring the database up to date with the image folder, then the neighbour lists.
 
@@ -161,29 +176,97 @@ def process_images(
         dask_address=dask_address,
         lock_timeout=lock_timeout,
         duplicate_threshold=duplicate_threshold,
+        model=model,
+        precision=precision,
     )
     build_task_runner(settings.task_runner, settings.dask_address)  # fails before any work
+    plan, check_bytes = plan_run(root, settings, recompute)
+    logger.info("processing %s with weights %s", plan.folder, plan.weights_id)
+    with hold_run_lock(plan.database_url, settings.lock_timeout, on_wait=logger.warning) as waited:
+        summary = run_locked(plan, started, waited, check_bytes)
+    logger.info("run summary: %s", asdict(summary))
+    return asdict(summary)
+
+
+def plan_run(root: str, settings: Settings, recompute: bool = False) -> tuple[RunPlan, int]:
+    """check_inputs, then the run's plan; and the bytes of files under root the check opened."""
     with count_image_reads(root) as check_reads:
-        folder, weights_id = check_inputs(root, settings, recompute)
+        folder, model, weights_id = check_inputs(root, settings, recompute)
     plan = RunPlan(
         folder=folder,
+        model=model,
         weights_id=weights_id,
         database_url=settings.resolved_database_url,
         staging=str(settings.resolved_staging_dir.resolve()),
         settings=settings,
         recompute=recompute,
     )
-    logger.info("processing %s with weights %s", folder, weights_id)
-    with hold_run_lock(plan.database_url, settings.lock_timeout, on_wait=logger.warning) as waited:
-        summary = run_locked(plan, started, waited, check_reads.bytes)
-    logger.info("run summary: %s", asdict(summary))
-    return asdict(summary)
+    return plan, check_reads.bytes
+
+
+NOTHING_EXTRACTED = Extraction(
+    paths=[], extracted=0, cached_batches=0, decoded=0, model_calls=0, bytes_read=0, seconds=0.0
+)
+
+
+def up_to_date_summary(plan: RunPlan, *, started: float, bytes_read: int) -> RunSummary | None:
+    """The summary of a run that would change nothing, found without Prefect; None as soon as
+    any step of the flow would do something (then the flow runs, as it always did).
+
+    Nothing is written and no image is hashed: each step of update_database is asked what it
+    would decide, in its order, by the functions it decides with (tasks.catalog's
+    unchanged_catalog for the sync, the pending images, the neighbour pass plan, and the input
+    fingerprints of the duplicate groups and the map). The run lock is held while asking, but
+    not waited for: when another run holds it, that run is changing the database, and the flow
+    waits for it as before. No run is recorded, in Prefect or in the runs table: nothing
+    changed, so the API has nothing to reload either.
+    """
+    try:
+        with hold_run_lock(plan.database_url, timeout=0):
+            return unchanged_run(plan, started=started, bytes_read=bytes_read)
+    except RunLockError:
+        return None
+
+
+def unchanged_run(plan: RunPlan, *, started: float, bytes_read: int) -> RunSummary | None:
+    """up_to_date_summary's questions, asked while the run lock is held."""
+    engine = engine_for(plan.database_url)
+    settings = plan.settings
+    folder = Path(plan.folder)
+    # open-collection would bind other weights or mark runs that died as interrupted.
+    current = collection_is_current(engine, folder, plan.weights_id, plan.model)
+    if not current or count_unfinished_runs(engine):
+        return None
+    with count_image_reads(plan.folder) as sync_reads:
+        counts = unchanged_catalog(engine, folder)
+    if counts is None or list_pending(engine):
+        return None
+    if plan_neighbour_pass(engine, settings.k) is not PassKind.UNCHANGED:
+        return None
+    listed = count_by_status(engine)  # what refresh_neighbours reports for current lists
+    neighbours = NeighbourRefresh(PassKind.UNCHANGED, listed["ok"], listed["neighbours"], tasks=0)
+    duplicates = unchanged_duplicates(engine, settings.duplicate_threshold)
+    layout = unchanged_map(engine)
+    if duplicates is None or layout is None:
+        return None
+    return build_summary(
+        plan,
+        counts,
+        NOTHING_EXTRACTED,
+        FeatureLoadCounts(ok=0, failed=0),
+        neighbours,
+        duplicates,
+        layout,
+        started=started,
+        lock_wait=0.0,
+        bytes_read=bytes_read + sync_reads.bytes,
+    )
 
 
 def run_locked(plan: RunPlan, started: float, lock_wait: float, bytes_read: int) -> RunSummary:
     """The run proper, recorded in the runs table, while this run holds the run lock."""
     db = plan.database_url
-    run_id = open_collection_task(db, plan.folder, plan.weights_id, plan.recompute)
+    run_id = open_collection_task(db, plan.folder, plan.weights_id, plan.recompute, plan.model)
     try:
         summary = update_database(plan, started, lock_wait, bytes_read)
     except BaseException as exc:
@@ -202,7 +285,7 @@ def update_database(plan: RunPlan, started: float, lock_wait: float, bytes_read:
     with count_image_reads(plan.folder) as sync_reads:
         counts = sync_catalog_task(db, plan.folder)
     batches = plan_batches_task(
-        db, settings.batch_size, plan.weights_id, settings.reduced_scale_decode
+        db, settings.batch_size, plan.weights_id, settings.reduced_scale_decode, plan.model
     )
     # Started on first use: an unchanged re-run starts no Dask client or cluster.
     with TaskRunnerSession(settings.task_runner, settings.dask_address) as session:
@@ -255,6 +338,7 @@ def build_summary(
     return RunSummary(
         root=plan.folder,
         database=parse_database_url(plan.database_url).render_as_string(hide_password=True),
+        model=plan.model,
         weights=plan.weights_id,
         found=counts.found,
         new=counts.new,

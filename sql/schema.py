@@ -23,7 +23,6 @@ from sqlalchemy import (
 from sqlalchemy.dialects import mysql
 from sqlalchemy.schema import CreateIndex, CreateTable
 
-FEATURE_DIM = 2048
 # image_names.status
 STATUS_OK = "ok"
 STATUS_FAILED = "failed"
@@ -100,7 +99,8 @@ image_features = Table(
         autoincrement=False,
     ),
     Column("model", String(64), nullable=False),
-    Column("features", LargeBinary, nullable=False),  # little-endian float32 x 2048
+    # Little-endian float32 x the collection's model's dimension (2048 for InceptionV3).
+    Column("features", LargeBinary, nullable=False),
     # Content key of the staged Arrow batch holding the same vector, read memory-mapped by kNN.
     Column("staged_batch", String(40)),
     **_MARIADB,

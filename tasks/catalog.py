@@ -29,14 +29,23 @@ from lookalike.sql.schema import (
     runs,
 )
 from lookalike.tasks.database import DATABASE_RETRIES, engine_for, utcnow
-from lookalike.tasks.discover import Changes, HashedFile, KnownImage, find_changes
+from lookalike.tasks.decode import IMAGE_SUFFIXES
+from lookalike.tasks.discover import (
+    Changes,
+    HashedFile,
+    KnownImage,
+    find_changes,
+    unstorable_reason,
+    walk_files,
+)
 from lookalike.tasks.errors import LookalikeError
-from lookalike.tasks.models import INCEPTION_V3
+from lookalike.tasks.models import INCEPTION_V3, feature_dim_of
 
 log = logging.getLogger(__name__)
 
-# The name the collection row stores for its network (the one model of this version).
-MODEL_NAME = INCEPTION_V3.name
+# The model the collection row of a database made before --model names (tasks.models
+# feature_model_name of InceptionV3 in float32); callers that name no model mean it.
+DEFAULT_MODEL_NAME = INCEPTION_V3.name
 CHUNK = 5000  # ids per IN (...) list, well under every driver's parameter limit
 
 
@@ -70,9 +79,15 @@ class ChangeCounts:
 
 
 def check_collection(
-    engine: Engine, root: Path, weights_id: str, *, recompute: bool = False
+    engine: Engine,
+    root: Path,
+    weights_id: str,
+    *,
+    recompute: bool = False,
+    model: str = DEFAULT_MODEL_NAME,
 ) -> Row[Any] | None:
-    """The collection row, after refusing another folder or, unless recompute, other weights."""
+    """The collection row, after refusing another folder or, unless recompute, another model
+    (a stored model name: network and precision) or other weights."""
     with engine.connect() as conn:
         row = conn.execute(select(collection).where(collection.c.id == 1)).first()
         # Weights that never produced a feature (a first run that could not fetch them)
@@ -85,35 +100,41 @@ def check_collection(
             f"this database holds the collection of {row.root}, not {root}; "
             "use another database (--db) for another folder"
         )
-    if (row.model, row.weights) != (MODEL_NAME, weights_id) and has_features and not recompute:
+    if (row.model, row.weights) != (model, weights_id) and has_features and not recompute:
         raise CollectionMismatchError(
             f"this database's features come from {row.model} with weights {row.weights!r}, "
-            f"this run would use {weights_id!r}; pass --recompute "
+            f"this run would use {model} with {weights_id!r}; pass --recompute "
             "(flow parameter: -p recompute=true) to re-extract everything"
         )
     return row
 
 
 def open_collection(
-    engine: Engine, root: Path, weights_id: str, *, recompute: bool = False
+    engine: Engine,
+    root: Path,
+    weights_id: str,
+    *,
+    recompute: bool = False,
+    model: str = DEFAULT_MODEL_NAME,
 ) -> bool:
-    """Bind the database to root and weights; True when a forced recompute reset the features."""
-    row = check_collection(engine, root, weights_id, recompute=recompute)
+    """Bind the database to root, model and weights; True when another model or other
+    weights reset the features."""
+    row = check_collection(engine, root, weights_id, recompute=recompute, model=model)
     with engine.begin() as conn:
         if row is None:
             conn.execute(
                 insert(collection).values(
-                    id=1, root=str(root), model=MODEL_NAME, weights=weights_id, created_at=utcnow()
+                    id=1, root=str(root), model=model, weights=weights_id, created_at=utcnow()
                 )
             )
             return False
-        if (row.model, row.weights) == (MODEL_NAME, weights_id):
+        if (row.model, row.weights) == (model, weights_id):
             return False
-        _reset_features(conn, weights_id)
+        _reset_features(conn, model, weights_id)
         return True
 
 
-def _reset_features(conn: Connection, weights_id: str) -> None:
+def _reset_features(conn: Connection, model: str, weights_id: str) -> None:
     """Forget every feature and neighbour so the next extraction starts over."""
     conn.execute(delete(image_neighbours))
     conn.execute(delete(image_features))
@@ -123,7 +144,7 @@ def _reset_features(conn: Connection, weights_id: str) -> None:
         )
     )
     conn.execute(
-        update(collection).where(collection.c.id == 1).values(model=MODEL_NAME, weights=weights_id)
+        update(collection).where(collection.c.id == 1).values(model=model, weights=weights_id)
     )
 
 
@@ -132,6 +153,17 @@ def read_collection(engine: Engine) -> dict[str, Any] | None:
     with engine.connect() as conn:
         row = conn.execute(select(collection).where(collection.c.id == 1)).first()
     return dict(row._mapping) if row else None
+
+
+def collection_model(engine: Engine) -> str:
+    """The stored name of the collection's model (the default one before any run bound it)."""
+    row = read_collection(engine)
+    return str(row["model"]) if row else DEFAULT_MODEL_NAME
+
+
+def stored_feature_dim(engine: Engine) -> int:
+    """The length of the collection's stored vectors: its model's dimension."""
+    return feature_dim_of(collection_model(engine))
 
 
 def read_known(engine: Engine) -> dict[str, KnownImage]:
@@ -377,15 +409,21 @@ def mark_indexed(engine: Engine, image_ids: Sequence[int]) -> None:
     **DATABASE_RETRIES,
     cache_policy=NO_CACHE,
 )
-def open_collection_task(database_url: str, root: str, weights_id: str, recompute: bool) -> int:
-    """Bind the database to the folder and weights, and record a new run; the run's id."""
+def open_collection_task(
+    database_url: str,
+    root: str,
+    weights_id: str,
+    recompute: bool,
+    model: str = DEFAULT_MODEL_NAME,
+) -> int:
+    """Bind the database to the folder, model and weights, and record a new run; its id."""
     engine = engine_for(database_url)
     interrupted = close_interrupted_runs(engine)  # the flow holds the run lock here
     if interrupted:
         get_run_logger().warning("%d earlier run(s) never finished: now interrupted", interrupted)
-    if open_collection(engine, Path(root), weights_id, recompute=recompute):
+    if open_collection(engine, Path(root), weights_id, recompute=recompute, model=model):
         get_run_logger().warning(
-            "weights changed to %s: every image is extracted again", weights_id
+            "model or weights changed to %s, %s: every image is extracted again", model, weights_id
         )
     run_id = start_run(engine, weights_id)
     get_run_logger().info("run %d on the collection of %s, weights %s", run_id, root, weights_id)
@@ -447,3 +485,70 @@ def fingerprint_ok_images(
     for image_id, content_hash in rows:
         digest.update(f"{image_id}:{content_hash};".encode())
     return rows, basis, digest.hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------
+# Read-only questions for `lookalike process`'s up-to-date check (flows/process.py), asked
+# under the run lock before Prefect starts: each is True (or counts) only where the flow's own
+# step would write nothing.
+
+
+def collection_is_current(
+    engine: Engine, root: Path, weights_id: str, model: str = DEFAULT_MODEL_NAME
+) -> bool:
+    """True when the collection row already binds root, this model and these weights, so that
+    open_collection would change nothing (check_collection has refused another root)."""
+    row = read_collection(engine)
+    return row is not None and (row["root"], row["model"], row["weights"]) == (
+        str(root),
+        model,
+        weights_id,
+    )
+
+
+def count_unfinished_runs(engine: Engine) -> int:
+    """Runs still recorded as running: a run holding the lock would mark them interrupted."""
+    with engine.connect() as conn:
+        count = conn.execute(
+            select(func.count()).select_from(runs).where(runs.c.status == RUN_RUNNING)
+        ).scalar()
+    return int(count or 0)
+
+
+def unchanged_catalog(engine: Engine, root: Path) -> ChangeCounts | None:
+    """The counts sync_catalog_task would report for a folder it would write nothing for (no
+    file new, changed, re-stat'ed, deleted or unreadable); None when the folder changed.
+
+    The decision is find_changes's, the one the sync makes. Before it, a walk that opens no
+    file returns None at the first sure sign of a change (see _surely_changed), so that the
+    flow, which then runs, is the only one to read and hash the files that changed.
+    """
+    known = read_known(engine)
+    if not known or _surely_changed(root, known):
+        return None
+    changes = find_changes(root, known)
+    if changes.found == 0 or any(
+        (changes.new, changes.changed, changes.touched, changes.deleted_ids, changes.unreadable)
+    ):
+        return None
+    return ChangeCounts(
+        found=changes.found, new=0, changed=0, deleted=0, unchanged=changes.unchanged, unreadable=0
+    )
+
+
+def _surely_changed(root: Path, known: dict[str, KnownImage]) -> bool:
+    """True as soon as find_changes would surely hash a file or delete a row: a known file with
+    another size or mtime, a new file with an image suffix and a name the database can hold,
+    or a known file gone. Opens no file; other new files (is it an image?) are left to it."""
+    seen = 0
+    for found in walk_files(root):
+        previous = known.get(found.file_name)
+        if previous is None:
+            suffix = Path(found.file_name).suffix.lower()
+            if suffix in IMAGE_SUFFIXES and unstorable_reason(found.file_name) is None:
+                return True
+            continue
+        if (previous.size, previous.mtime_ns) != (found.size, found.mtime_ns):
+            return True
+        seen += 1
+    return seen != len(known)

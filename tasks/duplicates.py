@@ -146,9 +146,10 @@ def find_duplicates(engine: Engine, threshold: float) -> DuplicateCounts:
     the lists of the changed images when few changed, else one scan of every list."""
     with engine.connect() as conn:
         inputs = read_inputs(conn, threshold)
+        unchanged = counts_if_unchanged(conn, inputs)
+        if unchanged is not None:
+            return unchanged
         state = conn.execute(select(duplicate_state)).first()
-        if state is not None and state.fingerprint == inputs.fingerprint:
-            return _stored_counts(conn, MODE_UNCHANGED)
         change = read_change(conn, inputs) if _can_update(state, inputs) else None
         if change is not None and state is not None:
             scale, histogram = float(state.scale), str(state.histogram)
@@ -173,6 +174,22 @@ def find_duplicates(engine: Engine, threshold: float) -> DuplicateCounts:
         write_groups(conn, groups, pairs, stored)
         write_inputs(conn, inputs, change)
         return _stored_counts(conn, MODE_FULL if change is None else MODE_INCREMENTAL)
+
+
+def unchanged_duplicates(engine: Engine, threshold: float) -> DuplicateCounts | None:
+    """What find_duplicates would answer without writing anything; None when it has work."""
+    with engine.connect() as conn:
+        return counts_if_unchanged(conn, read_inputs(conn, threshold))
+
+
+def counts_if_unchanged(conn: Connection, inputs: DuplicateInputs) -> DuplicateCounts | None:
+    """The stored groups' counts when their inputs' fingerprint is the stored one, else None:
+    the one test of "nothing to redo", for find_duplicates and for `lookalike process`'s
+    up-to-date check."""
+    state = conn.execute(select(duplicate_state.c.fingerprint)).first()
+    if state is None or state.fingerprint != inputs.fingerprint:
+        return None
+    return _stored_counts(conn, MODE_UNCHANGED)
 
 
 def _can_update(state: Any, inputs: DuplicateInputs) -> bool:

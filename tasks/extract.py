@@ -23,7 +23,7 @@ from prefect import get_run_logger, task
 from prefect.assets import materialize
 from prefect.cache_policies import NO_CACHE, CachePolicy
 
-from lookalike.tasks.catalog import MODEL_NAME, PendingImage, list_pending
+from lookalike.tasks.catalog import DEFAULT_MODEL_NAME, PendingImage, list_pending
 from lookalike.tasks.database import DATABASE_RETRIES, engine_for
 from lookalike.tasks.decode import (
     INPUT_SIZE,
@@ -32,7 +32,7 @@ from lookalike.tasks.decode import (
     ImageDecodeError,
     decode_image,
 )
-from lookalike.tasks.models import FeatureModel, load_feature_model
+from lookalike.tasks.models import FeatureModel, load_feature_model, parse_model_name
 from lookalike.tasks.progress import advance_progress
 from lookalike.tasks.report import (
     count_image_reads,
@@ -60,14 +60,24 @@ class Batch:
     key: str
     images: tuple[PendingImage, ...]
     reduced_scale: bool = False  # decode big JPEGs at 1/2, 1/4 or 1/8 scale (part of the key)
+    model: str = DEFAULT_MODEL_NAME  # stored model name: network and precision (in the key)
 
 
 def batch_key(
-    images: Sequence[PendingImage], weights_id: str, *, reduced_scale: bool = False
+    images: Sequence[PendingImage],
+    weights_id: str,
+    *,
+    reduced_scale: bool = False,
+    model: str = DEFAULT_MODEL_NAME,
 ) -> str:
-    """Content address of a batch: model, weights, preprocessing and every image's hash."""
+    """Content address of a batch: model, weights, preprocessing and every image's hash.
+
+    The model is its stored name, which names the precision unless it is float32
+    (tasks.models.feature_model_name): float32 keys stay those of earlier versions.
+    """
     digest = hashlib.blake2b(digest_size=20)
-    parts = [MODEL_NAME, weights_id, PREPROCESS_VERSION, str(INPUT_SIZE)]
+    input_size = parse_model_name(model)[0].input_size
+    parts = [model, weights_id, PREPROCESS_VERSION, str(input_size)]
     if reduced_scale:  # only when on, so that keys of full decodes stay as they were
         parts.append(REDUCED_SCALE_TAG)
     for part in parts:
@@ -83,11 +93,17 @@ def plan_batches(
     weights_id: str,
     *,
     reduced_scale: bool = False,
+    model: str = DEFAULT_MODEL_NAME,
 ) -> list[Batch]:
     """Cut the pending images (sorted by file name) into batches of batch_size."""
     chunks = [tuple(pending[i : i + batch_size]) for i in range(0, len(pending), batch_size)]
     return [
-        Batch(batch_key(chunk, weights_id, reduced_scale=reduced_scale), chunk, reduced_scale)
+        Batch(
+            batch_key(chunk, weights_id, reduced_scale=reduced_scale, model=model),
+            chunk,
+            reduced_scale,
+            model,
+        )
         for chunk in chunks
     ]
 
@@ -232,11 +248,13 @@ def extract_batches(
 ) -> list[Path]:
     """Stage every batch not staged yet; TensorFlow is imported only when there is work.
 
-    Batches planned with reduced_scale decode their big JPEGs at reduced scale.
+    Batches planned with reduced_scale decode their big JPEGs at reduced scale. The batches
+    of one call share their model (network and precision), which they name.
     """
     todo = [b for b in batches if not feature_batch_path(staging_dir, b.key).exists()]
     if todo:
-        model = load_feature_model(weights, batch_size)
+        spec, precision = parse_model_name(todo[0].model)
+        model = load_feature_model(weights, batch_size, spec, precision)
         for batch, decoded in decoded_batches(
             todo,
             root,
@@ -275,11 +293,17 @@ class StagedShardPolicy(CachePolicy):
     cache_policy=NO_CACHE,
 )
 def plan_batches_task(
-    database_url: str, batch_size: int, weights_id: str, reduced_scale: bool = False
+    database_url: str,
+    batch_size: int,
+    weights_id: str,
+    reduced_scale: bool = False,
+    model: str = DEFAULT_MODEL_NAME,
 ) -> list[Batch]:
     """Cut the pending images into content-addressed batches (reduced_scale: big JPEGs faster)."""
     pending = list_pending(engine_for(database_url))
-    batches = plan_batches(pending, batch_size, weights_id, reduced_scale=reduced_scale)
+    batches = plan_batches(
+        pending, batch_size, weights_id, reduced_scale=reduced_scale, model=model
+    )
     get_run_logger().info(
         "%d pending images in %d batches of up to %d%s",
         len(pending),
@@ -349,7 +373,12 @@ def extract_shard_task(
         bytes_read=reads.bytes,
         seconds=round(time.perf_counter() - started, 3),
     )
-    record_staging_asset(sum(len(b.images) for b in batches), len(batches), weights)
+    record_staging_asset(
+        sum(len(b.images) for b in batches),
+        len(batches),
+        weights,
+        batches[0].model if batches else DEFAULT_MODEL_NAME,
+    )
     get_run_logger().info(
         "staged %d of %d batches: %d images decoded, %d model calls, %d image bytes read, %.1f s",
         len(todo),

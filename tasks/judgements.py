@@ -43,6 +43,7 @@ class PairVerdicts:
 
     counts: dict[str, int] = field(default_factory=lambda: dict.fromkeys(VERDICTS, 0))
     mine: str | None = None
+    my_note: str | None = None
 
 
 @dataclass(frozen=True)
@@ -141,20 +142,24 @@ def pair_verdicts(
     wanted = set(other_ids)
     rows = conn.execute(
         select(
-            judgements.c.image_id, judgements.c.other_id, judgements.c.user_id, judgements.c.verdict
+            judgements.c.image_id,
+            judgements.c.other_id,
+            judgements.c.user_id,
+            judgements.c.verdict,
+            judgements.c.note,
         )
         .where(judgements.c.verdict.is_not(None))
         .where(or_(judgements.c.image_id == image_id, judgements.c.other_id == image_id))
     ).all()
     found: dict[int, PairVerdicts] = {}
-    for low, high, judge, verdict in rows:
+    for low, high, judge, verdict, note in rows:
         other = high if low == image_id else low
         if other not in wanted:
             continue
         pair = found.setdefault(other, PairVerdicts())
         pair.counts[verdict] += 1
         if judge == user_id:
-            pair.mine = verdict
+            pair.mine, pair.my_note = verdict, note
     return found
 
 

@@ -32,7 +32,6 @@ from sqlalchemy import (
 )
 
 from lookalike.sql.schema import (
-    FEATURE_DIM,
     STATUS_FAILED,
     STATUS_OK,
     STATUS_PENDING,
@@ -40,7 +39,7 @@ from lookalike.sql.schema import (
     image_names,
     image_neighbours,
 )
-from lookalike.tasks.catalog import MODEL_NAME, mark_indexed
+from lookalike.tasks.catalog import collection_model, mark_indexed, stored_feature_dim
 from lookalike.tasks.database import (
     DATABASE_RETRIES,
     create_db_engine,
@@ -93,11 +92,12 @@ def load_feature_batches(
     """
     rows = find_staged_rows(paths, _pending_ids(engine))
     chunks = [rows[i : i + FEATURE_CHUNK_ROWS] for i in range(0, len(rows), FEATURE_CHUNK_ROWS)]
+    model = collection_model(engine)  # what the batches were keyed and extracted with
     if is_mariadb(engine):
-        _load_chunks_mariadb(engine, chunks, paths, scratch_dir)
+        _load_chunks_mariadb(engine, chunks, paths, scratch_dir, model)
     else:
         for chunk in chunks:
-            _load_chunk_sqlite(engine, chunk, paths)
+            _load_chunk_sqlite(engine, chunk, paths, model)
     failed = sum(1 for row in rows if row.error is not None)
     return FeatureLoadCounts(len(rows) - failed, failed)
 
@@ -137,14 +137,16 @@ def find_staged_rows(paths: Sequence[Path], pending: dict[str, list[int]]) -> li
 
 
 def gather_features(rows: Sequence[StagedRow], paths: Sequence[Path]) -> np.ndarray:
-    """The (len(rows), 2048) little-endian float32 vectors of these rows, read memory-mapped."""
-    out = np.empty((len(rows), FEATURE_DIM), dtype="<f4")
+    """The (len(rows), dim) little-endian float32 vectors of these rows, read memory-mapped;
+    dim is the staged batches' (their model's)."""
     by_batch: dict[int, list[int]] = defaultdict(list)
     for position, row in enumerate(rows):
         by_batch[row.batch].append(position)
+    matrices = {batch: feature_matrix(read_table(paths[batch])) for batch in by_batch}
+    dim = next(iter(matrices.values())).shape[1] if matrices else 0
+    out = np.empty((len(rows), dim), dtype="<f4")
     for batch, positions in by_batch.items():
-        matrix = feature_matrix(read_table(paths[batch]))
-        out[positions] = matrix[[rows[p].row for p in positions]]
+        out[positions] = matrices[batch][[rows[p].row for p in positions]]
     return out
 
 
@@ -170,7 +172,9 @@ _STATUS_UPDATE = (
 )
 
 
-def _load_chunk_sqlite(engine: Engine, chunk: Sequence[StagedRow], paths: Sequence[Path]) -> None:
+def _load_chunk_sqlite(
+    engine: Engine, chunk: Sequence[StagedRow], paths: Sequence[Path], model: str
+) -> None:
     """executemany UPDATE and INSERT: in-process, so a statement per row costs no round trip."""
     ok = [row for row in chunk if row.error is None]
     features = gather_features(ok, paths)
@@ -178,7 +182,7 @@ def _load_chunk_sqlite(engine: Engine, chunk: Sequence[StagedRow], paths: Sequen
     vectors = [
         dict(
             image_id=row.image_id,
-            model=MODEL_NAME,
+            model=model,
             staged_batch=paths[row.batch].stem,
             features=vector.tobytes(),
         )
@@ -209,6 +213,7 @@ def _load_chunks_mariadb(
     chunks: Sequence[Sequence[StagedRow]],
     paths: Sequence[Path],
     scratch_dir: Path | None,
+    model: str,
 ) -> None:
     """Each chunk through LOAD DATA LOCAL on a dedicated loader engine, one transaction each.
 
@@ -227,7 +232,9 @@ def _load_chunks_mariadb(
     try:
         with ThreadPoolExecutor(max_workers=LOAD_CONNECTIONS, thread_name_prefix="load") as pool:
             futures = [
-                pool.submit(_write_and_load_chunk, loader, chunk, paths, folder / str(number))
+                pool.submit(
+                    _write_and_load_chunk, loader, chunk, paths, folder / str(number), model
+                )
                 for number, chunk in enumerate(chunks)
             ]
             try:
@@ -243,13 +250,13 @@ def _load_chunks_mariadb(
 
 
 def _write_and_load_chunk(
-    loader: Engine, chunk: Sequence[StagedRow], paths: Sequence[Path], prefix: Path
+    loader: Engine, chunk: Sequence[StagedRow], paths: Sequence[Path], prefix: Path, model: str
 ) -> None:
     """Write one chunk's files, load them in one transaction, remove them."""
     files = write_chunk_files(chunk, paths, prefix)
     try:
         with loader.begin() as conn:
-            _load_chunk_files(conn, files)
+            _load_chunk_files(conn, files, model)
     finally:
         files.statuses.unlink()
         files.features.unlink()
@@ -284,7 +291,7 @@ def escape_field(raw: bytes) -> bytes:
     return raw.replace(b"\\", b"\\\\").replace(b"\t", b"\\t").replace(b"\n", b"\\n")
 
 
-def _load_chunk_files(conn: Connection, files: ChunkFiles) -> None:
+def _load_chunk_files(conn: Connection, files: ChunkFiles, model: str) -> None:
     """Statuses through a temporary table and one UPDATE ... JOIN, then the vectors.
 
     executemany of an UPDATE would cost a round trip per image. The temporary table is
@@ -317,7 +324,7 @@ def _load_chunk_files(conn: Connection, files: ChunkFiles) -> None:
         "image_features",
         "CHARACTER SET binary (image_id, staged_batch, features) SET model = :model",
         files.vectors,
-        {"model": MODEL_NAME},
+        {"model": model},
     )
 
 
@@ -523,20 +530,27 @@ def _bulk_load_fresh_table(conn: Connection, path: Path, expected_rows: int) -> 
 
 
 def read_feature_rows(engine: Engine) -> tuple[np.ndarray, np.ndarray]:
-    """(ids, features) of every ok image from the database, ordered by id."""
+    """(ids, features) of every ok image from the database, ordered by id; LoadError when a
+    stored vector is not of the collection's model's length."""
     query = (
         select(image_features.c.image_id, image_features.c.features)
         .join(image_names, image_names.c.id == image_features.c.image_id)
         .where(image_names.c.status == STATUS_OK)
         .order_by(image_features.c.image_id)
     )
+    dim = stored_feature_dim(engine)
     ids: list[int] = []
     blobs: list[bytes] = []
     with engine.connect() as conn:
         for row in conn.execute(query):
+            if len(row.features) != dim * 4:
+                raise LoadError(
+                    f"stored features of image {row.image_id} have {len(row.features)} bytes, "
+                    f"the collection's model gives {dim * 4}"
+                )
             ids.append(row.image_id)
             blobs.append(row.features)
-    matrix = np.frombuffer(b"".join(blobs), dtype="<f4").reshape(len(ids), -1)
+    matrix = np.frombuffer(b"".join(blobs), dtype="<f4").reshape(len(ids), dim)
     return np.asarray(ids, dtype=np.int64), matrix.astype(np.float32, copy=False)
 
 

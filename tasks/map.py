@@ -96,13 +96,27 @@ def read_graph(conn: Connection, ids: np.ndarray) -> NeighbourGraph:
     return NeighbourGraph.from_ids(ids, neighbour_ids, distances)
 
 
+def unchanged_map(engine: Engine) -> MapCounts | None:
+    """What layout_map (without refit) would answer without writing; None when it has work."""
+    with engine.connect() as conn:
+        return counts_if_unchanged(conn.execute(select(map_state)).first(), read_map_inputs(conn))
+
+
+def counts_if_unchanged(state: Any, inputs: MapInputs) -> MapCounts | None:
+    """The map's counts when its inputs' fingerprint is the stored one, else None: the one
+    test of "nothing to redo", for layout_map and for `lookalike process`'s up-to-date check."""
+    if state is None or state.fingerprint != inputs.fingerprint:
+        return None
+    return MapCounts(len(inputs.hashes), 0, MODE_UNCHANGED)
+
+
 def layout_map(engine: Engine, refit: bool = False) -> MapCounts:
     """Bring the map up to date (see the module's docstring for what is done when)."""
     with engine.connect() as conn:
         inputs = read_map_inputs(conn)
         state = conn.execute(select(map_state)).first()
-        if state is not None and state.fingerprint == inputs.fingerprint and not refit:
-            return MapCounts(len(inputs.hashes), 0, MODE_UNCHANGED)
+        if not refit and (unchanged := counts_if_unchanged(state, inputs)) is not None:
+            return unchanged
         stored = read_stored(conn) if state is not None and state.basis == inputs.basis else {}
         ids = np.fromiter(inputs.hashes, dtype=np.int64, count=len(inputs.hashes))
         graph = read_graph(conn, ids)

@@ -12,7 +12,6 @@ import pyarrow as pa
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from lookalike.sql.schema import FEATURE_DIM
 from lookalike.tasks.catalog import stale_neighbour_ids
 from lookalike.tasks.database import DATABASE_RETRIES, engine_for
 from lookalike.tasks.knn import NeighbourLists, knn_row_block, list_length, merge_row_blocks
@@ -25,9 +24,10 @@ from lookalike.tasks.stage import (
     write_table_atomically,
 )
 
-KNN_FEATURES_SCHEMA = pa.schema(
-    [("image_id", pa.int64()), ("features", pa.list_(pa.float32(), FEATURE_DIM))]
-)
+
+def knn_features_schema(dim: int) -> pa.Schema:
+    """The staged feature matrix of a fanned-out pass: ids and vectors of dim values."""
+    return pa.schema([("image_id", pa.int64()), ("features", pa.list_(pa.float32(), dim))])
 
 
 @dataclass(frozen=True)
@@ -57,11 +57,12 @@ def row_blocks(images: int, blocks: int) -> list[tuple[int, int]]:
 
 
 def write_knn_features(path: Path, ids: np.ndarray, features: np.ndarray) -> Path:
-    """Stage ids and features as one memory-mappable Arrow file."""
+    """Stage ids and features (n, the model's dim) as one memory-mappable Arrow file."""
+    dim = features.shape[1]
     flat = pa.array(np.ascontiguousarray(features, dtype="<f4").reshape(-1), type=pa.float32())
     table = pa.Table.from_arrays(
-        [pa.array(ids.astype(np.int64)), pa.FixedSizeListArray.from_arrays(flat, FEATURE_DIM)],
-        schema=KNN_FEATURES_SCHEMA,
+        [pa.array(ids.astype(np.int64)), pa.FixedSizeListArray.from_arrays(flat, dim)],
+        schema=knn_features_schema(dim),
     )
     return write_table_atomically(table, path)
 

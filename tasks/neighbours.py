@@ -14,13 +14,12 @@ from prefect.cache_policies import NO_CACHE
 from sqlalchemy import Engine, distinct, func, select
 
 from lookalike.sql.schema import (
-    FEATURE_DIM,
     STATUS_OK,
     image_features,
     image_names,
     image_neighbours,
 )
-from lookalike.tasks.catalog import stale_neighbour_ids
+from lookalike.tasks.catalog import stale_neighbour_ids, stored_feature_dim
 from lookalike.tasks.database import DATABASE_RETRIES, engine_for
 from lookalike.tasks.knn import NeighbourLists, knn_all, knn_update, list_length
 from lookalike.tasks.knn.plan import ListState, PassKind, choose_pass
@@ -92,7 +91,7 @@ def read_features(engine: Engine, staging_dir: Path) -> tuple[np.ndarray, np.nda
     if None in by_batch or not all(path.exists() for path in paths.values()):
         log.info("staging incomplete; reading features from the database")
         return read_feature_rows(engine)
-    matrix = np.empty((len(rows), FEATURE_DIM), dtype=np.float32)
+    matrix = np.empty((len(rows), stored_feature_dim(engine)), dtype=np.float32)
     for key, positions in by_batch.items():
         table = read_table(paths[str(key)])
         # By content hash alone, as the loader matched them (tasks.load.find_staged_rows).

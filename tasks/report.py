@@ -24,7 +24,7 @@ from prefect.context import AssetContext
 from sqlalchemy import func, select
 
 from lookalike.sql.schema import image_features, image_names, image_neighbours
-from lookalike.tasks.catalog import MODEL_NAME, read_collection
+from lookalike.tasks.catalog import DEFAULT_MODEL_NAME, read_collection
 from lookalike.tasks.database import engine_for, parse_database_url
 from lookalike.tasks.progress import ProgressUpdate, StageProgress
 
@@ -251,14 +251,14 @@ def staging_asset(staging_dir: str) -> Asset:
         key=asset_key("file", os.path.realpath(staging_dir), "features"),
         properties=AssetProperties(
             name="staged features",
-            description="InceptionV3 features per content-addressed batch, Arrow IPC files",
+            description="feature vectors per content-addressed batch, Arrow IPC files",
         ),
     )
 
 
 TABLE_DESCRIPTIONS = {
     "image_names": "one row per image file: path, content hash, status, error",
-    "image_features": "2048 float32 InceptionV3 features per indexed image",
+    "image_features": "one float32 feature vector of the collection's model per indexed image",
     "image_neighbours": "the k nearest neighbours of every indexed image",
 }
 
@@ -272,7 +272,10 @@ def record_table_assets(database_url: str, **extra: Any) -> dict[str, int]:
             for name, table in TABLES.items()
         }
     collection = read_collection(engine) or {}
-    metadata = {"model": collection.get("model", MODEL_NAME), "weights": collection.get("weights")}
+    metadata = {
+        "model": collection.get("model", DEFAULT_MODEL_NAME),
+        "weights": collection.get("weights"),
+    }
     for asset in _materializing_assets():
         table = asset.key.rsplit("/", 1)[-1]
         if table in rows:
@@ -280,13 +283,15 @@ def record_table_assets(database_url: str, **extra: Any) -> dict[str, int]:
     return rows
 
 
-def record_staging_asset(images: int, batches: int, weights_id: str) -> None:
+def record_staging_asset(
+    images: int, batches: int, weights_id: str, model: str = DEFAULT_MODEL_NAME
+) -> None:
     """Metadata of the staged-features asset the running task materializes."""
     for asset in _materializing_assets():
         if asset.key.startswith("file://"):
             add_asset_metadata(
                 asset,
-                {"images": images, "batches": batches, "model": MODEL_NAME, "weights": weights_id},
+                {"images": images, "batches": batches, "model": model, "weights": weights_id},
             )
 
 

@@ -11,6 +11,7 @@ from pydantic import ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from lookalike.tasks.errors import LookalikeError
+from lookalike.tasks.models import DEFAULT_MODEL, MODELS, PRECISIONS
 
 ENV_PREFIX = "LOOKALIKE_"
 TASK_RUNNERS = ("local", "dask")
@@ -48,7 +49,12 @@ class Settings(BaseSettings):
     data_dir: Path = Path("data")
     database_url: str = ""  # empty: SQLite file in data_dir
     staging_dir: Path | None = None  # None: data_dir / "staging"
-    weights: str = "imagenet"  # imagenet | none | path to a .h5 file
+    weights: str = "imagenet"  # imagenet | none | a weights file | a KerasHub preset folder
+    model: str = DEFAULT_MODEL  # the feature network, a key of tasks.models.MODELS
+    precision: str = ""  # float32 | bfloat16 | float16; empty: float16 on a GPU, else float32
+    # CLIP's tokenizer for weights that bring none (none, a weights file): a preset folder or
+    # a folder with vocabulary.json and merges.txt (tasks.models.load_text_encoder).
+    tokenizer: str = ""
     batch_size: int = 64
     k: int = 100
     decode_workers: int = 0  # 0: one per core
@@ -136,6 +142,12 @@ class Settings(BaseSettings):
         if self.decode_workers < 0:
             raise SettingsError(f"decode workers must be 0 or more, got {self.decode_workers}")
         check_task_runner(self.task_runner, self.dask_address)
+        if self.model not in MODELS:
+            raise SettingsError(f"model must be one of {', '.join(MODELS)}, not {self.model!r}")
+        if self.precision not in ("", *PRECISIONS):
+            raise SettingsError(
+                f"precision must be one of {', '.join(PRECISIONS)}, not {self.precision!r}"
+            )
         check_duplicate_threshold(self.duplicate_threshold)
         if min(self.search_slots, self.search_queue, self.render_queue) < 0:
             raise SettingsError("search slots, search queue and render queue must be 0 or more")

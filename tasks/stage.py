@@ -11,19 +11,22 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from lookalike.sql.schema import FEATURE_DIM
 from lookalike.tasks.errors import LookalikeError
 
-FEATURES_SCHEMA = pa.schema(
-    [
-        ("file_name", pa.string()),
-        ("content_hash", pa.string()),
-        ("width", pa.int32()),
-        ("height", pa.int32()),
-        ("error", pa.string()),  # null when the image decoded and has features
-        ("features", pa.list_(pa.float32(), FEATURE_DIM)),
-    ]
-)
+
+def features_schema(dim: int) -> pa.Schema:
+    """The schema of a staged feature batch whose vectors have dim values (the model's)."""
+    return pa.schema(
+        [
+            ("file_name", pa.string()),
+            ("content_hash", pa.string()),
+            ("width", pa.int32()),
+            ("height", pa.int32()),
+            ("error", pa.string()),  # null when the image decoded and has features
+            ("features", pa.list_(pa.float32(), dim)),
+        ]
+    )
+
 
 NEIGHBOURS_SCHEMA = pa.schema(
     [
@@ -69,12 +72,14 @@ def write_feature_batch(
     errors: Sequence[str | None],
     features: np.ndarray,
 ) -> Path:
-    """Stage one extracted batch; features has one row per image (zeros where it failed)."""
-    if features.shape != (len(file_names), FEATURE_DIM):
+    """Stage one extracted batch; features has one row per image (zeros where it failed), of
+    the model's length."""
+    if features.ndim != 2 or features.shape[0] != len(file_names) or features.shape[1] < 1:
         raise ValueError(f"features shape {features.shape} does not match {len(file_names)} images")
+    dim = features.shape[1]
     flat = pa.array(np.ascontiguousarray(features, dtype="<f4").reshape(-1), type=pa.float32())
     mask = pa.array([err is not None for err in errors], type=pa.bool_())
-    vectors = pa.FixedSizeListArray.from_arrays(flat, FEATURE_DIM, mask=mask)
+    vectors = pa.FixedSizeListArray.from_arrays(flat, dim, mask=mask)
     table = pa.Table.from_arrays(
         [
             pa.array(file_names, pa.string()),
@@ -84,7 +89,7 @@ def write_feature_batch(
             pa.array(errors, pa.string()),
             vectors,
         ],
-        schema=FEATURES_SCHEMA,
+        schema=features_schema(dim),
     )
     return write_table_atomically(table, path)
 
@@ -96,12 +101,14 @@ def read_table(path: Path) -> pa.Table:
 
 
 def feature_matrix(table: pa.Table) -> np.ndarray:
-    """The (n, 2048) float32 matrix of a feature table, a zero-copy view where possible."""
+    """The (n, dim) float32 matrix of a feature table, a zero-copy view where possible; dim is
+    the list size its schema records."""
     chunks = table.column("features")
+    dim = chunks.type.list_size
     # combine_chunks() copies even a single chunk; a lone chunk can be viewed in place.
     column = chunks.chunk(0) if chunks.num_chunks == 1 else chunks.combine_chunks()
-    values = column.values.slice(column.offset * FEATURE_DIM, len(column) * FEATURE_DIM)
-    return values.to_numpy(zero_copy_only=False).reshape(len(column), FEATURE_DIM)
+    values = column.values.slice(column.offset * dim, len(column) * dim)
+    return values.to_numpy(zero_copy_only=False).reshape(len(column), dim)
 
 
 def write_neighbour_lists(

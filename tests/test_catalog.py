@@ -12,7 +12,6 @@ import pytest
 from sqlalchemy import Engine, func, insert, select, update
 
 from lookalike.sql.schema import (
-    FEATURE_DIM,
     RUN_COMPLETED,
     RUN_FAILED,
     RUN_INTERRUPTED,
@@ -24,7 +23,9 @@ from lookalike.sql.schema import (
     runs,
 )
 from lookalike.tasks.catalog import (
-    MODEL_NAME,
+    DEFAULT_MODEL_NAME as MODEL_NAME,
+)
+from lookalike.tasks.catalog import (
     ChangeCounts,
     CollectionMismatchError,
     PendingImage,
@@ -43,6 +44,7 @@ from lookalike.tasks.catalog import (
 )
 from lookalike.tasks.database import connect_checked
 from lookalike.tasks.discover import Changes, HashedFile, find_changes
+from lookalike.tasks.models import INCEPTION_V3
 
 WEIGHTS = "imagenet-test"
 ODD_NAME = 'o\'brien; DROP TABLE x; "ü" 名前.jpg'
@@ -68,7 +70,7 @@ def add_images(engine: Engine, *file_names: str) -> dict[str, int]:
 
 def mark_ok(engine: Engine, ids: dict[str, int], *, indexed: bool = False) -> None:
     """What a feature load does: ok status, a size and a vector per image."""
-    vector = np.ones(FEATURE_DIM, np.float32).tobytes()
+    vector = np.ones(INCEPTION_V3.feature_dim, np.float32).tobytes()
     with engine.begin() as conn:
         conn.execute(
             update(image_names)

@@ -66,6 +66,7 @@ OPERATIONS = (
     ("GET", "/data/image_name_and_neighbours/{image_id}"),
     ("GET", "/data/image_fingerprint/{image_id}"),
     ("POST", "/api/search"),
+    ("GET", "/api/search"),
     ("GET", "/api/stats"),
     ("GET", "/health"),
     ("GET", "/api/duplicates"),

@@ -87,6 +87,10 @@ def test_set_change_and_clear_a_verdict_counts_each_users_one_mark(archive: Arch
     image, (first, *_) = archive.indexed_image()
     answer = archive.judge("ann", image, first, "same_object", note="  same pot, other side ")
     assert answer.status_code == 200, answer.text
+    (shown,) = [n for n in archive.neighbours(image, "ann") if n["id"] == first]
+    assert shown["my_note"] == "same pot, other side"
+    (anonymous,) = [n for n in archive.neighbours(image) if n["id"] == first]
+    assert anonymous["my_note"] is None
     body = answer.json()
     assert (body["user"], body["verdict"], body["note"]) == (
         "ann",

@@ -12,7 +12,7 @@ import pytest
 from sqlalchemy import Engine, insert, select, text
 from sqlalchemy.exc import DBAPIError
 
-from lookalike.sql.schema import FEATURE_DIM, STATUS_PENDING, image_names
+from lookalike.sql.schema import STATUS_PENDING, image_names
 from lookalike.tasks import load
 from lookalike.tasks.database import connect_checked, create_db_engine, is_mariadb
 from lookalike.tasks.load import (
@@ -22,6 +22,7 @@ from lookalike.tasks.load import (
     scratch_file,
     write_neighbour_table,
 )
+from lookalike.tasks.models import INCEPTION_V3
 from lookalike.tasks.stage import NEIGHBOURS_SCHEMA, write_feature_batch
 
 
@@ -50,6 +51,9 @@ def add_pending(engine: Engine, names: list[str]) -> list[int]:
         rows = conn.execute(select(image_names.c.id, image_names.c.file_name)).all()
     ids = {r.file_name: r.id for r in rows}
     return [ids[name] for name in names]
+
+
+FEATURE_DIM = INCEPTION_V3.feature_dim  # the default model's, which the test collection has
 
 
 def every_byte_features(count: int, seed: int) -> np.ndarray:

@@ -10,7 +10,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lookalike.sql.schema import FEATURE_DIM
 from lookalike.tasks.decode import INPUT_SIZE, decode_image
 from lookalike.tasks.models import (
     INCEPTION_V3,
@@ -39,7 +38,7 @@ def run_python(code: str, *args: str) -> subprocess.CompletedProcess[str]:
 def test_importing_the_model_module_loads_neither_prefect_nor_tensorflow() -> None:
     result = run_python(
         "import sys, json, lookalike.tasks.models\n"
-        "print(json.dumps(sorted(m for m in ('prefect', 'tensorflow', 'keras',"
+        "print(json.dumps(sorted(m for m in ('prefect', 'tensorflow', 'keras', 'keras_hub',"
         " 'lookalike.tasks.extract', 'lookalike.tasks.catalog') if m in sys.modules)))"
     )
     assert result.returncode == 0, result.stderr
@@ -47,11 +46,11 @@ def test_importing_the_model_module_loads_neither_prefect_nor_tensorflow() -> No
 
 
 def test_the_inception_entry_matches_decoding_storage_and_the_catalog() -> None:
-    from lookalike.tasks.catalog import MODEL_NAME  # the name the collection row stores
+    from lookalike.tasks.catalog import DEFAULT_MODEL_NAME  # what the collection row stores
 
-    assert INCEPTION_V3.name == MODEL_NAME == "InceptionV3"
+    assert INCEPTION_V3.name == DEFAULT_MODEL_NAME == "InceptionV3"
     assert INCEPTION_V3.input_size == INPUT_SIZE == 299
-    assert INCEPTION_V3.feature_dim == FEATURE_DIM == 2048
+    assert INCEPTION_V3.feature_dim == 2048
 
 
 def test_weights_identity_names_each_kind(tmp_path: Path) -> None:
@@ -61,7 +60,7 @@ def test_weights_identity_names_each_kind(tmp_path: Path) -> None:
         weights_identity(str(tmp_path / "missing.h5"))
     other = tmp_path / "weights.bin"
     other.write_bytes(b"x")
-    with pytest.raises(WeightsError, match=".h5"):
+    with pytest.raises(WeightsError, match=r"\.h5, \.weights\.h5 or \.keras"):
         weights_identity(str(other))
     h5 = tmp_path / "mine.weights.h5"
     h5.write_bytes(b"first")
@@ -83,7 +82,8 @@ def test_bad_weights_fail_before_tensorflow_loads(tmp_path: Path) -> None:
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.splitlines() == [
-        f"weights must be 'imagenet', 'none' or an .h5 file; not found: {tmp_path}/missing.h5",
+        "weights must be 'imagenet', 'none', a Keras weights file (.h5, .weights.h5, .keras) "
+        f"or a KerasHub preset folder; not found: {tmp_path}/missing.h5",
         "False",
     ]
 

@@ -9,7 +9,6 @@ import pytest
 from sqlalchemy import insert
 
 from lookalike.sql.schema import (
-    FEATURE_DIM,
     STATUS_OK,
     image_features,
     image_names,
@@ -18,10 +17,11 @@ from lookalike.sql.schema import (
 from lookalike.tasks.database import connect_checked, engine_for
 from lookalike.tasks.knn import knn_all
 from lookalike.tasks.knn.plan import PassKind
+from lookalike.tasks.models import INCEPTION_V3
 from lookalike.tasks.neighbour_blocks import (
-    KNN_FEATURES_SCHEMA,
     RowBlockInput,
     compute_row_block,
+    knn_features_schema,
     merge_blocks,
     read_row_block,
     row_blocks,
@@ -29,6 +29,8 @@ from lookalike.tasks.neighbour_blocks import (
     write_knn_features,
 )
 from lookalike.tasks.stage import feature_matrix, read_table
+
+FEATURE_DIM = INCEPTION_V3.feature_dim  # the default model's, stored in the collection
 
 K = 5
 
@@ -65,7 +67,7 @@ def test_staged_knn_features_read_back_exactly(tmp_path: Path) -> None:
     assert path == tmp_path / "blocks" / "features.arrow"
     assert [p.name for p in path.parent.iterdir()] == ["features.arrow"]  # no temp file left
     table = read_table(path)
-    assert table.schema == KNN_FEATURES_SCHEMA and table.num_rows == 5
+    assert table.schema == knn_features_schema(FEATURE_DIM) and table.num_rows == 5
     np.testing.assert_array_equal(table.column("image_id").to_numpy(), [3, 8, 9, 40, 41])
     assert feature_matrix(table).dtype == np.float32
     np.testing.assert_array_equal(feature_matrix(table), features)

@@ -205,20 +205,20 @@ def test_a_collection_without_features_answers_empty_without_the_model(tmp_path:
     assert search.current_snapshot().model is None  # "imagenet" was never downloaded
 
 
-def test_a_collection_of_another_model_is_refused(tmp_path: Path) -> None:
+def test_a_collection_of_an_unknown_model_is_refused(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'other.sqlite'}"
     engine = sqlalchemy.create_engine(url)
     metadata.create_all(engine)
     with engine.begin() as conn:
         conn.execute(
             collection.insert().values(
-                id=1, root=str(tmp_path), model="ResNet50", weights="imagenet",
+                id=1, root=str(tmp_path), model="VGG16", weights="imagenet",
                 created_at=FINISHED,
             )
         )  # fmt: skip
     engine.dispose()
     photo = write_photos(tmp_path / "upload", 1)[0].read_bytes()
-    with pytest.raises(ServiceUnavailableError, match="indexed with model 'ResNet50'"):
+    with pytest.raises(ServiceUnavailableError, match="indexed with model 'VGG16', which"):
         searcher(url).search(photo, 5)
 
 

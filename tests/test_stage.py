@@ -8,18 +8,20 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from lookalike.sql.schema import FEATURE_DIM
+from lookalike.tasks.models import INCEPTION_V3
 from lookalike.tasks.stage import (
-    FEATURES_SCHEMA,
     NEIGHBOURS_SCHEMA,
     StagingError,
     feature_batch_path,
     feature_matrix,
+    features_schema,
     read_table,
     write_feature_batch,
     write_neighbour_lists,
     write_table_atomically,
 )
+
+FEATURE_DIM = INCEPTION_V3.feature_dim  # any model's length would do
 
 NAMES = ["a.jpg", "sub/ü b.png", "broken.jpg", "z.gif"]
 HASHES = ["0" * 32, "1" * 32, "2" * 32, "3" * 32]
@@ -46,7 +48,7 @@ def test_feature_batch_round_trip(tmp_path: Path) -> None:
 
     table = read_table(path)
 
-    assert table.schema == FEATURES_SCHEMA
+    assert table.schema == features_schema(FEATURE_DIM)
     assert table.num_rows == 4
     assert table.column("file_name").to_pylist() == NAMES
     assert table.column("content_hash").to_pylist() == HASHES
@@ -92,7 +94,7 @@ def test_staged_file_is_an_uncompressed_memory_mappable_arrow_file(tmp_path: Pat
     allocated = pa.total_allocated_bytes()
     with pa.memory_map(str(path), "r") as source:
         reader = pa.ipc.open_file(source)
-        assert reader.schema == FEATURES_SCHEMA
+        assert reader.schema == features_schema(FEATURE_DIM)
         assert reader.num_record_batches == 1
         table = reader.read_all()
         # Uncompressed buffers are used in place: reading copies nothing into Arrow's pool.
@@ -131,7 +133,7 @@ def test_feature_matrix_of_several_batches(tmp_path: Path) -> None:
     assert np.array_equal(feature_matrix(both).view(np.uint32), expected.view(np.uint32))
 
 
-@pytest.mark.parametrize("shape", [(4, FEATURE_DIM - 1), (3, FEATURE_DIM), (5, FEATURE_DIM), (4,)])
+@pytest.mark.parametrize("shape", [(4, 0), (3, FEATURE_DIM), (5, FEATURE_DIM), (4,)])
 def test_feature_shape_mismatch_raises_value_error(tmp_path: Path, shape: tuple[int, ...]) -> None:
     with pytest.raises(ValueError, match="does not match 4 images"):
         write_feature_batch(
@@ -223,3 +225,12 @@ def test_distances_of_other_shape_than_neighbour_ids_raise_value_error(tmp_path:
             np.zeros((3, 2), np.float32),
         )
     assert not (tmp_path / "n.arrow").exists()
+
+
+@pytest.mark.parametrize("dim", [384, 512, 24])
+def test_a_batch_keeps_the_length_of_its_model(tmp_path: Path, dim: int) -> None:
+    features = np.random.default_rng(dim).standard_normal((len(NAMES), dim)).astype(np.float32)
+    path = write_feature_batch(tmp_path / "b.arrow", NAMES, HASHES, SIZES, ERRORS, features)
+    table = read_table(path)
+    assert table.schema == features_schema(dim)
+    assert np.array_equal(feature_matrix(table), features)

@@ -97,7 +97,7 @@ class ImageController(Controller):
 
     @get("/{image_id:int}/features", sync_to_thread=True)
     def get_features(self, repository: ImageRepository, image_id: ImageId) -> Features:
-        """The 2048 float32 features of the image."""
+        """The float32 features of the image (as many as its model gives: 2048 for InceptionV3)."""
         model, vector = repository.get_features(image_id)
         return Features(id=image_id, model=model, features=vector.tolist())
 
@@ -153,14 +153,14 @@ class ImageController(Controller):
 
     @get("/{image_id:int}/fingerprint.svg", sync_to_thread=True, **RENDER_LIMITED)
     def get_fingerprint_svg(self, repository: ImageRepository, image_id: ImageId) -> Response[str]:
-        """The features as a 46x46 plasma heatmap, SVG."""
+        """The features as a square plasma heatmap (46x46 for 2048 values), SVG."""
         return fingerprint_svg_response(repository, image_id)
 
     @get("/{image_id:int}/fingerprint.png", sync_to_thread=True, **RENDER_LIMITED)
     def get_fingerprint_png(
         self, repository: ImageRepository, image_id: ImageId
     ) -> Response[bytes]:
-        """The features as a 46x46 plasma heatmap, PNG."""
+        """The features as a square plasma heatmap (46x46 for 2048 values), PNG."""
         _, vector = repository.get_features(image_id)
         return Response(render_png(vector), media_type="image/png")
 

@@ -207,6 +207,7 @@ function judgementControls(item, neighbour, imageId) {
   note.maxLength = 500;
   note.placeholder = "Note (optional)";
   note.setAttribute("aria-label", "Note with your verdict (optional)");
+  note.value = neighbour.my_note || ""; // the caller's own note, as saved
   const mine = () => item.dataset.myVerdict || null;
   for (const [verdict, label] of VERDICTS) {
     const toggle = document.createElement("button");
@@ -361,6 +362,38 @@ async function searchByPath(event) {
   }
 }
 
+function renderTextQuery(text) {
+  $("current").hidden = false;
+  $("current-image").removeAttribute("src");
+  $("current-image").alt = "";
+  $("current-link").removeAttribute("href");
+  $("current-name").textContent = `Your words: \u201c${text}\u201d`;
+  $("current-meta").textContent = "";
+  $("fingerprint-figure").hidden = true;
+  document.title = "Search in words \u2013 lookalike";
+}
+
+// Ranked by the model's text tower against every stored image, as an upload is.
+async function searchByText(event) {
+  event.preventDefault();
+  const text = $("text-query").value.trim();
+  if (!text) return;
+  const signal = newPageRequest();
+  showMessage("Searching\u2026");
+  try {
+    const query = new URLSearchParams({ text, k: String(NEIGHBOURS) });
+    const neighbours = await fetchJson(`/api/search?${query}`, { signal });
+    current = null;
+    renderTextQuery(text);
+    history.pushState({ text }, "", window.location.pathname);
+    const title = `The ${neighbours.length} images nearest to your words`;
+    renderNeighbours(neighbours, title, `Your words ${text}`, null);
+    showMessage("");
+  } catch (error) {
+    if (!signal.aborted) showMessage(`Search in words: ${error.message}`);
+  }
+}
+
 async function searchByUpload() {
   const file = $("upload").files[0];
   if (!file) return;
@@ -392,6 +425,7 @@ async function loadStats() {
     // The CLI says the same after a run: random features make every similarity arbitrary.
     const random = Boolean(stats.weights && stats.weights.startsWith("none"));
     $("random-weights").hidden = !random;
+    $("text-search").hidden = !stats.text_search;
   } catch (error) {
     $("stats").textContent = `Statistics unavailable: ${error.message}`;
   }
@@ -556,6 +590,7 @@ async function start() {
   $("random").addEventListener("click", showRandomImage);
   $("path-search").addEventListener("submit", searchByPath);
   $("upload").addEventListener("change", searchByUpload);
+  $("text-search").addEventListener("submit", searchByText);
   $("sign-in-toggle").addEventListener("click", () => showSignIn($("sign-in").hidden));
   $("sign-in-cancel").addEventListener("click", () => {
     showSignIn(false);
