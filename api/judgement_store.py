@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
+from dataclasses import asdict
+from typing import Any, TypeVar
 
 import msgspec
 from sqlalchemy import Engine
@@ -16,6 +18,7 @@ from lookalike.tasks.judgements import PairVerdicts, hidden_by_verdict
 # While the judgement table is empty, neighbour answers skip it; another API process's first
 # judgement shows here within this many seconds (this process's own at once).
 RECHECK_EMPTY_S = 2.0
+T = TypeVar("T")
 
 
 class JudgementStore:
@@ -77,41 +80,25 @@ class JudgementStore:
         with self.reader.connect() as conn:
             total = judgements.count_judgements(conn, user, verdict)
             rows = judgements.list_judgements(conn, offset, limit, user, verdict)
-        items = [
-            Judgement(
-                image_id=row.image_id,
-                neighbour_id=row.neighbour_id,
-                user=row.user,
-                verdict=row.verdict,  # type: ignore[arg-type]
-                note=row.note,
-                updated_at=row.updated_at.isoformat(),
-            )
-            for row in rows
-        ]
+        items = [as_answer(row, Judgement, "updated_at") for row in rows]
         return JudgementPage(total=total, offset=offset, limit=limit, items=items)
 
     def audit(self, offset: int, limit: int) -> tuple[int, list[AuditEntry]]:
         with self.reader.connect() as conn:
             total, rows = judgements.list_audit(conn, offset, limit)
-        entries = [
-            AuditEntry(
-                id=row.id,
-                image_id=row.image_id,
-                neighbour_id=row.neighbour_id,
-                user=row.user,
-                old_verdict=row.old_verdict,  # type: ignore[arg-type]
-                new_verdict=row.new_verdict,  # type: ignore[arg-type]
-                note=row.note,
-                changed_at=row.changed_at.isoformat(),
-                address=row.address,
-            )
-            for row in rows
-        ]
+        entries = [as_answer(row, AuditEntry, "changed_at") for row in rows]
         return total, entries
 
     def same_object_partners(self, image_ids: Sequence[int]) -> set[int]:
         with self.reader.connect() as conn:
             return judgements.same_object_partners(conn, image_ids)
+
+
+def as_answer(row: Any, answer: type[T], time_field: str) -> T:
+    """A tasks.judgements row as its API struct (same field names), its time in ISO 8601."""
+    fields = asdict(row)
+    fields[time_field] = fields[time_field].isoformat()
+    return msgspec.convert(fields, answer)
 
 
 def with_verdicts(
