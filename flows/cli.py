@@ -30,7 +30,9 @@ from rich.progress import (
 from rich.text import Text
 
 from lookalike.flows.cli_accounts import add_account_commands
+from lookalike.flows.cli_prefect import check_prefect_server, prefect_api_url, tell_if_waiting
 from lookalike.flows.cli_search import RANDOM_WEIGHTS_NOTE, add_search_command
+from lookalike.flows.cli_sources import add_source_commands
 from lookalike.tasks.errors import LookalikeError, first_line
 from lookalike.tasks.models import (
     DEFAULT_MODEL,
@@ -66,38 +68,27 @@ def build_parser() -> argparse.ArgumentParser:
         "lookalike process ~/photos --weights none    # try it without downloading weights",
     )
     process.add_argument("root", metavar="ROOT", help="folder of images (searched recursively)")
-    _add_db_options(process)
     process.add_argument(
-        "--model",
-        choices=list(MODELS),
-        help=f"the feature network (default {DEFAULT_MODEL}; env LOOKALIKE_MODEL)",
+        "--source",
+        metavar="NAME",
+        help="the name of the folder's source (default: the name it has in the database, "
+        "else the folder's own name)",
     )
-    process.add_argument(
-        "--weights",
-        help="imagenet (default: the model's pretrained weights), none (seeded random init), "
-        "a .h5, .weights.h5 or .keras file, or a KerasHub preset folder (env LOOKALIKE_WEIGHTS)",
+    _add_process_options(process)
+    process.set_defaults(func=command_process, move=False)
+
+    move = add(
+        "move-source",
+        "tell the database that a source's folder moved",
+        "Point the source NAME at its new folder and bring it up to date: images whose files "
+        "are the same there (by content hash) keep their features, neighbours and judgements.",
+        "lookalike move-source campaign-2019 /mnt/archive/campaign-2019",
     )
-    process.add_argument(
-        "--precision",
-        choices=PRECISIONS,
-        help="what the model computes in (default float16 on a GPU, else float32; "
-        "env LOOKALIKE_PRECISION)",
-    )
-    _add_k(process)
-    process.add_argument(
-        "--batch-size",
-        type=int,
-        help="images per model call (default 64; env LOOKALIKE_BATCH_SIZE)",
-    )
-    process.add_argument(
-        "--recompute",
-        action="store_true",
-        help="allow another model, precision or weights than the database's: re-extract everything",
-    )
-    _add_runner_options(process)
-    _add_lock_timeout(process)
-    process.add_argument("--json", action="store_true", help="print the summary as one JSON line")
-    process.set_defaults(func=command_process)
+    move.add_argument("source", metavar="NAME", help="the source's name")
+    move.add_argument("root", metavar="NEWROOT", help="the folder the source now lives in")
+    _add_process_options(move)
+    move.set_defaults(func=command_process, move=True)
+    add_source_commands(add, _add_db_options, _add_k, _add_lock_timeout)
 
     neighbours = add(
         "neighbours",
@@ -162,6 +153,41 @@ def build_parser() -> argparse.ArgumentParser:
     add_search_command(add, _add_db_options)
     add_account_commands(add, _add_db_options)
     return parser
+
+
+def _add_process_options(parser: argparse.ArgumentParser) -> None:
+    """The options of the commands that run the process-images flow."""
+    _add_db_options(parser)
+    parser.add_argument(
+        "--model",
+        choices=list(MODELS),
+        help=f"the feature network (default {DEFAULT_MODEL}; env LOOKALIKE_MODEL)",
+    )
+    parser.add_argument(
+        "--weights",
+        help="imagenet (default: the model's pretrained weights), none (seeded random init), "
+        "a .h5, .weights.h5 or .keras file, or a KerasHub preset folder (env LOOKALIKE_WEIGHTS)",
+    )
+    parser.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        help="what the model computes in (default float16 on a GPU, else float32; "
+        "env LOOKALIKE_PRECISION)",
+    )
+    _add_k(parser)
+    parser.add_argument(
+        "--batch-size",
+        type=int,
+        help="images per model call (default 64; env LOOKALIKE_BATCH_SIZE)",
+    )
+    parser.add_argument(
+        "--recompute",
+        action="store_true",
+        help="allow another model, precision or weights than the database's: re-extract everything",
+    )
+    _add_runner_options(parser)
+    _add_lock_timeout(parser)
+    parser.add_argument("--json", action="store_true", help="print the summary as one JSON line")
 
 
 VERBOSE_HELP = "show Prefect's run logs and TensorFlow's start-up notes"
@@ -348,9 +374,11 @@ def run_process(args: argparse.Namespace) -> dict[str, Any]:
     )
     from lookalike.flows.process import plan_run, process_images, up_to_date_summary
     from lookalike.flows.runners import build_task_runner
+    from lookalike.tasks.sources import SourceSpec
 
     checked = time.perf_counter()
-    plan, check_bytes = plan_run(args.root, settings, args.recompute)  # one line, before Prefect
+    specs = [SourceSpec(root=args.root, name=args.source)]
+    plan, check_bytes = plan_run(specs, settings, args.recompute, args.move)  # before Prefect
     build_task_runner(settings.task_runner, settings.dask_address)
     api_url = prefect_api_url()
     if api_url is None:
@@ -363,6 +391,8 @@ def run_process(args: argparse.Namespace) -> dict[str, Any]:
     with terminal_progress(enabled=not args.json):
         summary = process_images(
             root=args.root,
+            source=args.source,
+            move=args.move,
             batch_size=args.batch_size,
             k=args.k,
             weights=args.weights,
@@ -378,51 +408,6 @@ def run_process(args: argparse.Namespace) -> dict[str, Any]:
 PREFECT_NOT_STARTED = "not started"  # found up to date before Prefect was needed
 PREFECT_EPHEMERAL = "ephemeral"  # the flow ran on a temporary API server started for it
 PREFECT_SERVER = "server"  # the flow ran against the server PREFECT_API_URL names
-
-
-class PrefectServerError(LookalikeError):
-    """PREFECT_API_URL names a server that does not answer; one line with the two ways out."""
-
-
-def prefect_api_url() -> str | None:
-    """The configured Prefect API (PREFECT_API_URL, from the environment or the active
-    profile); None in ephemeral mode, where a run starts a temporary server of its own."""
-    from prefect.settings import get_current_settings
-
-    return get_current_settings().api.url or None
-
-
-def check_prefect_server(api_url: str) -> None:
-    """PrefectServerError, in one line with the ways out, unless the configured Prefect API
-    answers its health check."""
-    import httpx
-    from prefect.client.orchestration import get_client
-
-    try:
-        with get_client(sync_client=True) as client:  # entering asks the server's version
-            failure = client.api_healthcheck()
-    except Exception as exc:
-        failure = exc
-    if failure is None:
-        return
-    log.debug("Prefect API health check failed", exc_info=failure)
-    unreachable = isinstance(failure, httpx.TransportError) or (
-        isinstance(failure, RuntimeError) and str(failure).startswith("Failed to reach API")
-    )
-    if not unreachable:
-        raise PrefectServerError(
-            f"the Prefect server at {api_url} (PREFECT_API_URL) cannot be used: "
-            f"{first_line(failure)}"
-        )
-    unset = (
-        "unset PREFECT_API_URL in the environment"
-        if os.environ.get("PREFECT_API_URL")
-        else "run prefect config unset PREFECT_API_URL"
-    )
-    raise PrefectServerError(
-        f"no Prefect server answers at {api_url} (PREFECT_API_URL): start it with "
-        f"prefect server start, or {unset} to let each run start a temporary one"
-    )
 
 
 def runner_options(args: argparse.Namespace) -> dict[str, Any]:
@@ -448,17 +433,6 @@ def run_neighbours(args: argparse.Namespace) -> dict[str, Any]:
     return rebuild_neighbours(k=args.k, database_url=args.database_url, **runner_options(args))
 
 
-def tell_if_waiting(database_url: str, timeout: float) -> None:
-    """Say on stderr why a run seems to hang: another run holds the database's run lock."""
-    from lookalike.tasks.lock import is_run_lock_busy
-
-    if is_run_lock_busy(database_url):
-        print(
-            f"lookalike: another run is using this database; waiting up to {timeout:g} s",
-            file=sys.stderr,
-        )
-
-
 def print_process_summary(summary: dict[str, Any]) -> None:
     """The human-readable end of a process run."""
     if summary["prefect"] == PREFECT_NOT_STARTED:
@@ -466,9 +440,9 @@ def print_process_summary(summary: dict[str, Any]) -> None:
             f"up to date: {summary['found']:,} images, nothing to do "
             "(checked without starting Prefect)"
         )
-        print(f"  folder {summary['root']}, database {summary['database']}")
+        print(f"  {sources_line(summary['sources'])}, database {summary['database']}")
     else:
-        print(f"processed {summary['root']} into {summary['database']}")
+        print(f"processed {sources_line(summary['sources'])} into {summary['database']}")
     print(f"  model: {summary['model']}, weights: {summary['weights']}")
     print(
         "  found {found}, new {new}, changed {changed}, deleted {deleted}, "
@@ -485,6 +459,11 @@ def print_process_summary(summary: dict[str, Any]) -> None:
     )
     print(f"  map: {summary['map_points']} points ({summary['map_mode']})")
     print(f"  {time_line(summary)}")
+
+
+def sources_line(sources: dict[str, str]) -> str:
+    """The run's sources as 'source NAME (ROOT)', joined."""
+    return ", ".join(f"source {name} ({root})" for name, root in sources.items())
 
 
 def time_line(summary: dict[str, Any]) -> str:

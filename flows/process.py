@@ -1,4 +1,5 @@
-"""The process-images flow: folder -> changes -> features -> database -> neighbours."""
+"""The process-images flow: each source's folder -> changes -> features -> database, then
+the neighbour lists, duplicate groups and map over every source."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from prefect import flow, get_run_logger
 from prefect.futures import PrefectFuture
 from prefect.runtime import flow_run
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
+from sqlalchemy import Engine
 
 from lookalike.flows.neighbours import NeighbourRefresh, refresh_neighbours
 from lookalike.flows.runners import TaskRunnerSession, build_task_runner
@@ -56,6 +58,13 @@ from lookalike.tasks.report import (
     table_asset,
 )
 from lookalike.tasks.settings import Settings
+from lookalike.tasks.sources import (
+    SourceError,
+    SourceSpec,
+    mark_sources_run_task,
+    open_source_task,
+    resolve_source,
+)
 from lookalike.tasks.stage import feature_batch_path
 
 BATCHES_PER_SHARD = 8  # one Prefect task (and cache entry) per 8 model batches
@@ -65,11 +74,11 @@ BATCHES_PER_SHARD = 8  # one Prefect task (and cache entry) per 8 model batches
 class RunSummary:
     """What a run did, as printed by the CLI, stored with the run and shown as an artifact."""
 
-    root: str
+    sources: dict[str, str]  # the run's sources: name -> root folder
     database: str
     model: str  # the stored model name: network, and precision unless float32
     weights: str
-    found: int
+    found: int  # these counts add up over the run's sources
     new: int
     changed: int
     deleted: int
@@ -102,10 +111,19 @@ class RunSummary:
 
 
 @dataclass(frozen=True)
+class SourcePlan:
+    """One source of a run: its name (as resolve_source chose it) and its checked folder."""
+
+    name: str
+    folder: str
+
+
+@dataclass(frozen=True)
 class RunPlan:
     """Everything a run works with, resolved and checked before the run lock is taken."""
 
-    folder: str
+    sources: list[SourcePlan]
+    move: bool  # the one source's folder moved: keep its images where the files are the same
     model: str  # stored model name (tasks.models.feature_model_name)
     weights_id: str
     database_url: str
@@ -127,24 +145,50 @@ class Extraction:
     seconds: float
 
 
-def check_inputs(root: str, settings: Settings, recompute: bool = False) -> tuple[str, str, str]:
-    """Fail fast, in one line, on a bad folder, database, model, precision or weights:
-    (folder, stored model name, weights id)."""
-    folder = check_root(Path(root))
-    if not any_image(folder):
-        raise NoImagesError(f"no image files found in {folder}")
+def source_specs(
+    root: str | None, source: str | None, sources: list[SourceSpec] | None
+) -> list[SourceSpec]:
+    """The sources a run names: one root (and its name), or a list; never both, never none."""
+    if sources and (root is not None or source is not None):
+        raise SourceError("give either root (and source) or sources, not both")
+    if sources:
+        return [SourceSpec.model_validate(spec) for spec in sources]
+    if root is None:
+        raise SourceError("no folder given: pass root (and optionally source) or sources")
+    return [SourceSpec(root=root, name=source)]
+
+
+def check_inputs(
+    specs: list[SourceSpec], settings: Settings, recompute: bool = False, move: bool = False
+) -> tuple[list[SourcePlan], str, str]:
+    """Fail fast, in one line, on a bad folder, source name, database, model, precision or
+    weights: (the sources, stored model name, weights id)."""
+    folders = [check_root(Path(spec.root)) for spec in specs]
+    for folder in folders:
+        if not any_image(folder):
+            raise NoImagesError(f"no image files found in {folder}")
     model, weights_id = feature_identity(settings.model, settings.weights, settings.precision)
     engine = connect_checked(settings.resolved_database_url)
     try:
-        check_collection(engine, folder, weights_id, recompute=recompute, model=model)
+        check_collection(engine, weights_id, recompute=recompute, model=model)
+        names = [
+            resolve_source(engine, folder, spec.name, move=move)[0]
+            for spec, folder in zip(specs, folders, strict=True)
+        ]
     finally:
         engine.dispose()
-    return str(folder), model, weights_id
+    if len(set(names)) != len(names) or len(set(folders)) != len(folders):
+        raise SourceError("a run names each source and each folder once")
+    plans = [SourcePlan(n, str(f)) for n, f in zip(names, folders, strict=True)]
+    return plans, model, weights_id
 
 
 @flow(name="process-images", task_runner=ThreadPoolTaskRunner(max_workers=1))  # type: ignore[arg-type]
 def process_images(
-    root: str,
+    root: str | None = None,
+    source: str | None = None,
+    sources: list[SourceSpec] | None = None,
+    move: bool = False,
     batch_size: int | None = None,
     k: int | None = None,
     weights: str | None = None,
@@ -157,8 +201,12 @@ def process_images(
     model: str | None = None,
     precision: str | None = None,
 ) -> dict[str, Any]:
-    """Bring the database up to date with the image folder, then the neighbour lists.
+    """Bring the database up to date with one or more image folders (its sources), then the
+    neighbour lists over all of them.
 
+    root (and source, its name: default the folder's own) adds or updates one source;
+    sources, a list of {root, name}, several in turn; move=True says the source named
+    source now lives at root (its images are kept where the files are the same).
     Parameters left out (None) take the LOOKALIKE_* settings of the flow's environment.
     Runs against one database never overlap: the second waits for the run lock up to
     lock_timeout seconds (default one hour) and then fails. Extraction shards and the row
@@ -180,20 +228,28 @@ def process_images(
         precision=precision,
     )
     build_task_runner(settings.task_runner, settings.dask_address)  # fails before any work
-    plan, check_bytes = plan_run(root, settings, recompute)
-    logger.info("processing %s with weights %s", plan.folder, plan.weights_id)
+    specs = source_specs(root, source, sources)
+    plan, check_bytes = plan_run(specs, settings, recompute, move)
+    named = ", ".join(f"{s.name} ({s.folder})" for s in plan.sources)
+    logger.info("processing %s with weights %s", named, plan.weights_id)
     with hold_run_lock(plan.database_url, settings.lock_timeout, on_wait=logger.warning) as waited:
         summary = run_locked(plan, started, waited, check_bytes)
     logger.info("run summary: %s", asdict(summary))
     return asdict(summary)
 
 
-def plan_run(root: str, settings: Settings, recompute: bool = False) -> tuple[RunPlan, int]:
-    """check_inputs, then the run's plan; and the bytes of files under root the check opened."""
-    with count_image_reads(root) as check_reads:
-        folder, model, weights_id = check_inputs(root, settings, recompute)
+def plan_run(
+    specs: list[SourceSpec], settings: Settings, recompute: bool = False, move: bool = False
+) -> tuple[RunPlan, int]:
+    """check_inputs, then the run's plan; and the bytes of files under the roots the check
+    opened."""
+    if move and len(specs) != 1:
+        raise SourceError("a move names one source and its new folder")
+    with count_image_reads(*[spec.root for spec in specs]) as check_reads:
+        planned, model, weights_id = check_inputs(specs, settings, recompute, move)
     plan = RunPlan(
-        folder=folder,
+        sources=planned,
+        move=move,
         model=model,
         weights_id=weights_id,
         database_url=settings.resolved_database_url,
@@ -232,14 +288,13 @@ def unchanged_run(plan: RunPlan, *, started: float, bytes_read: int) -> RunSumma
     """up_to_date_summary's questions, asked while the run lock is held."""
     engine = engine_for(plan.database_url)
     settings = plan.settings
-    folder = Path(plan.folder)
     # open-collection would bind other weights or mark runs that died as interrupted.
-    current = collection_is_current(engine, folder, plan.weights_id, plan.model)
-    if not current or count_unfinished_runs(engine):
+    current = collection_is_current(engine, plan.weights_id, plan.model)
+    if plan.move or not current or count_unfinished_runs(engine):
         return None
-    with count_image_reads(plan.folder) as sync_reads:
-        counts = unchanged_catalog(engine, folder)
-    if counts is None or list_pending(engine):
+    with count_image_reads(*[s.folder for s in plan.sources]) as sync_reads:
+        counts = unchanged_sources(engine, plan.sources)
+    if counts is None:
         return None
     if plan_neighbour_pass(engine, settings.k) is not PassKind.UNCHANGED:
         return None
@@ -263,48 +318,127 @@ def unchanged_run(plan: RunPlan, *, started: float, bytes_read: int) -> RunSumma
     )
 
 
+def unchanged_sources(engine: Engine, planned: list[SourcePlan]) -> ChangeCounts | None:
+    """The counts the sync of these sources would report if it wrote nothing (each source
+    known at its folder, its files unchanged, none of its images pending); else None."""
+    total = ChangeCounts(found=0, new=0, changed=0, deleted=0, unchanged=0, unreadable=0)
+    for planned_source in planned:
+        folder = Path(planned_source.folder)
+        existing = resolve_source(engine, folder, planned_source.name)[1]
+        if existing is None or existing.root != str(folder):
+            return None
+        counts = unchanged_catalog(engine, existing.id, folder)
+        if counts is None or list_pending(engine, existing.id):
+            return None
+        total = ChangeCounts(
+            found=total.found + counts.found,
+            new=0,
+            changed=0,
+            deleted=0,
+            unchanged=total.unchanged + counts.unchanged,
+            unreadable=0,
+        )
+    return total
+
+
 def run_locked(plan: RunPlan, started: float, lock_wait: float, bytes_read: int) -> RunSummary:
     """The run proper, recorded in the runs table, while this run holds the run lock."""
     db = plan.database_url
-    run_id = open_collection_task(db, plan.folder, plan.weights_id, plan.recompute, plan.model)
+    run_id = open_collection_task(db, plan.weights_id, plan.recompute, plan.model)
     try:
-        summary = update_database(plan, started, lock_wait, bytes_read)
+        summary, source_ids = update_database(plan, started, lock_wait, bytes_read)
     except BaseException as exc:
         finish_run_task(db, run_id, RUN_FAILED, {"error": first_line(exc)})
         raise
     finish_run_task(db, run_id, RUN_COMPLETED, asdict(summary))
+    mark_sources_run_task(db, source_ids, run_id)
     publish_run_summary(asdict(summary))
     publish_failed_images(list_failed(engine_for(db)))
     return summary
 
 
-def update_database(plan: RunPlan, started: float, lock_wait: float, bytes_read: int) -> RunSummary:
-    """Sync the catalog, extract and load what is pending, bring the neighbour lists up to date."""
+def update_database(
+    plan: RunPlan, started: float, lock_wait: float, bytes_read: int
+) -> tuple[RunSummary, list[int]]:
+    """Bring each source's images up to date, then the neighbour lists, duplicate groups and
+    map over all sources: the summary and the ids of the sources done."""
     db = plan.database_url
     settings = plan.settings
-    with count_image_reads(plan.folder) as sync_reads:
-        counts = sync_catalog_task(db, plan.folder)
-    batches = plan_batches_task(
-        db, settings.batch_size, plan.weights_id, settings.reduced_scale_decode, plan.model
-    )
+    updates: list[SourceUpdate] = []
     # Started on first use: an unchanged re-run starts no Dask client or cluster.
     with TaskRunnerSession(settings.task_runner, settings.dask_address) as session:
-        extraction = extract_features(batches, plan, session)
-        loaded = load_extracted(plan, extraction)
+        for planned_source in plan.sources:
+            updates.append(update_source(plan, planned_source, session))
         neighbours = refresh_neighbours(db, plan.staging, settings.k, session)
     duplicates = find_duplicates_task(db, settings.duplicate_threshold)
     layout = layout_map_task(db)
-    return build_summary(
+    summary = build_summary(
         plan,
-        counts,
-        extraction,
-        loaded,
+        add_counts([u.counts for u in updates]),
+        add_extractions([u.extraction for u in updates]),
+        FeatureLoadCounts(
+            ok=sum(u.loaded.ok for u in updates), failed=sum(u.loaded.failed for u in updates)
+        ),
         neighbours,
         duplicates,
         layout,
         started=started,
         lock_wait=lock_wait,
-        bytes_read=bytes_read + sync_reads.bytes + extraction.bytes_read,
+        bytes_read=bytes_read + sum(u.bytes_read for u in updates),
+    )
+    return summary, [u.source_id for u in updates]
+
+
+@dataclass(frozen=True)
+class SourceUpdate:
+    """What a run did to one source's images."""
+
+    source_id: int
+    counts: ChangeCounts
+    extraction: Extraction
+    loaded: FeatureLoadCounts
+    bytes_read: int  # the sync's and the extraction's
+
+
+def update_source(plan: RunPlan, planned: SourcePlan, session: TaskRunnerSession) -> SourceUpdate:
+    """Sync one source's catalog with its folder, extract and load its pending images."""
+    db = plan.database_url
+    settings = plan.settings
+    source = open_source_task(db, planned.folder, planned.name, plan.move)
+    with count_image_reads(planned.folder) as sync_reads:
+        counts = sync_catalog_task(db, source.id, planned.folder)
+    batches = plan_batches_task(
+        db,
+        settings.batch_size,
+        plan.weights_id,
+        settings.reduced_scale_decode,
+        plan.model,
+        source_id=source.id,
+    )
+    extraction = extract_features(batches, plan, planned.folder, session)
+    loaded = load_extracted(plan, extraction)
+    return SourceUpdate(
+        source.id, counts, extraction, loaded, sync_reads.bytes + extraction.bytes_read
+    )
+
+
+def add_counts(parts: list[ChangeCounts]) -> ChangeCounts:
+    """The sync counts of several sources together."""
+    return ChangeCounts(
+        *(sum(getattr(p, f) for p in parts) for f in ChangeCounts.__dataclass_fields__)
+    )
+
+
+def add_extractions(parts: list[Extraction]) -> Extraction:
+    """The extraction of several sources together."""
+    return Extraction(
+        paths=[path for p in parts for path in p.paths],
+        extracted=sum(p.extracted for p in parts),
+        cached_batches=sum(p.cached_batches for p in parts),
+        decoded=sum(p.decoded for p in parts),
+        model_calls=sum(p.model_calls for p in parts),
+        bytes_read=sum(p.bytes_read for p in parts),
+        seconds=sum(p.seconds for p in parts),
     )
 
 
@@ -336,7 +470,7 @@ def build_summary(
     """The run's summary from what each step returned."""
     seconds = extraction.seconds
     return RunSummary(
-        root=plan.folder,
+        sources={s.name: s.folder for s in plan.sources},
         database=parse_database_url(plan.database_url).render_as_string(hide_password=True),
         model=plan.model,
         weights=plan.weights_id,
@@ -370,8 +504,10 @@ def build_summary(
     )
 
 
-def extract_features(batches: list[Batch], plan: RunPlan, session: TaskRunnerSession) -> Extraction:
-    """Submit shards of batches as cached extraction tasks on the chosen task runner."""
+def extract_features(
+    batches: list[Batch], plan: RunPlan, root: str, session: TaskRunnerSession
+) -> Extraction:
+    """Submit shards of one source's batches as cached extraction tasks on the task runner."""
     started = time.perf_counter()
     staging = Path(plan.staging)
     shards = [
@@ -382,7 +518,7 @@ def extract_features(batches: list[Batch], plan: RunPlan, session: TaskRunnerSes
         sum(len(b.images) for b in shard if not shard_is_staged([b], staging)) for shard in shards
     ]
     cached_batches = sum(1 for batch in batches if shard_is_staged([batch], staging))
-    results = run_shards(shards, todo, plan, session) if shards else []
+    results = run_shards(shards, todo, plan, root, session) if shards else []
     return Extraction(
         paths=[str(feature_batch_path(staging, batch.key)) for batch in batches],
         extracted=sum(todo),
@@ -395,13 +531,17 @@ def extract_features(batches: list[Batch], plan: RunPlan, session: TaskRunnerSes
 
 
 def run_shards(
-    shards: list[list[Batch]], todo: list[int], plan: RunPlan, session: TaskRunnerSession
+    shards: list[list[Batch]],
+    todo: list[int],
+    plan: RunPlan,
+    root: str,
+    session: TaskRunnerSession,
 ) -> list[ShardResult]:
     """Run every shard on the task runner while a progress artifact follows them."""
     progress = ExtractionProgress(sum(todo))
     try:
         runner = session.runner()
-        futures = [submit_shard(runner, shard, plan, progress) for shard in shards]
+        futures = [submit_shard(runner, shard, plan, root, progress) for shard in shards]
         results = [
             collect_shard(future, progress, images)
             for future, images in zip(futures, todo, strict=True)
@@ -414,7 +554,11 @@ def run_shards(
 
 
 def submit_shard(
-    runner: TaskRunner[Any], shard: list[Batch], plan: RunPlan, progress: ExtractionProgress
+    runner: TaskRunner[Any],
+    shard: list[Batch],
+    plan: RunPlan,
+    root: str,
+    progress: ExtractionProgress,
 ) -> PrefectFuture[ShardResult]:
     """One extraction task; its Prefect cache is bypassed when its staged files are gone."""
     settings = plan.settings
@@ -424,7 +568,7 @@ def submit_shard(
     )
     parameters = dict(
         batches=shard,
-        root=plan.folder,
+        root=root,
         staging_dir=plan.staging,
         weights=settings.weights,
         batch_size=settings.batch_size,

@@ -19,6 +19,7 @@ from sqlalchemy import (
     String,
     Table,
     Text,
+    UniqueConstraint,
 )
 from sqlalchemy.dialects import mysql
 from sqlalchemy.schema import CreateIndex, CreateTable
@@ -41,17 +42,20 @@ _MARIADB: dict[str, Any] = {
     "mysql_collate": "utf8mb4_nopad_bin",
 }
 
-# Paths are case-sensitive and compared byte for byte, hence the binary collation.
-_path = String(768).with_variant(
-    mysql.VARCHAR(768, collation="utf8mb4_nopad_bin"), "mysql", "mariadb"
+# Paths are case-sensitive and compared byte for byte, hence the binary collation. 767
+# characters: with the source id, the unique key is 4 + 767 * 4 = 3072 bytes, InnoDB's limit.
+MAX_FILE_NAME_CHARS = 767
+_path = String(MAX_FILE_NAME_CHARS).with_variant(
+    mysql.VARCHAR(MAX_FILE_NAME_CHARS, collation="utf8mb4_nopad_bin"), "mysql", "mariadb"
 )
+MAX_SOURCE_NAME_CHARS = 64
 _text = Text().with_variant(mysql.MEDIUMTEXT(), "mysql", "mariadb")
 
+# One row: the model and weights every feature of this database comes from.
 collection = Table(
     "collection",
     metadata,
     Column("id", Integer, primary_key=True, autoincrement=False),
-    Column("root", _text, nullable=False),
     Column("model", String(64), nullable=False),
     Column("weights", String(255), nullable=False),
     Column("created_at", DateTime, nullable=False),
@@ -70,11 +74,27 @@ runs = Table(
     **_MARIADB,
 )
 
+# The archive's folders: each source is one root folder under a name. An image is (source,
+# relative path): the same path in two sources is two images.
+sources = Table(
+    "sources",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("name", String(MAX_SOURCE_NAME_CHARS), nullable=False, unique=True),
+    Column("root", _text, nullable=False),
+    Column("created_at", DateTime, nullable=False),
+    # The last run that brought this source's images up to date (runs.id); NULL: none yet.
+    Column("last_run_id", Integer),
+    **_MARIADB,
+)
+
 image_names = Table(
     "image_names",
     metadata,
     Column("id", Integer, primary_key=True, autoincrement=True),
-    Column("file_name", _path, nullable=False, unique=True),
+    # No cascade: a source is removed by removing its images first (tasks/sources.py).
+    Column("source_id", Integer, ForeignKey("sources.id"), nullable=False),
+    Column("file_name", _path, nullable=False),
     Column("content_hash", String(32), nullable=False),
     Column("size", BigInteger, nullable=False),
     Column("mtime_ns", BigInteger, nullable=False),
@@ -85,6 +105,7 @@ image_names = Table(
     # False until this image's current features have been through a neighbour computation.
     Column("indexed", Boolean, nullable=False, default=False),
     Index("ix_image_names_status", "status"),
+    UniqueConstraint("source_id", "file_name", name="uq_image_names_source_file"),
     **_MARIADB,
 )
 

@@ -1,4 +1,4 @@
-"""Catalog: the collection, its runs and its image rows, kept in step with the folder."""
+"""Catalog: the collection, its runs and its image rows; each source in step with its folder."""
 
 from __future__ import annotations
 
@@ -27,6 +27,7 @@ from lookalike.sql.schema import (
     image_names,
     image_neighbours,
     runs,
+    sources,
 )
 from lookalike.tasks.database import DATABASE_RETRIES, engine_for, utcnow
 from lookalike.tasks.decode import IMAGE_SUFFIXES
@@ -54,7 +55,7 @@ class NoImagesError(LookalikeError, RuntimeError):
 
 
 class CollectionMismatchError(LookalikeError, RuntimeError):
-    """The database belongs to another folder or another model; one line for the user."""
+    """The database's features come from another model or weights; one line for the user."""
 
 
 @dataclass(frozen=True)
@@ -80,14 +81,13 @@ class ChangeCounts:
 
 def check_collection(
     engine: Engine,
-    root: Path,
     weights_id: str,
     *,
     recompute: bool = False,
     model: str = DEFAULT_MODEL_NAME,
 ) -> Row[Any] | None:
-    """The collection row, after refusing another folder or, unless recompute, another model
-    (a stored model name: network and precision) or other weights."""
+    """The collection row, after refusing, unless recompute, another model (a stored model
+    name: network and precision) or other weights: one model per database, for every source."""
     with engine.connect() as conn:
         row = conn.execute(select(collection).where(collection.c.id == 1)).first()
         # Weights that never produced a feature (a first run that could not fetch them)
@@ -95,11 +95,6 @@ def check_collection(
         has_features = conn.execute(select(image_features.c.image_id).limit(1)).first()
     if row is None:
         return None
-    if row.root != str(root):
-        raise CollectionMismatchError(
-            f"this database holds the collection of {row.root}, not {root}; "
-            "use another database (--db) for another folder"
-        )
     if (row.model, row.weights) != (model, weights_id) and has_features and not recompute:
         raise CollectionMismatchError(
             f"this database's features come from {row.model} with weights {row.weights!r}, "
@@ -111,20 +106,19 @@ def check_collection(
 
 def open_collection(
     engine: Engine,
-    root: Path,
     weights_id: str,
     *,
     recompute: bool = False,
     model: str = DEFAULT_MODEL_NAME,
 ) -> bool:
-    """Bind the database to root, model and weights; True when another model or other
-    weights reset the features."""
-    row = check_collection(engine, root, weights_id, recompute=recompute, model=model)
+    """Bind the database to model and weights; True when another model or other weights
+    reset the features."""
+    row = check_collection(engine, weights_id, recompute=recompute, model=model)
     with engine.begin() as conn:
         if row is None:
             conn.execute(
                 insert(collection).values(
-                    id=1, root=str(root), model=model, weights=weights_id, created_at=utcnow()
+                    id=1, model=model, weights=weights_id, created_at=utcnow()
                 )
             )
             return False
@@ -166,15 +160,15 @@ def stored_feature_dim(engine: Engine) -> int:
     return feature_dim_of(collection_model(engine))
 
 
-def read_known(engine: Engine) -> dict[str, KnownImage]:
-    """Every image row by file name, for comparing with the folder."""
+def read_known(engine: Engine, source_id: int) -> dict[str, KnownImage]:
+    """Every image row of the source by file name, for comparing with its folder."""
     query = select(
         image_names.c.id,
         image_names.c.file_name,
         image_names.c.size,
         image_names.c.mtime_ns,
         image_names.c.content_hash,
-    )
+    ).where(image_names.c.source_id == source_id)
     with engine.connect() as conn:
         return {
             r.file_name: KnownImage(r.id, r.size, r.mtime_ns, r.content_hash)
@@ -182,14 +176,14 @@ def read_known(engine: Engine) -> dict[str, KnownImage]:
         }
 
 
-def apply_changes(engine: Engine, changes: Changes) -> ChangeCounts:
-    """Write the folder's changes to image_names in one transaction."""
+def apply_changes(engine: Engine, source_id: int, changes: Changes) -> ChangeCounts:
+    """Write the changes of the source's folder to image_names in one transaction."""
     with engine.begin() as conn:
-        _insert_new(conn, changes.new)
+        _insert_new(conn, source_id, changes.new)
         _mark_changed(conn, changes.changed)
         _refresh_stat(conn, changes.touched)
         _delete_images(conn, changes.deleted_ids)
-        _record_unreadable(conn, changes.unreadable)
+        _record_unreadable(conn, source_id, changes.unreadable)
     return ChangeCounts(
         found=changes.found,
         new=len(changes.new),
@@ -200,10 +194,11 @@ def apply_changes(engine: Engine, changes: Changes) -> ChangeCounts:
     )
 
 
-def _insert_new(conn: Connection, files: Sequence[HashedFile]) -> None:
+def _insert_new(conn: Connection, source_id: int, files: Sequence[HashedFile]) -> None:
     """New files start as pending rows."""
     rows = [
         dict(
+            source_id=source_id,
             file_name=f.file_name,
             content_hash=f.content_hash,
             size=f.size,
@@ -264,18 +259,20 @@ def _delete_images(conn: Connection, ids: Sequence[int]) -> None:
         conn.execute(delete(image_names).where(image_names.c.id.in_(chunk)))
 
 
-def _record_unreadable(conn: Connection, unreadable: dict[str, str]) -> None:
+def _record_unreadable(conn: Connection, source_id: int, unreadable: dict[str, str]) -> None:
     """Files that could not even be read become failed rows with the reason."""
     for name, reason in unreadable.items():
         existing = conn.execute(
-            select(image_names.c.id).where(image_names.c.file_name == name)
+            select(image_names.c.id).where(
+                image_names.c.source_id == source_id, image_names.c.file_name == name
+            )
         ).scalar()
         # No hash, no stat: the next successful read counts as changed, so it is pending again.
         values = dict(
             status=STATUS_FAILED, error=reason, indexed=False, content_hash="", size=0, mtime_ns=0
         )
         if existing is None:
-            conn.execute(insert(image_names).values(file_name=name, **values))
+            conn.execute(insert(image_names).values(source_id=source_id, file_name=name, **values))
         else:
             conn.execute(update(image_names).where(image_names.c.id == existing).values(**values))
             _delete_features(conn, [existing])
@@ -287,13 +284,16 @@ def _chunks(ids: Sequence[int]) -> Iterable[list[int]]:
         yield list(ids[start : start + CHUNK])
 
 
-def list_pending(engine: Engine) -> list[PendingImage]:
-    """Images waiting for extraction, by file name (stable batches across re-runs)."""
+def list_pending(engine: Engine, source_id: int | None = None) -> list[PendingImage]:
+    """Images waiting for extraction (of one source, or all), by file name (stable batches
+    across re-runs)."""
     query = (
         select(image_names.c.id, image_names.c.file_name, image_names.c.content_hash)
         .where(image_names.c.status == STATUS_PENDING)
-        .order_by(image_names.c.file_name)
+        .order_by(image_names.c.file_name, image_names.c.source_id)
     )
+    if source_id is not None:
+        query = query.where(image_names.c.source_id == source_id)
     with engine.connect() as conn:
         return [PendingImage(r.id, r.file_name, r.content_hash) for r in conn.execute(query)]
 
@@ -316,14 +316,15 @@ def count_by_status(engine: Engine) -> dict[str, int]:
 
 
 def list_failed(engine: Engine) -> list[tuple[str, str]]:
-    """(file name, reason) of every failed image."""
+    """("source/file name", reason) of every failed image."""
     query = (
-        select(image_names.c.file_name, image_names.c.error)
+        select(sources.c.name, image_names.c.file_name, image_names.c.error)
+        .join(sources, sources.c.id == image_names.c.source_id)
         .where(image_names.c.status == STATUS_FAILED)
-        .order_by(image_names.c.file_name)
+        .order_by(sources.c.name, image_names.c.file_name)
     )
     with engine.connect() as conn:
-        return [(r.file_name, r.error or "") for r in conn.execute(query)]
+        return [(f"{r.name}/{r.file_name}", r.error or "") for r in conn.execute(query)]
 
 
 def start_run(engine: Engine, weights_id: str) -> int:
@@ -411,23 +412,31 @@ def mark_indexed(engine: Engine, image_ids: Sequence[int]) -> None:
 )
 def open_collection_task(
     database_url: str,
-    root: str,
     weights_id: str,
     recompute: bool,
     model: str = DEFAULT_MODEL_NAME,
 ) -> int:
-    """Bind the database to the folder, model and weights, and record a new run; its id."""
+    """Bind the database to the model and weights, and record a new run; its id."""
     engine = engine_for(database_url)
     interrupted = close_interrupted_runs(engine)  # the flow holds the run lock here
     if interrupted:
         get_run_logger().warning("%d earlier run(s) never finished: now interrupted", interrupted)
-    if open_collection(engine, Path(root), weights_id, recompute=recompute, model=model):
+    if open_collection(engine, weights_id, recompute=recompute, model=model):
         get_run_logger().warning(
             "model or weights changed to %s, %s: every image is extracted again", model, weights_id
         )
     run_id = start_run(engine, weights_id)
-    get_run_logger().info("run %d on the collection of %s, weights %s", run_id, root, weights_id)
+    get_run_logger().info("run %d with %s, weights %s", run_id, model, weights_id)
     return run_id
+
+
+@task(name="start-run", **DATABASE_RETRIES, cache_policy=NO_CACHE)
+def start_run_task(database_url: str) -> int:
+    """Record a run that changes no features (e.g. removing a source) as running; its id."""
+    engine = engine_for(database_url)
+    close_interrupted_runs(engine)  # the flow holds the run lock here
+    row = read_collection(engine)
+    return start_run(engine, str(row["weights"]) if row else "")
 
 
 @task(
@@ -435,14 +444,14 @@ def open_collection_task(
     **DATABASE_RETRIES,
     cache_policy=NO_CACHE,
 )
-def sync_catalog_task(database_url: str, root: str) -> ChangeCounts:
-    """Walk the folder and write its new, changed and deleted images to the database."""
+def sync_catalog_task(database_url: str, source_id: int, root: str) -> ChangeCounts:
+    """Walk the source's folder and write its new, changed and deleted images to the database."""
     engine = engine_for(database_url)
-    changes = find_changes(Path(root), read_known(engine))
+    changes = find_changes(Path(root), read_known(engine, source_id))
     if changes.found == 0:
         # An empty (or unmounted) folder must not wipe a collection: refuse instead.
         raise NoImagesError(f"no image files found in {root}")
-    counts = apply_changes(engine, changes)
+    counts = apply_changes(engine, source_id, changes)
     get_run_logger().info(
         "found %d images: %d new, %d changed, %d deleted, %d unchanged, %d unreadable",
         counts.found,
@@ -493,17 +502,11 @@ def fingerprint_ok_images(
 # step would write nothing.
 
 
-def collection_is_current(
-    engine: Engine, root: Path, weights_id: str, model: str = DEFAULT_MODEL_NAME
-) -> bool:
-    """True when the collection row already binds root, this model and these weights, so that
-    open_collection would change nothing (check_collection has refused another root)."""
+def collection_is_current(engine: Engine, weights_id: str, model: str = DEFAULT_MODEL_NAME) -> bool:
+    """True when the collection row already binds this model and these weights, so that
+    open_collection would change nothing."""
     row = read_collection(engine)
-    return row is not None and (row["root"], row["model"], row["weights"]) == (
-        str(root),
-        model,
-        weights_id,
-    )
+    return row is not None and (row["model"], row["weights"]) == (model, weights_id)
 
 
 def count_unfinished_runs(engine: Engine) -> int:
@@ -515,7 +518,7 @@ def count_unfinished_runs(engine: Engine) -> int:
     return int(count or 0)
 
 
-def unchanged_catalog(engine: Engine, root: Path) -> ChangeCounts | None:
+def unchanged_catalog(engine: Engine, source_id: int, root: Path) -> ChangeCounts | None:
     """The counts sync_catalog_task would report for a folder it would write nothing for (no
     file new, changed, re-stat'ed, deleted or unreadable); None when the folder changed.
 
@@ -523,7 +526,7 @@ def unchanged_catalog(engine: Engine, root: Path) -> ChangeCounts | None:
     file returns None at the first sure sign of a change (see _surely_changed), so that the
     flow, which then runs, is the only one to read and hash the files that changed.
     """
-    known = read_known(engine)
+    known = read_known(engine, source_id)
     if not known or _surely_changed(root, known):
         return None
     changes = find_changes(root, known)

@@ -20,6 +20,7 @@ from sqlalchemy.exc import (
     OperationalError,
 )
 
+from lookalike.sql.migrations import migrate
 from lookalike.sql.schema import metadata
 from lookalike.tasks.errors import LookalikeError, first_line
 
@@ -165,6 +166,7 @@ def create_schema(engine: Engine) -> None:
     # create_all checks, then creates table by table: a run starting at the same moment can
     # create a table between the two. Each such clash means one more table exists, so
     # checking again makes progress; len(tables) + 1 rounds always suffice.
+    migrate(engine)  # a database of one folder gains its sources first
     rounds = len(metadata.tables) + 1
     for round_number in range(1, rounds + 1):
         try:

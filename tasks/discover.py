@@ -10,6 +10,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from lookalike.sql.schema import MAX_FILE_NAME_CHARS
 from lookalike.tasks.decode import IMAGE_SUFFIXES
 from lookalike.tasks.errors import LookalikeError
 from lookalike.tasks.image_files import open_regular_file, read_head, sniff_image_type
@@ -17,8 +18,6 @@ from lookalike.tasks.image_files import open_regular_file, read_head, sniff_imag
 log = logging.getLogger(__name__)
 
 HASH_CHUNK = 1 << 20
-# image_names.file_name is VARCHAR(768) (sql/schema.py): MariaDB refuses longer paths.
-MAX_FILE_NAME_CHARS = 768
 
 
 class DiscoveryError(LookalikeError, RuntimeError):

@@ -298,9 +298,11 @@ def plan_batches_task(
     weights_id: str,
     reduced_scale: bool = False,
     model: str = DEFAULT_MODEL_NAME,
+    source_id: int | None = None,
 ) -> list[Batch]:
-    """Cut the pending images into content-addressed batches (reduced_scale: big JPEGs faster)."""
-    pending = list_pending(engine_for(database_url))
+    """Cut the pending images (of one source, or all) into content-addressed batches
+    (reduced_scale: big JPEGs faster)."""
+    pending = list_pending(engine_for(database_url), source_id)
     batches = plan_batches(
         pending, batch_size, weights_id, reduced_scale=reduced_scale, model=model
     )

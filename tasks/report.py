@@ -43,9 +43,10 @@ _ASSET_KEY_FORBIDDEN = re.compile(r"[\s#?&%\"'<>\[\]{}|\\^`]")
 
 @dataclass
 class ImageReads:
-    """Image files under root opened for reading while the counter was active, and their size."""
+    """Image files under the roots opened for reading while the counter was active, and their
+    size."""
 
-    root: str
+    roots: tuple[str, ...]
     files: int = 0
     bytes: int = 0
 
@@ -56,15 +57,16 @@ _hook_installed = False
 
 
 @contextlib.contextmanager
-def count_image_reads(root: str | os.PathLike[str]) -> Iterator[ImageReads]:
-    """Count every opening of a file under root, in any thread of this process, during the block.
+def count_image_reads(*roots: str | os.PathLike[str]) -> Iterator[ImageReads]:
+    """Count every opening of a file under the roots, in any thread of this process, during the
+    block (a file under two of them once).
 
     A file opened for hashing or decoding is read whole, so its size is what it cost; a file
     that is never opened costs nothing. Audit hooks cannot be removed, so one hook is installed
     for the life of the process and does nothing while no counter is active.
     """
     global _hook_installed
-    counter = ImageReads(os.path.join(os.path.realpath(root), ""))
+    counter = ImageReads(tuple(os.path.join(os.path.realpath(root), "") for root in roots))
     with _counter_lock:
         if not _hook_installed:
             sys.addaudithook(_on_audit_event)
@@ -85,7 +87,7 @@ def _on_audit_event(event: str, args: tuple[Any, ...]) -> None:
         return
     path = os.path.abspath(os.fsdecode(args[0]))
     with _counter_lock:
-        counters = [c for c in _active_counters if path.startswith(c.root)]
+        counters = [c for c in _active_counters if path.startswith(c.roots)]
     if not counters:
         return
     try:
@@ -128,7 +130,8 @@ def publish_run_summary(summary: Mapping[str, Any]) -> UUID:
         create_table_artifact(
             table=[{"measure": name, "value": value} for name, value in rows],
             key=SUMMARY_KEY,
-            description=f"process-images of {summary['root']} with weights {summary['weights']}",
+            description=f"process-images of {', '.join(summary['sources'])} with weights "
+            f"{summary['weights']}",
         )
     )
 
