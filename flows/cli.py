@@ -576,6 +576,7 @@ def command_duplicates(args: argparse.Namespace) -> int:
         {
             "group": g.id,
             "image_id": m.id,
+            "source": m.source,
             "file_name": m.file_name,
             "size": m.size,
             "width": m.width,
@@ -606,13 +607,14 @@ def write_duplicate_rows(
             print(
                 f"{row['group']:>8} {row['kind']:<5} {row['distance']:>10.4f} "
                 f"{row['width'] or '-':>5}x{row['height'] or '-':<5} {row['size']:>10} "
-                f"{row['file_name']}"
+                f"{row['source']}/{row['file_name']}"
             )
 
 
 DUPLICATE_COLUMNS = (
     "group",
     "image_id",
+    "source",
     "file_name",
     "size",
     "width",

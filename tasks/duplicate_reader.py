@@ -13,7 +13,13 @@ from typing import Any
 import numpy as np
 from sqlalchemy import Connection, Engine, select
 
-from lookalike.sql.schema import duplicate_groups, duplicate_pairs, duplicate_state, image_names
+from lookalike.sql.schema import (
+    duplicate_groups,
+    duplicate_pairs,
+    duplicate_state,
+    image_names,
+    sources,
+)
 from lookalike.tasks.duplicate_groups import Groups, Pairs, group_pairs, largest_first
 from lookalike.tasks.errors import LookalikeError
 from lookalike.tasks.settings import check_duplicate_threshold
@@ -30,7 +36,8 @@ class Member:
     """One image of a group; the representative first, at distance 0."""
 
     id: int
-    file_name: str
+    file_name: str  # relative to its source's root
+    source: str  # the source's name
     size: int
     width: int | None
     height: int | None
@@ -119,28 +126,40 @@ def _regrouped(conn: Connection, distance: float) -> Groups:
 
 
 def _select_in(conn: Connection, columns: list[Any], ids: list[int]) -> list[Any]:
-    """(id, *columns) of the images with these ids, in chunks."""
+    """(id, *columns) of the images with these ids, in chunks (columns of image_names and
+    of their sources)."""
     found: list[Any] = []
+    joined = image_names.join(sources, sources.c.id == image_names.c.source_id)
     for start in range(0, len(ids), CHUNK):
         chunk = ids[start : start + CHUNK]
         found += conn.execute(
-            select(image_names.c.id, *columns).where(image_names.c.id.in_(chunk))
+            select(image_names.c.id, *columns)
+            .select_from(joined)
+            .where(image_names.c.id.in_(chunk))
         ).all()
     return found
+
+
+# What a member shows: its path, source, size and dimensions.
+MEMBER_COLUMNS = [
+    image_names.c.file_name,
+    sources.c.name,
+    image_names.c.size,
+    image_names.c.width,
+    image_names.c.height,
+]
 
 
 def with_members(engine: Engine, index: GroupIndex, group_ids: list[int]) -> list[Group]:
     """The groups with these ids, each image with its path, size and dimensions."""
     ids = [i for g in group_ids for i, _, _ in index.rows[g]]
-    columns = [image_names.c.file_name, image_names.c.size]
-    columns += [image_names.c.width, image_names.c.height]
     with engine.connect() as conn:
-        meta = {row[0]: row for row in _select_in(conn, columns, ids)}
+        meta = {row[0]: row for row in _select_in(conn, MEMBER_COLUMNS, ids)}
     return [
         Group(
             g,
             [
-                Member(i, meta[i][1], int(meta[i][2]), meta[i][3], meta[i][4], d, k)
+                Member(i, meta[i][1], meta[i][2], int(meta[i][3]), meta[i][4], meta[i][5], d, k)
                 for i, d, k in index.rows[g]
                 if i in meta  # an image deleted since the groups were computed is left out
             ],
@@ -151,11 +170,9 @@ def with_members(engine: Engine, index: GroupIndex, group_ids: list[int]) -> lis
 
 def judged_members(engine: Engine, ids: set[int]) -> list[Member]:
     """Images joined to a group by "same object" judgements, by id (those that still exist)."""
-    columns = [image_names.c.file_name, image_names.c.size]
-    columns += [image_names.c.width, image_names.c.height]
     with engine.connect() as conn:
-        rows = sorted(_select_in(conn, columns, sorted(ids)))
-    return [Member(r[0], r[1], int(r[2]), r[3], r[4], None, JUDGED) for r in rows]
+        rows = sorted(_select_in(conn, MEMBER_COLUMNS, sorted(ids)))
+    return [Member(r[0], r[1], r[2], int(r[3]), r[4], r[5], None, JUDGED) for r in rows]
 
 
 def group_containing(index: GroupIndex, image_id: int) -> int | None:

@@ -12,7 +12,7 @@ from typing import Any
 from sqlalchemy import Connection, Engine, and_, func, or_, select, update
 from sqlalchemy.exc import DBAPIError, IntegrityError
 
-from lookalike.sql.schema import image_names, judgement_audit, judgements, users
+from lookalike.sql.schema import image_names, judgement_audit, judgements, sources, users
 from lookalike.tasks.database import is_transient, utcnow
 
 log = logging.getLogger(__name__)
@@ -243,8 +243,10 @@ def list_audit(conn: Connection, offset: int, limit: int) -> tuple[int, list[Aud
 
 EXPORT_FIELDS = (
     "image_id",
+    "image_source",
     "image_file",
     "neighbour_id",
+    "neighbour_source",
     "neighbour_file",
     "user",
     "verdict",
@@ -257,11 +259,20 @@ def export_judgements(engine: Engine) -> Iterator[dict[str, Any]]:
     """Every current judgement with both images' files (None where an image is gone)."""
     first = image_names.alias("first_image")
     second = image_names.alias("second_image")
+    first_source = sources.alias("first_source")
+    second_source = sources.alias("second_source")
     query = (
         _judgement_columns()
-        .add_columns(first.c.file_name.label("image_file"), second.c.file_name.label("other_file"))
+        .add_columns(
+            first.c.file_name.label("image_file"),
+            second.c.file_name.label("other_file"),
+            first_source.c.name.label("image_source"),
+            second_source.c.name.label("other_source"),
+        )
         .outerjoin(first, first.c.id == judgements.c.image_id)
         .outerjoin(second, second.c.id == judgements.c.other_id)
+        .outerjoin(first_source, first_source.c.id == first.c.source_id)
+        .outerjoin(second_source, second_source.c.id == second.c.source_id)
         .where(judgements.c.verdict.is_not(None))
         .order_by(judgements.c.image_id, judgements.c.other_id, judgements.c.user_id)
     )
@@ -269,8 +280,10 @@ def export_judgements(engine: Engine) -> Iterator[dict[str, Any]]:
         for row in conn.execute(query):
             yield {
                 "image_id": row.image_id,
+                "image_source": row.image_source,
                 "image_file": row.image_file,
                 "neighbour_id": row.other_id,
+                "neighbour_source": row.other_source,
                 "neighbour_file": row.other_file,
                 "user": row.user,
                 "verdict": row.verdict,

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 from sqlalchemy import Engine, select
 
-from lookalike.sql.schema import image_map, image_names, map_state
+from lookalike.sql.schema import image_map, image_names, map_state, sources
 from lookalike.tasks.errors import LookalikeError
 
 log = logging.getLogger(__name__)
@@ -37,7 +37,9 @@ class MapPoints:
     ids: np.ndarray  # (n,) int64
     xy: np.ndarray  # (n, 2) float32
     packed: bytes  # n POINT_FORMAT records, in id order
-    folders: list[str]  # top-level folders, sorted ("" for files at the root)
+    # The groups the page colours by, sorted: top-level folders ("" for files at the root),
+    # as "source/folder" when the archive has several sources.
+    folders: list[str]
     folder_of: np.ndarray  # (n,) index into folders of each point, in id order
 
     def near(
@@ -77,26 +79,30 @@ def read_map(engine: Engine) -> MapPoints:
             .select_from(joined)
             .order_by(image_map.c.image_id)
         ).all()
-        names = (
-            conn.execute(
-                select(image_names.c.file_name).select_from(joined).order_by(image_map.c.image_id)
-            )
-            .scalars()
-            .all()
-        )
+        named = joined.join(sources, sources.c.id == image_names.c.source_id)
+        names = conn.execute(
+            select(sources.c.name, image_names.c.file_name)
+            .select_from(named)
+            .order_by(image_map.c.image_id)
+        ).all()
     table = rows_as_array(rows, 3)
     packed = np.empty(len(table), dtype=POINT_FORMAT)
     packed["id"], packed["x"], packed["y"] = table[:, 0], table[:, 1], table[:, 2]
     etag = layout_etag(state.fingerprint, state.computed_at)
     xy = np.column_stack([packed["x"], packed["y"]]).astype(np.float32)
-    folders, folder_of = top_folders(names)
+    folders, folder_of = top_folders([name for _, name in names], [source for source, _ in names])
     ids = table[:, 0].astype(np.int64)
     return MapPoints(etag, ids, xy, packed.tobytes(), folders, folder_of)
 
 
-def top_folders(file_names: Sequence[str]) -> tuple[list[str], np.ndarray]:
-    """The sorted top-level folders of these paths, and each path's index among them."""
+def top_folders(
+    file_names: Sequence[str], source_names: Sequence[str] | None = None
+) -> tuple[list[str], np.ndarray]:
+    """The sorted top-level folders of these paths, and each path's index among them; with
+    the paths' sources, when there are several, "source/folder"."""
     tops = [name.split("/", 1)[0] if "/" in name else "" for name in file_names]
+    if source_names is not None and len(set(source_names)) > 1:
+        tops = [f"{source}/{top}" for source, top in zip(source_names, tops, strict=True)]
     folders = sorted(set(tops))
     where = {folder: i for i, folder in enumerate(folders)}
     return folders, np.array([where[top] for top in tops], dtype=np.int32)
