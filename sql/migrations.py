@@ -6,7 +6,7 @@ import logging
 import re
 from pathlib import PurePath
 
-from sqlalchemy import Connection, Engine, MetaData, inspect, text
+from sqlalchemy import Connection, DateTime, Engine, MetaData, Text, inspect, text
 
 from lookalike.sql.schema import MAX_SOURCE_NAME_CHARS, image_names, sources
 
@@ -48,7 +48,10 @@ def migrate(engine: Engine) -> bool:
 def _copy_root_to_source(conn: Connection) -> None:
     """Source 1 from the collection row's root (none for a database that never ran)."""
     sources.create(conn, checkfirst=True)
-    row = conn.execute(text("SELECT root, created_at FROM collection WHERE id = 1")).first()
+    old_row = text("SELECT root, created_at FROM collection WHERE id = 1").columns(
+        root=Text, created_at=DateTime
+    )
+    row = conn.execute(old_row).first()
     if row is not None:
         conn.execute(
             sources.insert().values(
@@ -63,7 +66,8 @@ def _migrate_sqlite(engine: Engine) -> None:
     """SQLite cannot change a table's constraints: image_names is rebuilt (SQLite's
     documented twelve steps), with foreign keys off so that the drop cascades to nothing."""
     with engine.connect() as conn:
-        conn.exec_driver_sql("PRAGMA foreign_keys=OFF")
+        conn.exec_driver_sql("PRAGMA foreign_keys=OFF")  # a no-op inside a transaction
+        conn.commit()
         try:
             with conn.begin():
                 if "source_id" in {c["name"] for c in inspect(conn).get_columns("image_names")}:
@@ -76,6 +80,7 @@ def _migrate_sqlite(engine: Engine) -> None:
                     raise RuntimeError(f"migration left broken references: {problems[:3]}")
         finally:
             conn.exec_driver_sql("PRAGMA foreign_keys=ON")
+            conn.commit()
 
 
 def _rebuild_sqlite_image_names(conn: Connection) -> None:
