@@ -18,7 +18,7 @@ from sqlalchemy.pool import QueuePool
 from lookalike.api.admission import Admission
 from lookalike.api.controllers.duplicates import get_image_duplicates, list_duplicates
 from lookalike.api.controllers.health import health
-from lookalike.api.controllers.images import ImageController
+from lookalike.api.controllers.images import SHORT_HEADER, ImageController
 from lookalike.api.controllers.judgements import (
     delete_judgement,
     list_judgement_history,
@@ -35,12 +35,14 @@ from lookalike.api.controllers.pages import (
 )
 from lookalike.api.controllers.search import search_by_text, search_by_upload
 from lookalike.api.controllers.session import SessionController
+from lookalike.api.controllers.sources import list_sources
 from lookalike.api.controllers.stats import get_stats
 from lookalike.api.dependencies import Services, build_dependencies
 from lookalike.api.errors import EXCEPTION_HANDLERS
 from lookalike.api.judgement_store import JudgementStore
 from lookalike.api.neighbour_cache import NeighbourCache, NeighbourLookup
 from lookalike.api.repository import ImageRepository, StatsCache
+from lookalike.api.schema_check import SchemaGate
 from lookalike.api.search_index import SimilaritySearch
 from lookalike.api.security import Accounts, security_middleware
 from lookalike.tasks.database import create_db_engine, create_reader_engine, is_mariadb
@@ -89,6 +91,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
         maps=MapCache(engine),
         accounts=Accounts(engine),
         judgement_store=judgements,
+        schema_gate=SchemaGate(engine),
     )
     return Litestar(
         route_handlers=[
@@ -107,6 +110,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
             search_by_upload,
             search_by_text,
             get_stats,
+            list_sources,
             health,
             index_page,
             duplicates_page,
@@ -115,6 +119,9 @@ def create_app(settings: Settings | None = None) -> Litestar:
         ],
         dependencies=build_dependencies(services),
         exception_handlers=EXCEPTION_HANDLERS,
+        # 503 on /api and /data while the tables predate sources. A layer's own before_request
+        # replaces this one (the static files' does, and need not wait for a migration).
+        before_request=services.schema_gate.before_request(),
         state=State(vars(services)),  # the same objects, for tests and tools
         cors_config=cors_config(settings.cors_origins),
         middleware=[security_middleware(settings)],
@@ -181,7 +188,12 @@ def cors_config(origins: str) -> CORSConfig | None:
     allowed = [origin.strip() for origin in origins.split(",") if origin.strip()]
     if not allowed:
         return None
-    return CORSConfig(allow_origins=allowed, allow_methods=["GET", "POST"], allow_credentials=False)
+    return CORSConfig(
+        allow_origins=allowed,
+        allow_methods=["GET", "POST"],
+        allow_credentials=False,
+        expose_headers=[SHORT_HEADER],  # the neighbours' "fewer than asked for"
+    )
 
 
 def run_server(settings: Settings) -> None:

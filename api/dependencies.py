@@ -12,6 +12,7 @@ from lookalike.api.admission import Admission
 from lookalike.api.judgement_store import JudgementStore
 from lookalike.api.neighbour_cache import NeighbourCache, NeighbourLookup
 from lookalike.api.repository import ImageRepository, StatsCache
+from lookalike.api.schema_check import SchemaGate
 from lookalike.api.search_index import SimilaritySearch
 from lookalike.api.security import Accounts
 from lookalike.tasks.duplicate_reader import GroupIndexCache
@@ -30,6 +31,7 @@ SERVICE_NAMES = (
     "maps",
     "accounts",
     "judgement_store",
+    "schema_gate",
 )
 
 
@@ -48,6 +50,7 @@ class Services:
     maps: MapCache
     accounts: Accounts
     judgement_store: JudgementStore
+    schema_gate: SchemaGate
 
 
 def build_dependencies(services: Services) -> dict[str, Provide]:

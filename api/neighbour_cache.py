@@ -16,11 +16,15 @@ from dataclasses import dataclass
 
 import numpy as np
 from litestar.concurrency import sync_to_thread
-from sqlalchemy import Engine, text
+from sqlalchemy import Connection, Engine, text
 
-from lookalike.api.errors import BadRequestError
 from lookalike.api.judgement_store import JudgementStore, with_verdicts
-from lookalike.api.repository import DEFAULT_NEIGHBOURS, ImageRepository, RunMarker
+from lookalike.api.repository import (
+    ImageRepository,
+    RunMarker,
+    SourceFilter,
+    wanted_neighbours,
+)
 from lookalike.api.schemas import Neighbour
 
 log = logging.getLogger(__name__)
@@ -34,6 +38,10 @@ _ALL_LISTS = text(
     "FROM image_neighbours GROUP BY image_id"
 )
 GROUP_CONCAT_LIMIT = 1 << 24  # bytes per list; 32767 ranks of ~20 characters fit
+_ALL_NAMES = text(
+    "SELECT image_names.id, image_names.file_name, sources.name "
+    "FROM image_names JOIN sources ON sources.id = image_names.source_id"
+)
 
 
 @dataclass(frozen=True)
@@ -45,6 +53,15 @@ class CachedNeighbourLists:
     neighbour_ids: np.ndarray  # int32, every list one after the other
     distances: np.ndarray  # float64: the exact values the database path returns
     names: dict[int, str]
+    sources: dict[int, str]  # image id -> its source's name (one string object per source)
+
+
+@dataclass(frozen=True)
+class NeighbourAnswer:
+    """The neighbours to show, and how many the request asked for (more: a filter left fewer)."""
+
+    neighbours: list[Neighbour]
+    wanted: int
 
 
 class NeighbourCache:
@@ -64,19 +81,15 @@ class NeighbourCache:
         if lists is None or span is None:
             return None  # not loaded, being reloaded, or no lists for this id: ask the database
         start, stop = span
-        stored = stop - start
-        if k is None:
-            k = min(DEFAULT_NEIGHBOURS, stored)
-        elif k > stored:
-            raise BadRequestError(f"k must be between 1 and {stored} for image {image_id}")
-        ids = lists.neighbour_ids[start : start + k].tolist()
-        distances = lists.distances[start : start + k].tolist()
-        names = lists.names
-        # Positional arguments: measurably faster than keywords on the hottest route.
-        return [
-            Neighbour(neighbour, names[neighbour], rank, distance)
-            for rank, (neighbour, distance) in enumerate(zip(ids, distances, strict=True), 1)
-        ]
+        return _ranked(lists, start, wanted_neighbours(image_id, k, stop - start))
+
+    def lookup_all(self, image_id: int) -> list[Neighbour] | None:
+        """Every stored neighbour from memory; None when the database must answer."""
+        lists = self._lists
+        span = None if lists is None else lists.spans.get(image_id)
+        if lists is None or span is None:
+            return None
+        return _ranked(lists, span[0], span[1] - span[0])
 
     def describe(self) -> str:
         """'N lists' when answering from memory, else 'loading'."""
@@ -147,29 +160,72 @@ class NeighbourLookup:
         self.cache = cache
         self.judgements = judgements
 
-    async def fetch(self, image_id: int, k: int | None) -> list[Neighbour]:
-        """The k nearest neighbours of an image (default up to 20), closest first."""
+    async def fetch(
+        self, image_id: int, k: int | None, only: SourceFilter | None = None
+    ) -> NeighbourAnswer:
+        """The k nearest neighbours of an image (default up to 20), closest first; with a
+        source filter, the stored list is filtered first, then cut to k (possibly fewer)."""
+        if only is not None:
+            return await self._fetch_filtered(image_id, k, only)
         cached = None if self.cache is None else self.cache.lookup(image_id, k)
         if cached is not None:
-            return cached  # no thread hop, no query
-        return await sync_to_thread(self.repository.get_neighbours, image_id, k)
+            return NeighbourAnswer(cached, len(cached))  # no thread hop, no query
+        found = await sync_to_thread(self.repository.get_neighbours, image_id, k)
+        return NeighbourAnswer(found, len(found))
+
+    async def _fetch_filtered(
+        self, image_id: int, k: int | None, only: SourceFilter
+    ) -> NeighbourAnswer:
+        """The stored list, filtered by source, then cut to what the request asks for."""
+        stored = await self.everything(image_id)
+        wanted = wanted_neighbours(image_id, k, len(stored))  # k checked against the stored k
+        kept = [neighbour for neighbour in stored if only.keeps(neighbour.source)]
+        return NeighbourAnswer(kept[:wanted], wanted)
+
+    async def everything(self, image_id: int) -> list[Neighbour]:
+        """Every stored neighbour of an image (404 for an unknown id), closest first."""
+        cached = None if self.cache is None else self.cache.lookup_all(image_id)
+        if cached is not None:
+            return cached
+        return await sync_to_thread(self.repository.get_stored_neighbours, image_id)
 
     async def judged(
-        self, image_id: int, found: list[Neighbour], user_id: int | None, hide: bool
+        self,
+        image_id: int,
+        found: NeighbourAnswer,
+        user_id: int | None,
+        hide: bool,
+        only: SourceFilter | None = None,
     ) -> list[Neighbour]:
         """The neighbours with curators' verdicts; with hide, the caller's "not similar"
         pairs (anonymous: where that verdict outnumbers the others) are replaced by further
-        stored neighbours. No thread hop or query while the database holds no verdicts."""
-        if not found or not self.judgements.may_have_verdicts():
-            return found
-        signed_in = user_id is not None
-        verdicts = await sync_to_thread(self.judgements.annotate, image_id, found, user_id)
-        shown = with_verdicts(found, verdicts, hide, signed_in)
-        if len(shown) == len(found):
+        stored neighbours (of the filter's sources). No thread hop or query while the
+        database holds no verdicts."""
+        shown = found.neighbours
+        if not shown or not self.judgements.may_have_verdicts():
             return shown
-        everything = await sync_to_thread(self.repository.get_all_neighbours, image_id)
+        signed_in = user_id is not None
+        verdicts = await sync_to_thread(self.judgements.annotate, image_id, shown, user_id)
+        kept = with_verdicts(shown, verdicts, hide, signed_in)
+        if len(kept) == len(shown):
+            return kept
+        everything = await self.everything(image_id)
+        if only is not None:
+            everything = [n for n in everything if only.keeps(n.source)]
         verdicts = await sync_to_thread(self.judgements.annotate, image_id, everything, user_id)
-        return with_verdicts(everything, verdicts, True, signed_in)[: len(found)]
+        return with_verdicts(everything, verdicts, True, signed_in)[: found.wanted]
+
+
+def _ranked(lists: CachedNeighbourLists, start: int, count: int) -> list[Neighbour]:
+    """count neighbours of the list that starts at start, with their names and ranks."""
+    ids = lists.neighbour_ids[start : start + count].tolist()
+    distances = lists.distances[start : start + count].tolist()
+    names, sources = lists.names, lists.sources
+    # Positional arguments: measurably faster than keywords on the hottest route.
+    return [
+        Neighbour(neighbour, names[neighbour], sources[neighbour], rank, distance)
+        for rank, (neighbour, distance) in enumerate(zip(ids, distances, strict=True), 1)
+    ]
 
 
 def read_all_lists(engine: Engine, marker: RunMarker) -> CachedNeighbourLists:
@@ -185,12 +241,24 @@ def read_all_lists(engine: Engine, marker: RunMarker) -> CachedNeighbourLists:
             distance_parts.append(np.array(distances_text.split(","), dtype=np.float64))
             spans[int(image_id)] = (filled, filled + len(id_parts[-1]))
             filled += len(id_parts[-1])
-        rows = conn.execute(text("SELECT id, file_name FROM image_names")).tuples()
-        names: dict[int, str] = {int(image_id): name for image_id, name in rows}
+        names, sources = _read_names(conn)
     return CachedNeighbourLists(
         marker,
         spans,
         np.concatenate(id_parts) if id_parts else np.empty(0, np.int32),
         np.concatenate(distance_parts) if distance_parts else np.empty(0, np.float64),
         names,
+        sources,
     )
+
+
+def _read_names(conn: Connection) -> tuple[dict[int, str], dict[int, str]]:
+    """Every image's file name and source name; each source name is one shared string."""
+    rows = conn.execute(_ALL_NAMES).tuples()
+    names: dict[int, str] = {}
+    sources: dict[int, str] = {}
+    shared: dict[str, str] = {}
+    for image_id, name, source in rows:
+        names[int(image_id)] = name
+        sources[int(image_id)] = shared.setdefault(source, source)
+    return names, sources

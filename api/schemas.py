@@ -14,7 +14,8 @@ class ImageSummary(msgspec.Struct):
     """One row of the image list."""
 
     id: int
-    file_name: str
+    file_name: str  # relative to its source's root folder
+    source: str  # the name of the source (folder) it belongs to
     width: int | None
     height: int | None
     status: str
@@ -34,6 +35,7 @@ class ImageDetail(msgspec.Struct):
 
     id: int
     file_name: str
+    source: str
     content_hash: str
     size: int
     mtime_ns: int
@@ -60,6 +62,7 @@ class Neighbour(msgspec.Struct):
 
     id: int
     file_name: str
+    source: str
     rank: int
     distance: float
     verdicts: VerdictCounts = msgspec.field(default_factory=VerdictCounts)
@@ -157,6 +160,27 @@ class Stats(msgspec.Struct):
     weights: str | None
     last_completed_run: str | None  # ISO 8601, UTC as stored
     text_search: bool | None = None  # the model has a text tower: GET /api/search?text= works
+    sources: int = 0  # how many sources (image folders) the archive has
+
+
+class SourceRun(msgspec.Struct):
+    """The last run that brought a source up to date."""
+
+    id: int
+    status: str  # running | completed | failed | interrupted
+    finished_at: str | None  # ISO 8601, UTC as stored; null while running
+
+
+class Source(msgspec.Struct):
+    """One image folder of the archive, with its images counted by status."""
+
+    name: str
+    root: str  # the folder, as the pipeline was given it
+    images: int
+    ok: int
+    failed: int
+    pending: int
+    last_run: SourceRun | None  # null until a run brought the source up to date
 
 
 class Health(msgspec.Struct, omit_defaults=True):
@@ -179,6 +203,7 @@ class DuplicateImage(msgspec.Struct):
 
     id: int
     file_name: str
+    source: str
     size: int
     width: int | None
     height: int | None
@@ -228,6 +253,7 @@ class MapPoint(msgspec.Struct):
 
     id: int
     file_name: str
+    source: str
     x: float
     y: float
     distance: float  # from the place asked about, in map units

@@ -138,7 +138,7 @@ class SimilaritySearch:
             if int(image_id) in names
         ]
         return [
-            Neighbour(id=image_id, file_name=names[image_id], rank=rank, distance=distance)
+            Neighbour(image_id, *names[image_id], rank=rank, distance=distance)
             for rank, (image_id, distance) in enumerate(found, start=1)
         ]
 

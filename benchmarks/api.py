@@ -87,7 +87,14 @@ def scratch_database(keep: str | None) -> Iterator[tuple[str, bool]]:
 
 def fill_database(url: str, images: int, k: int, folder: Path) -> None:
     """Synthetic rows through LOAD DATA LOCAL INFILE: names, features and k neighbours each."""
-    from lookalike.sql.schema import RUN_COMPLETED, collection, image_neighbours, metadata, runs
+    from lookalike.sql.schema import (
+        RUN_COMPLETED,
+        collection,
+        image_neighbours,
+        metadata,
+        runs,
+        sources,
+    )
     from lookalike.tasks.catalog import DEFAULT_MODEL_NAME as MODEL_NAME
     from lookalike.tasks.database import create_db_engine
     from lookalike.tasks.models import weights_identity
@@ -99,18 +106,22 @@ def fill_database(url: str, images: int, k: int, folder: Path) -> None:
     now = datetime.now().replace(microsecond=0)
     with engine.begin() as conn:
         conn.execute(
-            collection.insert().values(
-                id=1, root=str(folder), model=MODEL_NAME, weights=weights_id, created_at=now
-            )
+            collection.insert().values(id=1, model=MODEL_NAME, weights=weights_id, created_at=now)
         )
-        conn.execute(
+        run = conn.execute(
             runs.insert().values(
                 started_at=now, finished_at=now, status=RUN_COMPLETED, weights=weights_id
             )
         )
+        conn.execute(  # one source holds every image (write_names_file's source_id 1)
+            sources.insert().values(
+                id=1, name="bench", root=str(folder), created_at=now,
+                last_run_id=run.inserted_primary_key[0],  # type: ignore[index]
+            )
+        )  # fmt: skip
     loads = [
-        ("image_names", write_names_file, "(id, file_name, content_hash, size, mtime_ns, "
-         "width, height, status, indexed)", ""),
+        ("image_names", write_names_file, "(id, source_id, file_name, content_hash, size, "
+         "mtime_ns, width, height, status, indexed)", ""),
         ("image_features", write_features_file, "(image_id, model, @hex)",
          "SET features = UNHEX(@hex)"),
         ("image_neighbours", write_neighbours_file, "(image_id, `rank`, neighbour_id, distance)",
@@ -143,7 +154,7 @@ def write_names_file(path: Path, images: int, _k: int) -> None:
     with path.open("w") as out:
         for image_id in range(1, images + 1):
             out.write(
-                f"{image_id}\tbench/{image_id // 1000:03d}/{image_id:07d}.jpg\t"
+                f"{image_id}\t1\tbench/{image_id // 1000:03d}/{image_id:07d}.jpg\t"
                 f"{uuid.UUID(int=image_id).hex}\t123456\t1700000000000000000\t640\t480\tok\t1\n"
             )
 

@@ -43,6 +43,7 @@ from tests.pipeline_catalog import (
 )
 
 REPO = Path(__file__).resolve().parent.parent
+SOURCE = "images"  # the catalog's folder's own name, the name a run gives its source
 
 
 @pytest.fixture
@@ -77,6 +78,7 @@ def test_list_pages_in_id_order_and_filters_by_path(client: TestClient, catalog:
     assert page["items"][all_ids.index(photo)] == {
         "id": photo,
         "file_name": "photos/photo_000_00000.jpg",
+        "source": SOURCE,
         "width": 160,
         "height": 120,
         "status": "ok",
@@ -300,6 +302,7 @@ def test_stats_count_the_collection(client: TestClient, catalog: Catalog) -> Non
         "weights": "none (random init, seed 0, numpy he-uniform)",  # as the run stored it
         "last_completed_run": catalog.last_completed_run.isoformat(),
         "text_search": False,  # InceptionV3 has no text tower
+        "sources": 1,
     }
 
 

@@ -24,6 +24,7 @@ from lookalike.sql.schema import metadata
 from lookalike.tasks.settings import Settings
 from scripts.chromium_args import CHROMIUM, launch_chromium
 from tests.pipeline_catalog import Catalog, app_settings, build_catalog
+from tests.test_api_sources import ARCHIVE, MUSEUM, SHARED, Archive, build_archive
 
 TIMEOUT_MS = 20_000
 
@@ -83,6 +84,15 @@ def served_empty(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     engine.dispose()
     with serving(app_settings(url, base)) as served_url:
         yield served_url
+
+
+@pytest.fixture(scope="module")
+def served_sources(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Archive]]:
+    """Three sources, two of them sharing a relative path (tests/test_api_sources.py), served."""
+    base = tmp_path_factory.mktemp("browser-sources")
+    archive = build_archive(f"sqlite:///{base / 'db.sqlite'}", base / "images")
+    with serving(app_settings(archive.url, base)) as url:
+        yield url, archive
 
 
 @pytest.fixture(scope="module")
@@ -377,3 +387,46 @@ def test_an_empty_collection_says_how_to_fill_it(served_empty: str, page: Any) -
     page.locator("#random").click()
     expect(message).to_contain_text("lookalike process FOLDER", timeout=TIMEOUT_MS)
     assert page.locator("#current").is_hidden()
+
+
+def test_the_source_filter_keeps_to_one_source(
+    served_sources: tuple[str, Archive], page: Any
+) -> None:
+    url, archive = served_sources
+    image_id = archive.id(MUSEUM, "a/2.jpg")
+    page.goto(f"{url}/?id={image_id}")
+    expect(page.locator("#neighbours-title")).to_have_text("The 4 most similar", timeout=TIMEOUT_MS)
+    expect(page.locator("#current-meta")).to_contain_text(f"source {MUSEUM}")
+    cards = page.locator("#neighbours .source")
+    expected = [f"source {archive.source_of(i)}" for i in archive.neighbours[image_id]]
+    assert cards.all_text_contents() == expected  # each card names its source
+    choice = page.get_by_label("Source")
+    expect(choice).to_be_visible()
+    assert page.locator("#source-filter option").all_inner_texts() == [
+        "all sources", "archive (3)", "empty (0)", "museum (4)",
+    ]  # fmt: skip
+    assert page.locator("#neighbours-short").is_hidden()
+
+    choice.select_option(ARCHIVE)
+    title = f"The 2 most similar in \u201c{ARCHIVE}\u201d"
+    expect(page.locator("#neighbours-title")).to_have_text(title, timeout=TIMEOUT_MS)
+    assert cards.all_text_contents() == [f"source {ARCHIVE}"] * 2
+    expect(page.locator("#neighbours-short")).to_have_text(
+        f"Only 2 of the 4 stored similar images are in \u201c{ARCHIVE}\u201d."
+    )
+    # Previous and Next stay within the source; so does the path search.
+    page.locator("#next").click()
+    page.wait_for_url(re.compile(rf"\?id={archive.id(ARCHIVE, 'c/4.jpg')}$"))
+    page.fill("#path-query", SHARED)
+    page.press("#path-query", "Enter")
+    expect(page.locator("#path-results-title")).to_have_text(
+        f"1 paths contain \u201c{SHARED}\u201d in \u201c{ARCHIVE}\u201d", timeout=TIMEOUT_MS
+    )
+    choice.select_option("")  # all sources again: both a/1.jpg, each with its source
+    expect(page.locator("#path-results-list li")).to_have_count(2, timeout=TIMEOUT_MS)
+    assert page.locator("#path-results-list li").all_text_contents() == [
+        f"{SHARED} source {MUSEUM}",
+        f"{SHARED} source {ARCHIVE}",
+    ]
+    expect(page.locator("#neighbours-title")).to_have_text("The 4 most similar", timeout=TIMEOUT_MS)
+    assert page.locator("#neighbours-short").is_hidden()

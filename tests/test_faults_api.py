@@ -68,6 +68,7 @@ OPERATIONS = (
     ("POST", "/api/search"),
     ("GET", "/api/search"),
     ("GET", "/api/stats"),
+    ("GET", "/api/sources"),
     ("GET", "/health"),
     ("GET", "/api/duplicates"),
     ("GET", "/api/images/{image_id}/duplicates"),

@@ -24,6 +24,7 @@ from lookalike.sql.schema import (
     image_neighbours,
     metadata,
     runs,
+    sources,
 )
 from lookalike.tasks.decode import decode_image
 from lookalike.tasks.knn import knn_all
@@ -32,6 +33,7 @@ from lookalike.tasks.settings import Settings
 from tests.odd_images import write_photos
 
 K = 6
+SOURCE = "demo"
 FINISHED = datetime(2025, 2, 3, 4, 5, 6)
 REPO = Path(__file__).resolve().parents[1]
 
@@ -61,10 +63,12 @@ def build_collection(base: Path, model: str = "InceptionV3") -> Collection:
     with engine.begin() as conn:
         conn.execute(
             collection.insert().values(
-                id=1, root=str(root), model=model, weights=weights_identity("none"),
-                created_at=FINISHED,
+                id=1, model=model, weights=weights_identity("none"), created_at=FINISHED
             )
-        )  # fmt: skip
+        )
+        conn.execute(
+            sources.insert().values(id=1, name=SOURCE, root=str(root), created_at=FINISHED)
+        )
         ids = [insert_image(conn, name) for name in names]
         conn.execute(
             image_features.insert(),
@@ -83,7 +87,7 @@ def insert_image(conn: sqlalchemy.Connection, name: str) -> int:
     """One ok image row; its id."""
     result = conn.execute(
         image_names.insert().values(
-            file_name=name, content_hash=name.ljust(32, "0")[:32], size=1, mtime_ns=1,
+            source_id=1, file_name=name, content_hash=name.ljust(32, "0")[:32], size=1, mtime_ns=1,
             width=160, height=120, status="ok",
         )
     )  # fmt: skip
@@ -137,7 +141,8 @@ def test_an_indexed_photo_finds_itself_then_its_stored_list(indexed: Collection)
         expected = [*stored[:at], (image_id, 0.0), *stored[at:]]
         assert [(n.id, n.distance) for n in found] == expected, name
         assert [n.rank for n in found] == list(range(1, K + 2))
-        assert all(n.file_name == repository.file_names([n.id])[n.id] for n in found)
+        assert all((n.file_name, n.source) == repository.file_names([n.id])[n.id] for n in found)
+        assert {n.source for n in found} == {SOURCE}
 
 
 @pytest.mark.slow
@@ -194,10 +199,9 @@ def test_a_collection_without_features_answers_empty_without_the_model(tmp_path:
     with engine.begin() as conn:
         conn.execute(
             collection.insert().values(
-                id=1, root=str(tmp_path), model="InceptionV3", weights="imagenet",
-                created_at=FINISHED,
+                id=1, model="InceptionV3", weights="imagenet", created_at=FINISHED
             )
-        )  # fmt: skip
+        )
     engine.dispose()
     search = searcher(url)
     photo = write_photos(tmp_path / "upload", 1)[0].read_bytes()
@@ -211,11 +215,8 @@ def test_a_collection_of_an_unknown_model_is_refused(tmp_path: Path) -> None:
     metadata.create_all(engine)
     with engine.begin() as conn:
         conn.execute(
-            collection.insert().values(
-                id=1, root=str(tmp_path), model="VGG16", weights="imagenet",
-                created_at=FINISHED,
-            )
-        )  # fmt: skip
+            collection.insert().values(id=1, model="VGG16", weights="imagenet", created_at=FINISHED)
+        )
     engine.dispose()
     photo = write_photos(tmp_path / "upload", 1)[0].read_bytes()
     with pytest.raises(ServiceUnavailableError, match="indexed with model 'VGG16', which"):
@@ -250,7 +251,8 @@ with TestClient(app=create_app(settings)) as client:
     assert answer.status_code == 200, answer.text
 pipeline = ("prefect", "lookalike.tasks.extract", "lookalike.tasks.catalog")
 loaded = [m for m in pipeline if m in sys.modules]
-print(json.dumps({"first": answer.json()[0]["file_name"], "loaded": loaded}))
+first = answer.json()[0]
+print(json.dumps({"first": [first["source"], first["file_name"]], "loaded": loaded}))
 """
 
 
@@ -268,4 +270,4 @@ def test_a_search_loads_neither_prefect_nor_the_extraction_pipeline(
     )
     assert result.returncode == 0, result.stderr
     answer = json.loads(result.stdout.splitlines()[-1])
-    assert answer == {"first": "photos/photo_003_00002.jpg", "loaded": []}
+    assert answer == {"first": [SOURCE, "photos/photo_003_00002.jpg"], "loaded": []}

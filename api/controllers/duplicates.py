@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Annotated
 
 from litestar import get
@@ -22,7 +23,6 @@ from lookalike.tasks.duplicate_reader import (
     Group,
     GroupIndex,
     GroupIndexCache,
-    Member,
     group_containing,
     judged_members,
     with_members,
@@ -85,9 +85,7 @@ def with_judged(
     if groups:
         return [Group(groups[0].id, groups[0].members + judged)]
     (itself,) = judged_members(repository.engine, {image_id})
-    representative = Member(
-        itself.id, itself.file_name, itself.size, itself.width, itself.height, 0.0, "exact"
-    )
+    representative = replace(itself, distance=0.0, kind="exact")
     return [Group(image_id, [representative, *judged])]
 
 
@@ -112,7 +110,9 @@ def _page(index: GroupIndex, groups: list[Group], offset: int, limit: int) -> Du
                 id=g.id,
                 size=len(g.members),
                 images=[
-                    DuplicateImage(m.id, m.file_name, m.size, m.width, m.height, m.distance, m.kind)
+                    DuplicateImage(
+                        m.id, m.file_name, m.source, m.size, m.width, m.height, m.distance, m.kind
+                    )
                     for m in g.members
                 ],
             )

@@ -8,12 +8,13 @@ from typing import Annotated, Any, Literal, cast
 import msgspec
 from litestar import Controller, MediaType, Request, Response, get
 from litestar.concurrency import sync_to_thread
+from litestar.datastructures import ResponseHeader
 from litestar.params import Parameter
 from litestar.response import File
 
 from lookalike.api.admission import Admission, client_key, limit_renders, refused_slowly
 from lookalike.api.controllers.params import ImageId
-from lookalike.api.errors import BadRequestError, ServiceUnavailableError
+from lookalike.api.errors import BadRequestError
 from lookalike.api.fingerprint import render_png, render_svg
 from lookalike.api.media import (
     THUMBNAIL_SIZES,
@@ -24,7 +25,7 @@ from lookalike.api.media import (
 )
 from lookalike.api.neighbour_cache import NeighbourLookup
 from lookalike.api.openapi import REFUSALS, RefusableOperation
-from lookalike.api.repository import MAX_RANK, ImageRepository
+from lookalike.api.repository import MAX_RANK, ImageFile, ImageRepository, SourceFilter
 from lookalike.api.schemas import Features, ImageDetail, ImagePage, Neighbour
 from lookalike.api.security import current_identity
 from lookalike.tasks.settings import Settings
@@ -40,6 +41,23 @@ RENDER_LIMITED: dict[str, Any] = {
     "responses": {429: REFUSALS[429]},
     "operation_class": RefusableOperation,
 }
+# Sent when a filter (sources, hidden pairs) left fewer neighbours than the request asked for:
+# how many there are. A bare list stays the answer, so default requests are unchanged.
+SHORT_HEADER = "X-Neighbours-Short"
+SHORT_DOCUMENTED = ResponseHeader(
+    name=SHORT_HEADER,
+    documentation_only=True,
+    required=False,
+    description="How many neighbours the answer holds, when a filter left fewer than asked for",
+)
+SourceNames = Annotated[
+    list[str] | None,
+    Parameter(description="A source's name (repeatable); unknown names are refused with 400"),
+]
+ExcludedNames = Annotated[
+    list[str] | None,
+    Parameter(description="Leave out neighbours in this source (repeatable; not with source)"),
+]
 
 
 class ImageController(Controller):
@@ -55,16 +73,23 @@ class ImageController(Controller):
         offset: Annotated[int, Parameter(ge=0, le=MAX_OFFSET)] = 0,
         limit: Annotated[int, Parameter(ge=1, le=MAX_PAGE)] = 50,
         q: Annotated[str | None, Parameter(max_length=768, description="Path substring")] = None,
+        source: SourceNames = None,
     ) -> ImagePage:
-        """Images in id order; ``q`` keeps those whose path contains it (case-insensitive)."""
-        return repository.list_images(offset, limit, q)
+        """Images in id order; ``q`` keeps those whose path contains it (case-insensitive),
+        ``source`` those in the named sources."""
+        source_ids = repository.source_ids(source) if source else ()
+        return repository.list_images(offset, limit, q, source_ids)
 
     @get("/{image_id:int}", sync_to_thread=True)
-    def get_image(self, repository: ImageRepository, image_id: ImageId) -> ImageDetail:
-        """One image with its metadata."""
-        return repository.get_image(image_id)
+    def get_image(
+        self, repository: ImageRepository, image_id: ImageId, source: SourceNames = None
+    ) -> ImageDetail:
+        """One image with its metadata; with ``source``, previous_id and next_id are those of
+        the named sources (the image itself may be in any)."""
+        source_ids = repository.source_ids(source) if source else ()
+        return repository.get_image(image_id, source_ids)
 
-    @get("/{image_id:int}/neighbours")
+    @get("/{image_id:int}/neighbours", response_headers=[SHORT_DOCUMENTED])
     async def get_neighbours(
         self,
         request: Request[Any, Any, Any],
@@ -77,23 +102,30 @@ class ImageController(Controller):
             Literal["not_similar"] | None,
             Parameter(description="not_similar: leave out pairs judged not similar"),
         ] = None,
+        source: SourceNames = None,
+        exclude_source: ExcludedNames = None,
     ) -> Response[list[Neighbour]]:
         """The most similar images, closest first, with the verdicts curators gave.
 
         With ``hide=not_similar`` the pairs the caller marked "not similar" are left out (for
         anonymous callers: those where "not similar" outnumbers the other verdicts), and
-        further stored neighbours take their places.
+        further stored neighbours take their places. ``source`` keeps only the stored
+        neighbours in those sources, ``exclude_source`` leaves those out; the stored list is
+        filtered, then cut to k. When that leaves fewer than asked for, the header
+        X-Neighbours-Short says how many there are.
         """
         if k is not None and k < 1:
             raise BadRequestError(f"k must be at least 1, got {k}")
-        found = await neighbours.fetch(image_id, k)
+        only = await source_filter(neighbours, source, exclude_source)
+        found = await neighbours.fetch(image_id, k, only)
         identity = current_identity(request)
         user_id = identity.id if identity else None
-        shown = await neighbours.judged(image_id, found, user_id, hide is not None)
+        shown = await neighbours.judged(image_id, found, user_id, hide is not None, only)
         # Encoded here: Litestar passes bytes through instead of inspecting the list. The
         # annotation stays list[Neighbour], which is what the schema documents.
         encoded = cast("list[Neighbour]", _JSON.encode(shown))
-        return Response(encoded, media_type=MediaType.JSON)
+        short = {SHORT_HEADER: str(len(shown))} if len(shown) < found.wanted else None
+        return Response(encoded, media_type=MediaType.JSON, headers=short)
 
     @get("/{image_id:int}/features", sync_to_thread=True)
     def get_features(self, repository: ImageRepository, image_id: ImageId) -> Features:
@@ -139,7 +171,7 @@ class ImageController(Controller):
             await refused_slowly(
                 lambda: admission.render_limit.take(client), admission.render.check
             )
-            source = await sync_to_thread(image_path, repository, image_id, stored.file_name)
+            source = await sync_to_thread(image_path, repository, image_id, stored)
             with admission.render.held():
                 await admission.render.run(
                     ensure_thumbnail, source, cached, size, settings.max_image_pixels
@@ -171,11 +203,20 @@ def fingerprint_svg_response(repository: ImageRepository, image_id: int) -> Resp
     return Response(render_svg(vector), media_type=SVG_MEDIA_TYPE)
 
 
-def image_path(repository: ImageRepository, image_id: int, file_name: str | None = None) -> Path:
-    """The checked real path of an image's file under the collection root."""
-    info = repository.get_collection()
-    if info is None:
-        raise ServiceUnavailableError("no collection has been indexed yet")
-    if file_name is None:
-        file_name = repository.get_image_file(image_id).file_name
-    return resolve_image_path(Path(info.root), file_name)
+def image_path(repository: ImageRepository, image_id: int, stored: ImageFile | None = None) -> Path:
+    """The checked real path of an image's file under its source's root folder."""
+    stored = stored or repository.get_image_file(image_id)
+    return resolve_image_path(Path(stored.root), stored.file_name)
+
+
+async def source_filter(
+    neighbours: NeighbourLookup, source: list[str] | None, exclude_source: list[str] | None
+) -> SourceFilter | None:
+    """The neighbour filter of a request (None: none); 400 for both kinds or an unknown name."""
+    if source and exclude_source:
+        raise BadRequestError("give either source or exclude_source, not both")
+    names = source or exclude_source
+    if not names:
+        return None
+    await sync_to_thread(neighbours.repository.source_ids, names)  # 400 for an unknown name
+    return SourceFilter(frozenset(names), exclude=not source)

@@ -1,4 +1,9 @@
-"""/data: the old routes, answering in the same shapes as before."""
+"""/data: the old routes, answering in the same shapes as before.
+
+Their file names are relative to the image's source folder, without the source: two sources
+can hold the same relative path, and then two ids have the same name here. GET
+/api/images/{id} names the source.
+"""
 
 from __future__ import annotations
 
@@ -23,14 +28,16 @@ class LegacyController(Controller):
 
     @get("/image_name/{image_id:int}", sync_to_thread=True)
     def image_name(self, repository: ImageRepository, image_id: ImageId) -> list[str]:
-        """``["file name"]``."""
+        """``["file name"]``: relative to the image's source folder, the source not named (two
+        images in two sources can share it; use /api/images/{id} for the source)."""
         return [repository.get_image_file(image_id).file_name]
 
     @get("/image_name_and_neighbours/{image_id:int}", sync_to_thread=True)
     def image_name_and_neighbours(
         self, repository: ImageRepository, image_id: ImageId
     ) -> tuple[str, list[LegacyNeighbour]]:
-        """``["file name", [{"id": n, "distance": d}, ...]]`` with every stored neighbour."""
+        """``["file name", [{"id": n, "distance": d}, ...]]`` with every stored neighbour (the
+        name relative to its source folder, as /data/image_name gives it)."""
         file_name = repository.get_image_file(image_id).file_name
         stored = repository.get_all_neighbours(image_id)
         return file_name, [LegacyNeighbour(id=n.id, distance=n.distance) for n in stored]

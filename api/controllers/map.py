@@ -56,7 +56,7 @@ def get_map_near(
     found = _points(maps).near(x, y, r, limit)
     names = repository.file_names([point[0] for point in found])
     return [
-        MapPoint(image_id, names[image_id], px, py, distance)
+        MapPoint(image_id, *names[image_id], px, py, distance)
         for image_id, px, py, distance in found
         if image_id in names
     ]

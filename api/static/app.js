@@ -31,6 +31,11 @@ function newPageRequest() {
 
 // Rejects with an AbortError once options.signal is aborted, even after the answer arrived.
 async function fetchJson(url, options = {}) {
+  return (await fetchAnswer(url, options)).body;
+}
+
+// The JSON body and the headers (the neighbours' X-Neighbours-Short is one).
+async function fetchAnswer(url, options = {}) {
   const response = await fetch(url, options);
   const body = await response.json().catch(() => null);
   if (options.signal) options.signal.throwIfAborted();
@@ -42,7 +47,7 @@ async function fetchJson(url, options = {}) {
     error.detail = detail;
     throw error;
   }
-  return body;
+  return { body, headers: response.headers };
 }
 
 // A refusal for load (429, 503) says how long to wait; the message passes that on.
@@ -76,9 +81,21 @@ const imageUrl = (id, what) => `/api/images/${id}/${what}`;
 const thumbnailUrl = (id, size) => imageUrl(id, `thumbnail?size=${size}`);
 const judgementUrl = (id, neighbourId) => imageUrl(id, `neighbours/${neighbourId}/judgement`);
 
+// The source the page is filtered to ("" for all): the image list, browsing and neighbours.
+const chosenSource = () => $("source-filter").value;
+
+// Query parameters with the chosen source added, as a "?..." string ("" when there are none).
+function withSource(params = {}) {
+  const query = new URLSearchParams(params);
+  if (chosenSource()) query.set("source", chosenSource());
+  const text = query.toString();
+  return text ? `?${text}` : "";
+}
+
+const hidingNotSimilar = () => signedIn() && $("hide-not-similar").checked;
+
 function neighboursUrl(id) {
-  const hide = signedIn() && $("hide-not-similar").checked;
-  return imageUrl(id, "neighbours") + (hide ? "?hide=not_similar" : "");
+  return imageUrl(id, "neighbours") + withSource(hidingNotSimilar() ? { hide: "not_similar" } : {});
 }
 
 // --- the URL says which image is current, so it can be shared ----------------------------
@@ -112,7 +129,7 @@ function announce(text) {
 }
 
 function describe(image) {
-  const parts = [`#${image.id}`];
+  const parts = [`#${image.id}`, `source ${image.source}`];
   if (image.width && image.height) parts.push(`${image.width}\u00d7${image.height}`);
   if (image.status !== "ok") parts.push(image.status + (image.error ? `: ${image.error}` : ""));
   return parts.join(" \u00b7 ");
@@ -168,7 +185,7 @@ function neighbourItem(neighbour, imageId) {
   name.className = "name";
   name.textContent = neighbour.file_name;
   name.title = neighbour.file_name;
-  button.append(img, distance, name);
+  button.append(img, distance, name, sourceLabel(neighbour.source));
   button.addEventListener("click", () => showImage(neighbour.id));
   item.append(button);
   if (imageId !== null) {
@@ -181,6 +198,17 @@ function neighbourItem(neighbour, imageId) {
     updateCard(item, neighbour);
   }
   return item;
+}
+
+// "source NAME" to a screen reader; the name alone, as a tag, on screen.
+function sourceLabel(source) {
+  const label = document.createElement("span");
+  label.className = "source";
+  const word = document.createElement("span");
+  word.className = "visually-hidden";
+  word.textContent = "source ";
+  label.append(word, source);
+  return label;
 }
 
 const VERDICTS = [
@@ -259,9 +287,13 @@ function fillList(neighbours, imageId) {
 function renderNeighbours(neighbours, title, subject, imageId) {
   const list = $("neighbours");
   const focusWasInList = list.contains(document.activeElement);
-  const heading = neighbours.length ? title : "No similar images stored yet";
+  const within = imageId !== null && chosenSource() ? ` in \u201c${chosenSource()}\u201d` : "";
+  const heading = neighbours.length
+    ? title
+    : within ? `No similar images${within}` : "No similar images stored yet";
   $("neighbours-title").hidden = false;
   $("neighbours-title").textContent = heading;
+  $("neighbours-short").hidden = true; // renderShort says it again where it still holds
   fillList(neighbours, imageId);
   renderJudging();
   announce(`${subject}. ${heading}.`);
@@ -276,7 +308,8 @@ async function showImage(id, { how = "push" } = {}) {
   const signal = newPageRequest();
   showMessage("");
   try {
-    const image = await fetchJson(`/api/images/${id}`, { signal });
+    // With a source chosen, Previous and Next stay within it.
+    const image = await fetchJson(`/api/images/${id}${withSource()}`, { signal });
     current = image;
     renderCurrent(image);
     rememberInUrl(id, how);
@@ -287,8 +320,28 @@ async function showImage(id, { how = "push" } = {}) {
 }
 
 async function showNeighbours(image, signal) {
-  const neighbours = await fetchJson(neighboursUrl(image.id), { signal });
-  renderNeighbours(neighbours, `The ${neighbours.length} most similar`, image.file_name, image.id);
+  const { body: neighbours, headers } = await fetchAnswer(neighboursUrl(image.id), { signal });
+  renderNeighbours(neighbours, neighboursTitle(neighbours), image.file_name, image.id);
+  renderShort(headers, image);
+}
+
+function neighboursTitle(neighbours) {
+  const within = chosenSource() ? ` in \u201c${chosenSource()}\u201d` : "";
+  return `The ${neighbours.length} most similar${within}`;
+}
+
+// One line when a filter left fewer neighbours than asked for (X-Neighbours-Short).
+function renderShort(headers, image) {
+  const short = headers ? headers.get("X-Neighbours-Short") : null;
+  const line = $("neighbours-short");
+  line.hidden = short === null;
+  if (short === null) return;
+  const count = Number(short) === 0 ? "None" : `Only ${short}`;
+  const hidden = hidingNotSimilar() ? " once the pairs you marked not similar are hidden" : "";
+  const source = `\u201c${chosenSource()}\u201d`;
+  line.textContent = chosenSource()
+    ? `${count} of the ${image.neighbour_count} stored similar images are in ${source}${hidden}.`
+    : `${count} of the similar images are left${hidden}.`;
 }
 
 // The current image's neighbours again: who is signed in, or what is hidden, has changed.
@@ -304,11 +357,16 @@ async function reloadNeighbours() {
 }
 
 // The image at offset (id order), or the message for an empty collection.
+// Nothing to show: the whole archive is empty, or the chosen source is.
+function noImages() {
+  return chosenSource() ? `No images in \u201c${chosenSource()}\u201d yet.` : NO_IMAGES;
+}
+
 async function showImageAt(offset, how) {
   const signal = newPageRequest();
   try {
-    const page = await fetchJson(`/api/images?limit=1&offset=${offset}`, { signal });
-    if (page.items.length === 0) return showMessage(NO_IMAGES);
+    const page = await fetchJson(`/api/images${withSource({ limit: 1, offset })}`, { signal });
+    if (page.items.length === 0) return showMessage(noImages());
     await showImage(page.items[0].id, { how });
   } catch (error) {
     if (!signal.aborted) showMessage(error.message);
@@ -318,8 +376,8 @@ async function showImageAt(offset, how) {
 async function showRandomImage() {
   const signal = newPageRequest();
   try {
-    const first = await fetchJson("/api/images?limit=1", { signal });
-    if (first.total === 0) return showMessage(NO_IMAGES);
+    const first = await fetchJson(`/api/images${withSource({ limit: 1 })}`, { signal });
+    if (first.total === 0) return showMessage(noImages());
     await showImageAt(Math.floor(Math.random() * first.total), "push");
   } catch (error) {
     if (!signal.aborted) showMessage(error.message);
@@ -337,10 +395,10 @@ async function searchByPath(event) {
     return;
   }
   try {
-    const url = `/api/images?limit=50&q=${encodeURIComponent(query)}`;
-    const page = await fetchJson(url, { signal });
+    const page = await fetchJson(`/api/images${withSource({ limit: 50, q: query })}`, { signal });
     const shown = page.items.length < page.total ? ` (first ${page.items.length})` : "";
-    const title = `${page.total} paths contain \u201c${query}\u201d${shown}`;
+    const within = chosenSource() ? ` in \u201c${chosenSource()}\u201d` : "";
+    const title = `${page.total} paths contain \u201c${query}\u201d${within}${shown}`;
     $("path-results-title").textContent = title;
     announce(title + ".");
     $("path-results-list").replaceChildren(...page.items.map((image) => {
@@ -353,7 +411,7 @@ async function searchByPath(event) {
         results.hidden = true;
         showImage(image.id);
       });
-      item.append(button);
+      item.append(button, " ", sourceLabel(image.source)); // beside it: the name stays the path
       return item;
     }));
     results.hidden = false;
@@ -473,7 +531,8 @@ function judgementFailed(error) {
 // Fresh counts for the cards shown; when the list itself changed (a pair now hidden, so
 // another takes its place), it is drawn anew.
 async function refreshCards(imageId, signal) {
-  const neighbours = await fetchJson(neighboursUrl(imageId), { signal });
+  const { body: neighbours, headers } = await fetchAnswer(neighboursUrl(imageId), { signal });
+  if (current && current.id === imageId) renderShort(headers, current);
   const items = [...$("neighbours").children];
   const unchanged = neighbours.length === items.length
     && neighbours.every((n, i) => items[i].dataset.neighbour === String(n.id));
@@ -483,7 +542,7 @@ async function refreshCards(imageId, signal) {
   }
   const focusWasInList = $("neighbours").contains(document.activeElement);
   fillList(neighbours, imageId);
-  $("neighbours-title").textContent = `The ${neighbours.length} most similar`;
+  $("neighbours-title").textContent = neighboursTitle(neighbours);
   if (focusWasInList) $("current-name").focus(); // the focused card may be gone
 }
 
@@ -575,10 +634,37 @@ async function signOut() {
 
 // --- start -------------------------------------------------------------------------------
 
+// The source filter, offered where the archive has more than one source.
+async function loadSources() {
+  try {
+    const sources = await fetchJson("/api/sources");
+    const options = sources.map((source) => {
+      const option = document.createElement("option");
+      option.value = source.name;
+      option.textContent = `${source.name} (${source.images})`;
+      return option;
+    });
+    $("source-filter").append(...options);
+    $("source-choice").hidden = sources.length < 2;
+  } catch (error) {
+    $("source-choice").hidden = true; // the other requests say what is wrong
+  }
+}
+
+// A new source choice: the current image again (its neighbours, Previous and Next within the
+// source), and the path search's results again.
+function chooseSource() {
+  if (!$("path-results").hidden) $("path-search").requestSubmit();
+  if (current) showImage(current.id, { how: "keep" });
+  else if ($("current").hidden) showImageAt(0, "replace");
+  // An upload's or words' answers come from every source: they stay.
+}
+
 // Stats and the first image: at once, or once signed in where reading needs an account.
 function startPage() {
   pageStarted = true;
   loadStats();
+  loadSources();
   const id = idFromLocation();
   if (id === null) showImageAt(0, "replace");
   else showImage(id, { how: "keep" });
@@ -599,6 +685,7 @@ async function start() {
   $("sign-in").addEventListener("submit", signIn);
   $("sign-out").addEventListener("click", signOut);
   $("hide-not-similar").addEventListener("change", reloadNeighbours);
+  $("source-filter").addEventListener("change", chooseSource);
   window.addEventListener("popstate", () => {
     const id = idFromLocation();
     if (id !== null) showImage(id, { how: "keep" });

@@ -18,7 +18,7 @@ async function fetchPage(threshold, offset) {
 }
 
 function describe(image, representative) {
-  const parts = [image.file_name];
+  const parts = [image.file_name, `source ${image.source}`];
   if (image.width && image.height) parts.push(`${image.width}\u00d7${image.height}`);
   parts.push(`${Math.round(image.size / 1024)} KB`);
   if (representative) parts.push("representative");

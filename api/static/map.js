@@ -394,7 +394,8 @@ async function showHover(px, py) {
   hover.style.top = `${py + 12}px`;
   const response = await fetch(`/api/images/${id}`);
   if (!response.ok || hover.dataset.id !== String(id)) return;
-  hover.textContent = (await response.json()).file_name;
+  const image = await response.json();
+  hover.textContent = `${image.source} \u00b7 ${image.file_name}`;
   hover.hidden = false;
 }
 
