@@ -58,13 +58,15 @@ def command_search(args: argparse.Namespace) -> int:
     if weights.startswith("none"):
         print(RANDOM_WEIGHTS_NOTE, file=sys.stderr)
     if args.json:
-        print(json.dumps([{"id": n.id, "file_name": n.file_name, "rank": n.rank,
-                           "distance": n.distance} for n in found]))  # fmt: skip
+        print(json.dumps([{"id": n.id, "source": n.source, "file_name": n.file_name,
+                           "rank": n.rank, "distance": n.distance} for n in found]))  # fmt: skip
         return 0
     if not found:
         print("nothing to search yet: run `lookalike process FOLDER` first")
     for neighbour in found:
-        print(f"{neighbour.rank:>4}  {neighbour.distance:10.4f}  {neighbour.file_name}")
+        print(
+            f"{neighbour.rank:>4}  {neighbour.distance:10.4f}  {neighbour.source}/{neighbour.file_name}"
+        )
     return 0
 
 
