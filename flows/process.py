@@ -151,11 +151,14 @@ def source_specs(
     """The sources a run names: one root (and its name), or a list; never both, never none."""
     if sources and (root is not None or source is not None):
         raise SourceError("give either root (and source) or sources, not both")
-    if sources:
-        return [SourceSpec.model_validate(spec) for spec in sources]
-    if root is None:
+    specs = (
+        [SourceSpec.model_validate(spec) for spec in sources]
+        if sources
+        else [SourceSpec(root=root or "", name=source)]
+    )
+    if any(not spec.root.strip() for spec in specs):  # "" would mean the working folder
         raise SourceError("no folder given: pass root (and optionally source) or sources")
-    return [SourceSpec(root=root, name=source)]
+    return specs
 
 
 def check_inputs(

@@ -27,7 +27,17 @@ SERVICES = {"mariadb", "prefect-server", "worker", "api"}
 PYTHON_IMAGE = "python:3.11-slim"  # the Dockerfile's base; the Prefect server runs the same Python
 SOURCE_FOLDERS = ("tasks", "flows", "api", "sql")
 # Read by prefect.yaml's templates when deploying, not by Settings.
-DEPLOY_VARS = {"LOOKALIKE_PROJECT_DIR", "LOOKALIKE_IMAGE_ROOT"}
+SOURCE_VARS = {
+    "LOOKALIKE_SOURCE_1_NAME",
+    "LOOKALIKE_SOURCE_1_ROOT",
+    "LOOKALIKE_SOURCE_2_NAME",
+    "LOOKALIKE_SOURCE_2_ROOT",
+}
+DEPLOY_VARS = {"LOOKALIKE_PROJECT_DIR", "LOOKALIKE_IMAGE_ROOT", *SOURCE_VARS}
+# The deployments of the process-images flow: by hand, one per source, one list of sources.
+BY_HAND = "process-images"
+PER_SOURCE = ("process-source-1", "process-source-2")
+ARCHIVE = "process-archive"
 
 
 def load_yaml(name: str) -> Any:
@@ -126,12 +136,46 @@ def test_schema_file_mounted_into_mariadb_is_current() -> None:
     )
 
 
-def test_images_are_mounted_read_only_at_the_same_path_in_worker_and_api() -> None:
+def image_mounts(service: dict[str, Any]) -> dict[str, str]:
+    """Container path -> mount entry of each folder of this machine (a ${VARIABLE} source)."""
+    return {m.split(":")[-2]: m for m in service["volumes"] if m.startswith("${")}
+
+
+def test_two_image_folders_are_mounted_read_only_at_the_same_paths_in_worker_and_api() -> None:
     services = load_yaml("docker-compose.yml")["services"]
-    for name in ("worker", "api"):
-        image_mounts = [m for m in services[name]["volumes"] if ":/images" in m]
-        assert image_mounts == ["${IMAGE_DIR:?set IMAGE_DIR in .env}:/images:ro"], name
+    mounts = image_mounts(services["worker"])
+    # The API serves each source's files from the root the worker stored: the same paths.
+    assert image_mounts(services["api"]) == mounts
+    assert mounts == {
+        "/images": "${IMAGE_DIR:?set IMAGE_DIR in .env}:/images:ro",
+        "/images-2": "${IMAGE_DIR_2:?set IMAGE_DIR_2 in .env}:/images-2:ro",
+    }
     assert services["worker"]["environment"]["LOOKALIKE_IMAGE_ROOT"] == "/images"
+
+
+def test_the_stacks_deployments_index_both_mounted_folders_as_two_sources(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from prefect.utilities.templating import apply_values
+
+    from lookalike.sql.migrations import source_name_for
+
+    worker = load_yaml("docker-compose.yml")["services"]["worker"]
+    assert set(worker["environment"]) >= DEPLOY_VARS
+    for key in DEPLOY_VARS:  # `prefect deploy` in the worker: its environment
+        monkeypatch.setenv(key, worker["environment"][key])
+    resolved = apply_values(deployments(), dict(os.environ))
+    mounted = set(image_mounts(worker))
+    sources = resolved[ARCHIVE]["parameters"]["sources"]
+    per_source = [resolved[name]["parameters"] for name in PER_SOURCE]
+    # Both ways name the same two sources, one for each mounted folder.
+    assert sources == [{"name": p["source"], "root": p["root"]} for p in per_source]
+    assert {source["root"] for source in sources} == mounted
+    assert resolved[BY_HAND]["parameters"]["root"] in mounted
+    # The folder at /images keeps the name a one-folder database of this stack was given when
+    # it became source 1 (sql/migrations.py), so an upgraded stack goes on where it was.
+    for source in sources:
+        assert source["name"] == source_name_for(source["root"]), source
 
 
 def test_compose_variables_are_all_documented_in_env_example() -> None:
@@ -253,19 +297,32 @@ def resolve_entrypoint(entrypoint: str) -> Any:
 
 def test_deployments_point_at_real_flows_with_real_parameters() -> None:
     found = deployments()
-    assert set(found) == {"process-images", "rebuild-neighbours"}
+    entrypoints = {
+        BY_HAND: "lookalike.flows.process.process_images",
+        **{name: "lookalike.flows.process.process_images" for name in (*PER_SOURCE, ARCHIVE)},
+        "remove-source": "lookalike.flows.sources.remove_source",
+        "rebuild-neighbours": "lookalike.flows.neighbours.rebuild_neighbours",
+    }
+    assert {name: d["entrypoint"] for name, d in found.items()} == entrypoints
     for name, deployment in found.items():
         assert len(deployment["description"].split()) >= 8, name
         flow = resolve_entrypoint(deployment["entrypoint"])
-        # `prefect deployment run 'process-images/process-images'` needs these names.
-        assert flow.name == name
         accepted = set(inspect.signature(flow.fn).parameters)
         assert set(deployment["parameters"]) <= accepted, name
         assert deployment["work_pool"]["name"] == "lookalike"
-    assert found["process-images"]["entrypoint"] == "lookalike.flows.process.process_images"
-    assert (
-        found["rebuild-neighbours"]["entrypoint"] == "lookalike.flows.neighbours.rebuild_neighbours"
-    )
+        assert deployment["concurrency_limit"] == {"limit": 1, "collision_strategy": "ENQUEUE"}
+    # `prefect deployment run 'process-images/process-images'` (and remove-source/remove-source,
+    # rebuild-neighbours/rebuild-neighbours) need these names.
+    for name in (BY_HAND, "remove-source", "rebuild-neighbours"):
+        assert resolve_entrypoint(found[name]["entrypoint"]).name == name
+
+
+def test_prefect_reads_every_deployment_of_the_file() -> None:
+    # Prefect skips a prefect.yaml it cannot validate with a warning, deploying nothing.
+    from prefect.cli.deploy._models import PrefectYamlModel
+
+    model = PrefectYamlModel.model_validate(load_yaml("prefect.yaml"))
+    assert [d.name for d in model.deployments] == list(deployments())
 
 
 def test_prefect_loads_the_entrypoints_from_the_installed_package(
@@ -279,17 +336,105 @@ def test_prefect_loads_the_entrypoints_from_the_installed_package(
         assert flow is resolve_entrypoint(deployment["entrypoint"]), name
 
 
-def test_process_images_runs_nightly_one_at_a_time() -> None:
-    from prefect.client.schemas.objects import ConcurrencyOptions
+def flow_parameters(name: str, /, **run: Any) -> dict[str, Any]:
+    """The parameters a run of the deployment gets (its own, then the run's -p ones), checked
+    as the Prefect server checks them against the flow's schema and as the flow takes them."""
+    from prefect.utilities.callables import parameter_schema
+    from prefect.utilities.schema_tools.validation import validate
+
+    deployment = deployments()[name]
+    flow = resolve_entrypoint(deployment["entrypoint"])
+    schema = parameter_schema(flow).model_dump_for_openapi()
+    validate(deployment["parameters"], schema, raise_on_error=True, ignore_required=True)
+    merged = {**deployment["parameters"], **run}
+    validate(merged, schema, raise_on_error=True)
+    return dict(flow.validate_parameters(merged))
+
+
+def template_variables(text: Any) -> set[str]:
+    return set(re.findall(r"\{\{ \$(\w+) \}\}", str(text)))
+
+
+def test_one_deployment_per_source_names_its_root_and_source() -> None:
+    from lookalike.flows.process import source_specs
+
+    seen = set()
+    for name in PER_SOURCE:
+        parameters = deployments()[name]["parameters"]
+        number = name.rpartition("-")[2]
+        assert parameters["root"] == f"{{{{ $LOOKALIKE_SOURCE_{number}_ROOT }}}}"
+        assert parameters["source"] == f"{{{{ $LOOKALIKE_SOURCE_{number}_NAME }}}}"
+        assert "sources" not in parameters
+        taken = flow_parameters(name)
+        (spec,) = source_specs(taken["root"], taken["source"], taken["sources"])
+        seen.add((spec.name, spec.root))
+    assert len(seen) == len(PER_SOURCE)
+
+
+def test_one_deployment_takes_the_list_of_sources() -> None:
+    from lookalike.flows.process import source_specs
+    from lookalike.tasks.sources import SourceError, SourceSpec
+
+    parameters = deployments()[ARCHIVE]["parameters"]
+    assert "root" not in parameters and "source" not in parameters
+    assert [set(entry) for entry in parameters["sources"]] == [{"name", "root"}] * 2
+    assert template_variables(parameters["sources"]) == SOURCE_VARS
+    taken = flow_parameters(ARCHIVE)
+    assert [type(spec) for spec in taken["sources"]] == [SourceSpec, SourceSpec]
+    specs = source_specs(taken["root"], taken["source"], taken["sources"])
+    assert [(s.name, s.root) for s in specs] == [
+        (d["parameters"]["source"], d["parameters"]["root"])
+        for d in map(deployments().get, PER_SOURCE)
+    ]
+    # Why the list lives in a deployment of its own: a run naming a root there is refused.
+    merged = flow_parameters(ARCHIVE, root="/other/images")
+    with pytest.raises(SourceError, match="not both"):
+        source_specs(merged["root"], merged["source"], merged["sources"])
+
+
+def test_process_images_by_hand_adds_or_updates_the_source_a_run_names() -> None:
+    from lookalike.flows.process import source_specs
+
+    parameters = deployments()[BY_HAND]["parameters"]
+    assert parameters["root"] == "{{ $LOOKALIKE_IMAGE_ROOT }}"
+    assert parameters["source"] is None and parameters["sources"] is None
+    # `prefect deployment run process-images/process-images -p root=/other/images`
+    taken = flow_parameters(BY_HAND, root="/other/images")
+    (spec,) = source_specs(taken["root"], taken["source"], taken["sources"])
+    assert (spec.root, spec.name) == ("/other/images", None)  # named after the folder
+    taken = flow_parameters(BY_HAND, root="/other/images", source="scans")
+    (spec,) = source_specs(taken["root"], taken["source"], taken["sources"])
+    assert (spec.root, spec.name) == ("/other/images", "scans")
+
+
+def test_per_source_schedules_are_staggered_and_the_archives_is_paused() -> None:
     from prefect.client.schemas.schedules import CronSchedule
 
-    deployment = deployments()["process-images"]
-    (schedule,) = deployment["schedules"]
-    cron = CronSchedule(cron=schedule["cron"], timezone=schedule["timezone"])
-    assert cron.cron.split()[2:] == ["*", "*", "*"]  # every day
-    assert deployment["concurrency_limit"]["limit"] == 1
-    ConcurrencyOptions(collision_strategy=deployment["concurrency_limit"]["collision_strategy"])
-    assert "schedules" not in deployments()["rebuild-neighbours"]
+    found = deployments()
+    crons = {}
+    for name in (*PER_SOURCE, ARCHIVE):
+        (schedule,) = found[name]["schedules"]
+        cron = CronSchedule(cron=schedule["cron"], timezone=schedule["timezone"])
+        assert cron.cron.split()[2:] == ["*", "*", "*"], name  # every day
+        crons[name] = (cron.cron, schedule["active"])
+    # Each source is indexed by one active schedule of its own, never by both ways at once:
+    # the per-source ones are active, at different times; the list's waits to be resumed.
+    assert [active for _, active in crons.values()] == [True, True, False]
+    assert crons[PER_SOURCE[0]][0] != crons[PER_SOURCE[1]][0]
+    for name in (BY_HAND, "remove-source", "rebuild-neighbours"):
+        assert "schedules" not in found[name], name
+
+
+def test_remove_source_is_run_by_hand_with_a_name() -> None:
+    from prefect.utilities.schema_tools.validation import ValidationError
+
+    deployment = deployments()["remove-source"]
+    flow = resolve_entrypoint(deployment["entrypoint"])
+    assert "name" not in deployment["parameters"]
+    assert inspect.signature(flow.fn).parameters["name"].default is inspect.Parameter.empty
+    assert flow_parameters("remove-source", name="old-scans")["name"] == "old-scans"
+    with pytest.raises(ValidationError, match="'name' is a required property"):
+        flow_parameters("remove-source")
 
 
 def test_prefect_yaml_holds_no_database_settings() -> None:
@@ -309,11 +454,25 @@ def test_templates_resolve_from_the_environment(monkeypatch: pytest.MonkeyPatch)
 
     monkeypatch.setenv("LOOKALIKE_PROJECT_DIR", "/app")
     monkeypatch.setenv("LOOKALIKE_IMAGE_ROOT", "/images")
+    for number, name in (("1", "photos"), ("2", "scans")):
+        monkeypatch.setenv(f"LOOKALIKE_SOURCE_{number}_NAME", name)
+        monkeypatch.setenv(f"LOOKALIKE_SOURCE_{number}_ROOT", f"/srv/{name}")
     config = load_yaml("prefect.yaml")
+    assert template_variables(config) == DEPLOY_VARS
     pull = apply_values(config["pull"], dict(os.environ))
     assert pull == [{"prefect.deployments.steps.set_working_directory": {"directory": "/app"}}]
-    process = apply_values(deployments()["process-images"], dict(os.environ))
-    assert process["parameters"]["root"] == "/images"
+    found = apply_values(deployments(), dict(os.environ))
+    assert found[BY_HAND]["parameters"]["root"] == "/images"
+    assert found[ARCHIVE]["parameters"]["sources"] == [
+        {"name": "photos", "root": "/srv/photos"},
+        {"name": "scans", "root": "/srv/scans"},
+    ]
+    assert [
+        (found[n]["parameters"]["source"], found[n]["parameters"]["root"]) for n in PER_SOURCE
+    ] == [
+        ("photos", "/srv/photos"),
+        ("scans", "/srv/scans"),
+    ]
 
 
 def test_job_variables_fit_a_process_work_pool() -> None:

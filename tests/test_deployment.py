@@ -19,13 +19,23 @@ from typing import Any
 import pytest
 from sqlalchemy import func, select
 
-from lookalike.sql.schema import RUN_COMPLETED, STATUS_OK, image_names, image_neighbours, runs
+from lookalike.sql.schema import (
+    RUN_COMPLETED,
+    STATUS_OK,
+    image_names,
+    image_neighbours,
+    runs,
+    sources,
+)
 from lookalike.tasks.database import connect_checked
 from scripts.make_demo_images import DEFAULT_COUNT, plan_images
 from tests.odd_images import write_photos
 
 ROOT = Path(__file__).resolve().parent.parent
-README_RECIPE = "Deployments (`prefect.yaml`)"  # the text just before the recipe's block
+# The text just before each block of the README's recipe: deploy and index the first folder,
+# then add a second folder as a source with a run on it.
+README_RECIPE = "Deployments (`prefect.yaml`)"
+README_SECOND_SOURCE = "The second folder becomes a source"
 PREFECT = [sys.executable, "-m", "prefect"]
 
 
@@ -116,10 +126,45 @@ def prefect(*args: str, env: dict[str, str], timeout: float = 120) -> str:
     return result.stdout + result.stderr
 
 
+def start_and_run(
+    deployment: str, *params: str, env: dict[str, str], worker_env: dict[str, str]
+) -> str:
+    """Start a run of the deployment (-p NAME=VALUE each), let a process worker take it and
+    run it; the run's id, once it completed (the test fails otherwise)."""
+    started = prefect("deployment", "run", deployment, *params, env=env)
+    match = re.search(r"UUID: ([0-9a-f-]{36})", started)
+    assert match, started
+    prefect(
+        "worker", "start", "--pool", "lookalike", "--type", "process", "--run-once",
+        env=worker_env,
+        timeout=400,
+    )  # fmt: skip
+    flow_run = api_call(env["PREFECT_API_URL"], f"/flow_runs/{match.group(1)}")
+    assert flow_run["state"]["type"] == "COMPLETED", flow_run["state"]
+    return match.group(1)
+
+
+def source_counts(database_url: str) -> dict[str, tuple[str, int]]:
+    """Each source's root and its images indexed ok."""
+    engine = connect_checked(database_url)
+    with engine.connect() as conn:
+        rows = conn.execute(
+            select(sources.c.name, sources.c.root, func.count(image_names.c.id))
+            .outerjoin(
+                image_names,
+                (image_names.c.source_id == sources.c.id) & (image_names.c.status == STATUS_OK),
+            )
+            .group_by(sources.c.id)
+        ).all()
+    engine.dispose()
+    return {name: (root, count) for name, root, count in rows}
+
+
 @pytest.mark.slow
 def test_deployment_runs_on_a_process_worker(prefect_env: dict[str, str], tmp_path: Path) -> None:
-    images = tmp_path / "images"
-    write_photos(images, 3)
+    photos, scans = tmp_path / "photos", tmp_path / "scans"
+    write_photos(photos, 3)
+    write_photos(scans, 2, seed=1)
     database_url = f"sqlite:///{tmp_path / 'lookalike.sqlite'}"
     api_url = prefect_env["PREFECT_API_URL"]
 
@@ -130,75 +175,109 @@ def test_deployment_runs_on_a_process_worker(prefect_env: dict[str, str], tmp_pa
 
     prefect("work-pool", "create", "lookalike", "--type", "process", env=prefect_env)
     deploy_env = dict(
-        prefect_env, LOOKALIKE_PROJECT_DIR=str(workdir), LOOKALIKE_IMAGE_ROOT=str(images)
+        prefect_env,
+        LOOKALIKE_PROJECT_DIR=str(workdir),
+        LOOKALIKE_IMAGE_ROOT=str(photos),
+        LOOKALIKE_SOURCE_1_NAME="photos",
+        LOOKALIKE_SOURCE_1_ROOT=str(photos),
+        LOOKALIKE_SOURCE_2_NAME="scans",
+        LOOKALIKE_SOURCE_2_ROOT=str(scans),
     )
     prefect("--no-prompt", "deploy", "--all", env=deploy_env)
-    deployments = api_call(api_url, "/deployments/filter", {})
-    assert {d["name"]: d["entrypoint"] for d in deployments} == {
-        "process-images": "lookalike.flows.process.process_images",
+    deployments = {d["name"]: d for d in api_call(api_url, "/deployments/filter", {})}
+    process = "lookalike.flows.process.process_images"
+    assert {name: d["entrypoint"] for name, d in deployments.items()} == {
+        "process-images": process,
+        "process-source-1": process,
+        "process-source-2": process,
+        "process-archive": process,
+        "remove-source": "lookalike.flows.sources.remove_source",
         "rebuild-neighbours": "lookalike.flows.neighbours.rebuild_neighbours",
     }
-    assert all(d["description"] for d in deployments)
+    assert all(d["description"] for d in deployments.values())
+    # Both ways of deploying the archive, from the environment at deploy time: the
+    # per-source schedules run, the list's waits to be resumed.
+    assert deployments["process-archive"]["parameters"]["sources"] == [
+        {"name": "photos", "root": str(photos)},
+        {"name": "scans", "root": str(scans)},
+    ]
+    schedules = {
+        name: [(s["schedule"]["cron"], s["active"]) for s in d["schedules"]]
+        for name, d in deployments.items()
+        if d["schedules"]
+    }
+    assert schedules == {
+        "process-source-1": [("30 2 * * *", True)],
+        "process-source-2": [("30 4 * * *", True)],
+        "process-archive": [("30 2 * * *", False)],
+    }
+    for number, name, folder in (("1", "photos", photos), ("2", "scans", scans)):
+        parameters = deployments[f"process-source-{number}"]["parameters"]
+        assert (parameters["source"], parameters["root"]) == (name, str(folder))
 
-    started = prefect(
-        "deployment", "run", "process-images/process-images",
-        "-p", "batch_size=4", "-p", "k=2",
-        env=prefect_env,
-    )  # fmt: skip
-    match = re.search(r"UUID: ([0-9a-f-]{36})", started)
-    assert match, started
-    flow_run_id = match.group(1)
     worker_env = dict(
         prefect_env,
         LOOKALIKE_DATABASE_URL=database_url,  # from the worker's environment, never the file
         LOOKALIKE_WEIGHTS="none",  # LOOKALIKE_DATA_DIR left at its default: data, relative
     )
-    prefect(
-        "worker", "start", "--pool", "lookalike", "--type", "process", "--run-once",
-        env=worker_env,
-        timeout=400,
+    flow_run_id = start_and_run(
+        "process-images/process-archive", "-p", "batch_size=4", "-p", "k=2",
+        env=prefect_env, worker_env=worker_env,
     )  # fmt: skip
-
-    flow_run = api_call(api_url, f"/flow_runs/{flow_run_id}")
-    assert flow_run["state"]["type"] == "COMPLETED", flow_run["state"]
     artifacts = api_call(
         api_url, "/artifacts/filter", {"flow_runs": {"id": {"any_": [flow_run_id]}}}
     )
     assert {"process-images-summary", "process-images-failed", "process-images-progress"} <= {
         a["key"] for a in artifacts
     }
+    assert source_counts(database_url) == {"photos": (str(photos), 3), "scans": (str(scans), 2)}
+    # The pull step ran the flow in LOOKALIKE_PROJECT_DIR: the relative data folder is there.
+    assert list((workdir / "data" / "staging" / "features").rglob("*.arrow"))
+
+    start_and_run(
+        "remove-source/remove-source", "-p", "name=scans", "-p", "k=2",
+        env=prefect_env, worker_env=worker_env,
+    )  # fmt: skip
+    assert source_counts(database_url) == {"photos": (str(photos), 3)}
     engine = connect_checked(database_url)
     with engine.connect() as conn:
-        ok = conn.execute(select(func.count()).where(image_names.c.status == STATUS_OK)).scalar()
         neighbours = conn.execute(select(func.count()).select_from(image_neighbours)).scalar()
         run_rows = conn.execute(select(runs.c.status)).scalars().all()
     engine.dispose()
-    assert (ok, neighbours, run_rows) == (3, 3 * 2, [RUN_COMPLETED])
-    # The pull step ran the flow in LOOKALIKE_PROJECT_DIR: the relative data folder is there.
-    assert list((workdir / "data" / "staging" / "features").rglob("*.arrow"))
+    assert (neighbours, run_rows) == (3 * 2, [RUN_COMPLETED, RUN_COMPLETED])
 
 
 # --- the README's deployment recipe, run verbatim -----------------------------------------------
 
 
-def readme_recipe() -> str:
-    """The first fenced code block after README_RECIPE in the README, exactly as written."""
+def readme_block(marker: str) -> str:
+    """The first fenced code block after marker in the README, exactly as written."""
     readme = (ROOT / "README.md").read_text()
-    assert README_RECIPE in readme, f"the README has no {README_RECIPE!r}"
-    match = re.search(r"^```\w*\n(.*?)^```", readme[readme.index(README_RECIPE) :], re.M | re.S)
-    assert match, f"no code block after {README_RECIPE!r} in the README"
+    assert marker in readme, f"the README has no {marker!r}"
+    match = re.search(r"^```\w*\n(.*?)^```", readme[readme.index(marker) :], re.M | re.S)
+    assert match, f"no code block after {marker!r} in the README"
     return match.group(1)
+
+
+def readme_recipe() -> str:
+    """The recipe's two blocks, one after the other in one shell, as a reader runs them."""
+    return readme_block(README_RECIPE) + readme_block(README_SECOND_SOURCE)
 
 
 def run_recipe(checkout: Path, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
     """The README's recipe, run by bash in checkout, stopping at the first failing command
     (`set -e -o pipefail`: what a reader sees when a step fails)."""
-    venv_bin = str(Path(sys.executable).parent)  # prefect, lookalike and python3 of this venv
-    env = dict(env, PATH=f"{venv_bin}{os.pathsep}{env['PATH']}", PWD=str(checkout))
     return subprocess.run(
         ["bash", "-e", "-o", "pipefail", "-c", readme_recipe()],
-        cwd=checkout, env=env, capture_output=True, text=True, timeout=400,
+        cwd=checkout, env=recipe_env(checkout, env), capture_output=True, text=True, timeout=500,
     )  # fmt: skip
+
+
+def recipe_env(checkout: Path, env: dict[str, str]) -> dict[str, str]:
+    """env, with prefect, lookalike and python3 of this venv first on the PATH (an active
+    virtual environment) and checkout as the working directory."""
+    venv_bin = str(Path(sys.executable).parent)
+    return dict(env, PATH=f"{venv_bin}{os.pathsep}{env['PATH']}", PWD=str(checkout))
 
 
 def new_checkout(folder: Path) -> Path:
@@ -211,8 +290,8 @@ def new_checkout(folder: Path) -> Path:
 
 
 def deployment_runs(api_url: str, root: Path) -> list[dict[str, Any]]:
-    """The runs of the process-images deployment on root that were started (not the nightly
-    ones still scheduled)."""
+    """The runs of the process-images deployment on root that were started (not scheduled
+    ones)."""
     deployment = api_call(api_url, "/deployments/name/process-images/process-images")
     started = {
         "deployment_id": {"any_": [deployment["id"]]},
@@ -243,22 +322,52 @@ def test_readme_recipe_indexes_the_demo_set(
     result = run_recipe(checkout, shared_prefect_env)
 
     assert result.returncode == 0, f"the recipe failed:\n{result.stdout}\n{result.stderr}"
-    assert last_line(result.stdout) == "Completed", result.stdout
-    images = checkout / "demo-images"
-    started = deployment_runs(shared_prefect_env["PREFECT_API_URL"], images)
-    assert [run["state"]["type"] for run in started] == ["COMPLETED"], started
+    # Each run's state, on a line of its own: the demo set's, then the second folder's.
+    assert [line for line in result.stdout.splitlines() if line == "Completed"] == [
+        "Completed",
+        "Completed",
+    ], result.stdout
+    api_url = shared_prefect_env["PREFECT_API_URL"]
+    images, more = checkout / "demo-images", checkout / "more-images"
+    for root in (images, more):
+        started = deployment_runs(api_url, root)
+        assert [run["state"]["type"] for run in started] == ["COMPLETED"], (root, started)
+    # `-p root=` of the second run added the folder as a source named after it.
+    listed = subprocess.run(
+        ["lookalike", "sources", "--json"],
+        cwd=checkout, env=recipe_env(checkout, shared_prefect_env),
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert listed.returncode == 0, listed.stderr
+    found = {s["name"]: s for s in json.loads(last_line(listed.stdout))}
+    made_more = re.search(r"make_demo_images\.py more-images --count (\d+)", readme_recipe())
+    assert made_more, "the recipe makes no second folder"
+    more_count = int(made_more[1])
+    assert {name: (s["root"], s["images"], s["ok"]) for name, s in found.items()} == {
+        "demo-images": (str(images), DEFAULT_COUNT, DEFAULT_COUNT),
+        "more-images": (str(more), more_count, more_count),
+    }
+    assert found["more-images"]["last_run_status"] == RUN_COMPLETED
+    # The recipe's `lookalike sources` printed both, after the second run's state.
+    assert [line.split(":")[0] for line in result.stdout.splitlines()[-2:]] == [
+        "demo-images",
+        "more-images",
+    ], result.stdout
     engine = connect_checked(f"sqlite:///{checkout / 'data' / 'lookalike.sqlite'}")
     with engine.connect() as conn:
-        names = (
-            conn.execute(select(image_names.c.file_name).where(image_names.c.status == STATUS_OK))
-            .scalars()
-            .all()
-        )
+        names = conn.execute(
+            select(sources.c.name, image_names.c.file_name)
+            .join(sources, sources.c.id == image_names.c.source_id)
+            .where(image_names.c.status == STATUS_OK)
+        ).all()
         run_rows = conn.execute(select(runs.c.status).order_by(runs.c.id)).scalars().all()
     engine.dispose()
-    assert sorted(names) == sorted(image.relative_path for image in plan_images(DEFAULT_COUNT))
-    # make demo's run, then the deployment's: same weights, so not refused.
-    assert run_rows == [RUN_COMPLETED, RUN_COMPLETED]
+    for name, count in (("demo-images", DEFAULT_COUNT), ("more-images", more_count)):
+        assert sorted(file for source, file in names if source == name) == sorted(
+            image.relative_path for image in plan_images(count)
+        ), name
+    # make demo's run, then the deployment's two: same weights, so not refused.
+    assert run_rows == [RUN_COMPLETED] * 3
 
 
 @pytest.mark.slow
