@@ -33,6 +33,7 @@ from lookalike.tasks.neighbour_blocks import (
 from lookalike.tasks.neighbours import (
     StagedNeighbours,
     compute_neighbours_task,
+    keep_deep_lists,
     plan_neighbour_pass_task,
 )
 from lookalike.tasks.report import publish_neighbour_summary, table_asset
@@ -112,10 +113,12 @@ def fan_out_full_pass(
 def swap_in_lists(db: str, staging: str, lists: StagedNeighbours) -> int:
     """Swap the staged lists in as the neighbour table: its row count."""
     confirm_run_lock(db)  # the lock may have gone with a dropped connection: never write without
-    return load_neighbours_task.with_options(
+    rows = load_neighbours_task.with_options(
         assets=[table_asset(db, "image_neighbours")],
         asset_deps=[table_asset(db, "image_features")],
     )(db, str(lists.staged), staging, lists.refreshed_ids)
+    keep_deep_lists(lists, Path(staging), db)
+    return rows
 
 
 @flow(name="rebuild-neighbours")

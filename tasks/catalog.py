@@ -362,18 +362,19 @@ def finish_run(engine: Engine, run_id: int, status: str, summary: Any) -> None:
         )
 
 
+def unindexed_ids(engine: Engine) -> list[int]:
+    """Ok images whose lists are missing or out of date (new or re-extracted), sorted."""
+    query = select(image_names.c.id).where(
+        image_names.c.status == STATUS_OK, image_names.c.indexed.is_(False)
+    )
+    with engine.connect() as conn:
+        return sorted(conn.execute(query).scalars().all())
+
+
 def stale_neighbour_ids(engine: Engine) -> tuple[list[int], list[int]]:
     """(ok images whose lists are out of date, ids that left the ok set but still appear)."""
+    changed = unindexed_ids(engine)
     with engine.connect() as conn:
-        changed = (
-            conn.execute(
-                select(image_names.c.id).where(
-                    image_names.c.status == STATUS_OK, image_names.c.indexed.is_(False)
-                )
-            )
-            .scalars()
-            .all()
-        )
         ok_ids = select(image_names.c.id).where(image_names.c.status == STATUS_OK)
         gone_rows = (
             conn.execute(

@@ -14,7 +14,14 @@ from prefect.cache_policies import NO_CACHE
 
 from lookalike.tasks.catalog import stale_neighbour_ids
 from lookalike.tasks.database import DATABASE_RETRIES, engine_for
-from lookalike.tasks.knn import NeighbourLists, knn_row_block, list_length, merge_row_blocks
+from lookalike.tasks.knn import (
+    NeighbourLists,
+    knn_row_block,
+    list_depth,
+    list_length,
+    merge_row_blocks,
+    prefix_lists,
+)
 from lookalike.tasks.knn.plan import PassKind
 from lookalike.tasks.neighbours import StagedNeighbours, read_features
 from lookalike.tasks.stage import (
@@ -91,10 +98,12 @@ def stage_knn_features(database_url: str, staging_dir: str) -> RowBlockInput:
 
 
 def compute_row_block(matrix: str, start: int, stop: int, k: int, out: str) -> StagedRowBlock:
-    """Exact lists of rows start..stop against every image, staged at `out`."""
+    """Exact deep lists (tasks.neighbours: k plus a reserve) of rows start..stop against
+    every image, staged at `out`."""
     table = read_table(Path(matrix))
     ids = table.column("image_id").to_numpy()
-    lists = knn_row_block(feature_matrix(table), ids, slice(start, stop), k)
+    depth = list_depth(k, len(ids))
+    lists = knn_row_block(feature_matrix(table), ids, slice(start, stop), depth)
     write_neighbour_lists(Path(out), lists.image_ids, lists.neighbour_ids, lists.distances)
     return StagedRowBlock(out, len(lists.image_ids), len(ids))
 
@@ -102,19 +111,26 @@ def compute_row_block(matrix: str, start: int, stop: int, k: int, out: str) -> S
 def merge_blocks(
     parts: list[str], staging_dir: str, k: int, staged: RowBlockInput
 ) -> StagedNeighbours:
-    """Join the row blocks into one table of lists, staged like the local engine's."""
-    width = list_length(k, staged.images)
-    lists = merge_row_blocks([read_row_block(Path(part), width) for part in parts])
-    if lists.neighbour_ids.shape != (staged.images, width):
-        raise RuntimeError(f"row blocks gave lists of shape {lists.neighbour_ids.shape}")
+    """Join the row blocks (deep lists: the blocks ran at list_depth) into one table of
+    lists, staged like the local engine's, with the deep lists beside it."""
+    width = list_depth(k, staged.images)
+    deep = merge_row_blocks([read_row_block(Path(part), width) for part in parts])
+    if deep.neighbour_ids.shape != (staged.images, width):
+        raise RuntimeError(f"row blocks gave lists of shape {deep.neighbour_ids.shape}")
+    lists = prefix_lists(deep, list_length(k, staged.images))
+    name = Path(staging_dir) / "neighbours" / uuid.uuid4().hex
     path = write_neighbour_lists(
-        Path(staging_dir) / "neighbours" / f"{uuid.uuid4().hex}.arrow",
-        lists.image_ids,
-        lists.neighbour_ids,
-        lists.distances,
+        name.with_suffix(".arrow"), lists.image_ids, lists.neighbour_ids, lists.distances
     )
+    deep_path = write_neighbour_lists(
+        name.with_name(f"{name.name}-deep.arrow"),
+        deep.image_ids,
+        deep.neighbour_ids,
+        deep.distances,
+    )
+    rows = int(lists.neighbour_ids.size)
     return StagedNeighbours(
-        path, PassKind.FULL, staged.images, int(lists.neighbour_ids.size), staged.refreshed_ids
+        path, PassKind.FULL, staged.images, rows, staged.refreshed_ids, deep=deep_path
     )
 
 

@@ -16,7 +16,7 @@ from lookalike.sql.schema import (
 )
 from lookalike.tasks.database import connect_checked, engine_for
 from lookalike.tasks.knn import knn_all
-from lookalike.tasks.knn.plan import PassKind
+from lookalike.tasks.knn.plan import PassKind, list_depth
 from lookalike.tasks.models import INCEPTION_V3
 from lookalike.tasks.neighbour_blocks import (
     RowBlockInput,
@@ -28,6 +28,8 @@ from lookalike.tasks.neighbour_blocks import (
     stage_knn_features,
     write_knn_features,
 )
+from lookalike.tasks.neighbours import read_staged_lists
+from lookalike.tasks.sources import open_source
 from lookalike.tasks.stage import feature_matrix, read_table
 
 FEATURE_DIM = INCEPTION_V3.feature_dim  # the default model's, stored in the collection
@@ -102,8 +104,14 @@ def test_row_blocks_merged_equal_the_local_engine(tmp_path: Path) -> None:
     np.testing.assert_array_equal(merged.image_ids, ids)
     np.testing.assert_array_equal(merged.neighbour_ids, expected.neighbour_ids)
     np.testing.assert_allclose(merged.distances, expected.distances, rtol=0, atol=1e-5)
+    # Beside the table's lists, the deep ones the next update starts from (k plus a reserve).
+    assert plan.deep is not None
+    deep = read_staged_lists(plan.deep)
+    depth = list_depth(K, n)
+    assert depth > K
+    np.testing.assert_array_equal(deep.neighbour_ids, knn_all(features, ids, depth).neighbour_ids)
 
-    with pytest.raises(RuntimeError, match=r"row blocks gave lists of shape \(27, 5\)"):
+    with pytest.raises(RuntimeError, match=rf"row blocks gave lists of shape \(27, {depth}\)"):
         merge_blocks([p.path for p in parts[:-1]], str(tmp_path / "staging"), K, staged)
 
 
@@ -115,10 +123,12 @@ def add_images(database_url: str, count: int, stale: int = 0) -> list[int]:
     engine = connect_checked(database_url)
     vectors = random_features(count, seed=11)
     ids: list[int] = []
+    source = open_source(engine, Path("/images"), None)
     with engine.begin() as conn:
         for i in range(count):
             image_id = conn.execute(
                 insert(image_names).values(
+                    source_id=source.id,
                     file_name=f"img-{i:03d}.jpg",
                     content_hash=f"{i:032x}",
                     size=1000 + i,

@@ -32,10 +32,18 @@ from lookalike.tasks.catalog import (
 from lookalike.tasks.database import connect_checked
 from lookalike.tasks.discover import find_changes
 from lookalike.tasks.knn import knn_all
-from lookalike.tasks.knn.plan import PassKind
+from lookalike.tasks.knn.plan import PassKind, list_depth
 from lookalike.tasks.load import load_neighbour_table
 from lookalike.tasks.models import INCEPTION_V3
-from lookalike.tasks.neighbours import compute_neighbours, plan_neighbour_pass, read_neighbour_lists
+from lookalike.tasks.neighbours import (
+    compute_neighbours,
+    deep_lists_path,
+    keep_deep_lists,
+    plan_neighbour_pass,
+    read_deep_lists,
+    read_neighbour_lists,
+    read_staged_lists,
+)
 from lookalike.tasks.sources import (
     SourceError,
     delete_source,
@@ -136,6 +144,9 @@ def refresh(engine: Engine, url: str, staging: Path) -> PassKind:
         staged = compute_neighbours(engine, staging, K, kind)
         load_neighbour_table(url, staged.staged, staging)
         mark_indexed(engine, staged.refreshed_ids)
+        keep_deep_lists(staged, staging, url)
+        deep = read_staged_lists(deep_lists_path(staging, url))  # what the next update starts from
+        assert deep.neighbour_ids.shape[1] == list_depth(K, len(deep.image_ids)) > K
     return kind
 
 
@@ -221,6 +232,19 @@ def test_neighbours_span_sources_and_every_change_updates_them_exactly(
     assert refresh(engine, database_url, tmp_path) is PassKind.INCREMENTAL
     assert_lists_are_exact(engine)
     assert set(source_of(engine).values()) == {a.id, c.id}
+
+    # Deep lists that no longer begin the table (a run of an older version, a crash between
+    # the swap and keeping them) are noticed by their digest: the update starts from the table.
+    kept = deep_lists_path(tmp_path, database_url)
+    stale = kept.read_bytes()
+    add_images(engine, c.id, photos(2), "w")
+    assert refresh(engine, database_url, tmp_path) is PassKind.INCREMENTAL
+    kept.write_bytes(stale)
+    assert read_deep_lists(kept, engine, K) is None
+    add_images(engine, c.id, photos(2), "v")
+    assert refresh(engine, database_url, tmp_path) is PassKind.INCREMENTAL
+    assert_lists_are_exact(engine)
+    assert read_deep_lists(kept, engine, K) is not None
 
     before = read_neighbour_lists(engine)
     open_source(engine, tmp_path / "moved", "a", move=True)  # a source moved: same images

@@ -39,13 +39,49 @@ _DIAGONAL_SPLIT = 4  # a row block's own pairs go in 4 x 4 sub-tiles, upper half
 Side = tuple[CandidateLists, np.ndarray]  # lists and the slot of each tile-local index
 
 
+PAD_ID = -1  # neighbour id of a padding entry; its distance is +inf
+
+
 @dataclass(frozen=True)
 class NeighbourLists:
-    """The k nearest neighbours of each image, rows sorted by image id."""
+    """The k nearest neighbours of each image, rows sorted by image id.
+
+    Deep lists (knn_update with a depth) may be ragged: row i holds the exact first d_i
+    entries of its ranking, then padding (PAD_ID, +inf) up to the width; see list_depths.
+    """
 
     image_ids: np.ndarray  # (n,) int64, sorted ascending
-    neighbour_ids: np.ndarray  # (n, kk) int64, kk = min(k, n - 1) (0 when n <= 1)
-    distances: np.ndarray  # (n, kk) float32, true distances, ascending per row, ties by id
+    neighbour_ids: np.ndarray  # (n, w) int64, w = min(k or depth, n - 1) (0 when n <= 1)
+    distances: np.ndarray  # (n, w) float32, true distances, ascending per row, ties by id
+
+
+def padding_mask(neighbour_ids: np.ndarray, distances: np.ndarray) -> np.ndarray:
+    """Where entries are padding: neighbour PAD_ID at distance +inf (a real one is finite)."""
+    return (neighbour_ids == PAD_ID) & np.isposinf(distances)
+
+
+def list_depths(lists: NeighbourLists) -> np.ndarray:
+    """Valid entries of each row (its depth); padding only ever ends a row."""
+    return (~padding_mask(lists.neighbour_ids, lists.distances)).sum(axis=1)
+
+
+def prefix_lists(lists: NeighbourLists, kk: int) -> NeighbourLists:
+    """The first kk entries of every row; refused when a row holds fewer valid entries."""
+    width = lists.neighbour_ids.shape[1]
+    if not 0 <= kk <= width:
+        raise KnnInputError(f"cannot take the first {kk} entries of lists of {width}")
+    neighbour_ids, distances = lists.neighbour_ids[:, :kk], lists.distances[:, :kk]
+    short = np.flatnonzero(padding_mask(neighbour_ids, distances).any(axis=1))
+    if short.size:
+        raise KnnInputError(
+            f"the list of image {int(lists.image_ids[short[0]])} holds fewer than {kk} "
+            f"entries ({short.size} such list(s))"
+        )
+    return NeighbourLists(
+        image_ids=lists.image_ids,
+        neighbour_ids=np.ascontiguousarray(neighbour_ids),
+        distances=np.ascontiguousarray(distances),
+    )
 
 
 def knn_all(
@@ -350,15 +386,29 @@ def empty_lists(ids: np.ndarray) -> NeighbourLists:
 
 
 def assemble_lists(
-    ids: np.ndarray, positions: np.ndarray, neighbours: np.ndarray, distances: np.ndarray
+    ids: np.ndarray,
+    positions: np.ndarray,
+    neighbours: np.ndarray,
+    distances: np.ndarray,
+    *,
+    min_depth: int | None = None,
 ) -> NeighbourLists:
-    """NeighbourLists (image ids, rows sorted by id) from position-based results."""
-    if neighbours.size and neighbours.min() < 0:
+    """NeighbourLists (image ids, rows sorted by id) from position-based results.
+
+    Every row must be full, or hold at least `min_depth` entries before its padding
+    (position -1, distance inf) when that is given.
+    """
+    depth = neighbours.shape[1] if min_depth is None else min_depth
+    if neighbours.size and depth and neighbours[:, :depth].min() < 0:
         raise RuntimeError("kNN engine bug: a list came out shorter than k")
     row_ids = ids[positions]
     order = np.argsort(row_ids, kind="stable")
+    ordered = neighbours[order]
+    neighbour_ids = ids[ordered]
+    if depth < neighbours.shape[1]:
+        neighbour_ids[ordered < 0] = PAD_ID
     return NeighbourLists(
         image_ids=row_ids[order],
-        neighbour_ids=ids[neighbours[order]],
+        neighbour_ids=neighbour_ids,
         distances=np.ascontiguousarray(distances[order], dtype=np.float32),
     )

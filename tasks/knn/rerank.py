@@ -12,6 +12,10 @@ _RERANK_CHUNK_ENTRIES = 1 << 22  # candidates re-ranked at once: bounds its temp
 _RERANK_CHUNK_PAIRS = 256  # 256 rows x 2048 floats = 2 MB: stays in cache
 _GROUPED_PAIR_SHARE = 0.5  # re-rank in neighbourhood order when this share of pairs is inside
 _GROUP_MAX_ROWS = 512  # a group's float64 block (512 x 2048) stays within 8 MB
+# Smaller groups cost more in per-group set-up than their few pairs take to subtract: the
+# 18,000 (row, last neighbour) pairs of an update form groups of 2-10 rows, 0.51 s
+# grouped against 0.06 s subtracted (n = 20,000, d = 2048).
+_GROUP_MIN_ROWS = 8
 _GROUP_MIN_SHARE = 0.25  # of a group's pairs must be wanted to multiply the whole group
 _GROUP_MIN_PAIRS = 4096  # fewer grouped pairs than this are not worth the set-up
 _GROUP_GUARD = 1e-5  # float64 expansion error <= ~5e-13 x norms: < 1 float32 ulp above this
@@ -162,10 +166,7 @@ def _sorted_part(
     distances = np.take_along_axis(distances, columns, axis=1)
     if settled is not None:
         settled = np.take_along_axis(settled, columns, axis=1)
-    # Two distances each off by their error can swap within this relative window: the
-    # squared-distance error halves under the square root of euclidean distances.
-    window = space.direct_error * (2.0 if space.metric == "cosine" else 1.0)
-    rows, cols = _near_tie_entries(distances, kk, window, settled)
+    rows, cols = _near_tie_entries(distances, kk, near_tie_window(space), settled)
     if rows.size:
         neighbours = sources[rows, columns[rows, cols]]
         sq = pair_sq_distances(space, positions[rows], neighbours, precise=True)
@@ -177,6 +178,25 @@ def _sorted_part(
         columns[touched] = np.take_along_axis(touched_columns, order, axis=1)
         distances[touched] = np.take_along_axis(distances[touched], order, axis=1)
     return columns[:, :kk].copy(), distances[:, :kk].copy(), int(rows.size)
+
+
+def near_tie_window(space: FeatureSpace) -> float:
+    """Relative gap within which two float32 direct distances may be in the wrong order.
+
+    Two distances each off by their error can swap within it: the squared-distance error
+    halves under the square root of euclidean distances.
+    """
+    return space.direct_error * (2.0 if space.metric == "cosine" else 1.0)
+
+
+def close_to_previous(distances: np.ndarray, window: float) -> np.ndarray:
+    """(rows, w - 1): whether each sorted entry after the first is a near-tie of the one before.
+
+    Exact zeros are never near-ties: a zero distance is exact in any precision.
+    """
+    later = distances[:, 1:]
+    with np.errstate(invalid="ignore"):
+        return (later - distances[:, :-1] <= window * later) & (later > 0) & (later < np.inf)
 
 
 def _list_order(
@@ -206,9 +226,7 @@ def _near_tie_entries(
     """
     if distances.shape[1] < 2:
         return np.empty(0, np.int64), np.empty(0, np.int64)
-    later = distances[:, 1:]
-    with np.errstate(invalid="ignore"):
-        close = (later - distances[:, :-1] <= tolerance * later) & (later > 0) & (later < np.inf)
+    close = close_to_previous(distances, tolerance)
     if not close.any():
         return np.empty(0, np.int64), np.empty(0, np.int64)
     member = np.zeros(distances.shape, dtype=bool)
@@ -329,7 +347,9 @@ def _group_pair_sq_distances(
     the result is far inside float32 rounding: better than subtracting in float32, at a
     fraction of the memory traffic. Near-duplicates (squared distance below
     _GROUP_GUARD of the norms, exact duplicates included) are left to the subtraction,
-    which gives them their exact value (0 for a duplicate).
+    which gives them their exact value (0 for a duplicate). So are the few pairs whose
+    float32 rounding the two ways could differ on: a pair reports the same distance
+    whichever way it is measured, so whatever other pairs are measured with it.
     """
     label = _neighbourhood_labels(low, high, space.n)
     group = label[low]
@@ -337,7 +357,7 @@ def _group_pair_sq_distances(
     inside = group == label[high]
     pairs_inside = np.bincount(group[inside], minlength=space.n)
     # Dense groups only: the GEMM computes every pair of a group, wanted or not.
-    dense = (sizes >= 2) & (sizes <= _GROUP_MAX_ROWS)
+    dense = (sizes >= _GROUP_MIN_ROWS) & (sizes <= _GROUP_MAX_ROWS)
     dense &= pairs_inside >= _GROUP_MIN_SHARE * sizes * (sizes - 1) / 2
     chosen = np.flatnonzero(inside & dense[group])
     if chosen.size < _GROUP_MIN_PAIRS:
@@ -365,6 +385,7 @@ def _group_pair_sq_distances(
         i, j = place[low[pairs]], place[high[pairs]]
         sq = norms[i] + norms[j] - 2.0 * gram[i, j]
         good = sq >= _GROUP_GUARD * (norms[i] + norms[j])
+        good &= _rounds_alike(sq, _group_error(space.d, norms[i] + norms[j], sq))
         out[pairs[good]] = sq[good]  # rounded to float32 once
         done[pairs[good]] = True
 
@@ -372,6 +393,26 @@ def _group_pair_sq_distances(
     with tile_workers(cpu_cores() if len(member_starts) > 1 else 1) as workers:
         workers.map(compute, range(len(member_starts)))
     return np.flatnonzero(~done)
+
+
+def _group_error(d: int, norms: np.ndarray, sq: np.ndarray) -> np.ndarray:
+    """Bound on how far a grouped squared distance and a subtracted one can be apart.
+
+    The Gram entries and norms lose at most d units (2^-53) of the norms each; the
+    subtraction sums d exact squares in float64 and loses at most d units of the result.
+    """
+    unit = 2.0**-53
+    return (2 * d + 8) * unit * norms + (d + 2) * unit * sq
+
+
+def _rounds_alike(values: np.ndarray, error: np.ndarray) -> np.ndarray:
+    """Whether every float64 within `error` of each value rounds to the same float32."""
+    rounded = values.astype(np.float32)
+    below = np.nextafter(rounded, np.float32(-np.inf)).astype(np.float64)
+    above = np.nextafter(rounded, np.float32(np.inf)).astype(np.float64)
+    # Midpoints of neighbouring float32 numbers are exact in float64.
+    centre = rounded.astype(np.float64)
+    return (values - (centre + below) / 2 > error) & ((centre + above) / 2 - values > error)
 
 
 def _neighbourhood_labels(low: np.ndarray, high: np.ndarray, n: int) -> np.ndarray:
