@@ -33,6 +33,7 @@ from lookalike.sql.schema import STATUS_OK, image_names, image_neighbours  # noq
 from lookalike.tasks.database import connect_checked  # noqa: E402
 from lookalike.tasks.duplicates import find_duplicates  # noqa: E402
 from lookalike.tasks.settings import Settings  # noqa: E402
+from lookalike.tasks.sources import open_source  # noqa: E402
 
 SCALE = 10.0
 ROWS_PER_INSERT = 200_000
@@ -63,12 +64,14 @@ def write_collection(engine: Engine, args: argparse.Namespace) -> int:
     exact = rng.choice(np.arange(2, n + 1, 2), int(n * args.exact_share), replace=False)
     for image_id in exact.tolist():  # image_id has the content of image_id - 1
         hashes[image_id - 1] = hashes[image_id - 2]
+    source = open_source(engine, Path("/archive"), "archive")  # every image in one source
     with engine.begin() as conn:
         for table in ("image_neighbours", "image_names"):
             conn.execute(text(f"DELETE FROM {table}"))
         rows = [
             {
                 "id": i,
+                "source_id": source.id,
                 "file_name": f"campaign/{i:07d}.jpg",
                 "content_hash": hashes[i - 1],
                 "size": 250_000 + i,

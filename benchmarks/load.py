@@ -47,6 +47,7 @@ from lookalike.tasks.load import (  # noqa: E402
     load_neighbour_table,
 )
 from lookalike.tasks.models import INCEPTION_V3  # noqa: E402
+from lookalike.tasks.sources import open_source  # noqa: E402
 from lookalike.tasks.stage import read_table, write_feature_batch, write_neighbour_lists  # noqa: E402
 
 FEATURE_DIM = INCEPTION_V3.feature_dim  # the default model's
@@ -190,12 +191,14 @@ def neighbour_benchmark(
 
 
 def add_pending_images(engine: Engine, n: int) -> list[int]:
-    """n pending image rows; their ids in file-name order."""
+    """n pending image rows (of one source); their ids in file-name order."""
+    source = open_source(engine, Path("/photos"), "photos")
     with engine.begin() as conn:
         conn.execute(
             insert(image_names),
             [
                 dict(
+                    source_id=source.id,
                     file_name=f"photo{i:07d}.jpg",
                     content_hash=f"{i:032x}",
                     size=1,

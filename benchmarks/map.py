@@ -113,19 +113,21 @@ def fill_map_database(url: str, count: int) -> None:
 
     import sqlalchemy
 
-    from lookalike.sql.schema import image_map, image_names, map_state, metadata
+    from lookalike.sql.schema import image_map, image_names, map_state, metadata, sources
 
     rng = np.random.default_rng(5)
     centres = rng.normal(0, 10, (CLUSTERS, 2))
     xy = centres[rng.integers(0, CLUSTERS, count)] + rng.normal(0, 0.6, (count, 2))
     engine = sqlalchemy.create_engine(url)
     metadata.create_all(engine)
-    names = [{"id": i + 1, "file_name": f"folder_{i % 7}/image_{i:07d}.jpg",
+    names = [{"id": i + 1, "source_id": 1, "file_name": f"folder_{i % 7}/image_{i:07d}.jpg",
               "content_hash": f"{i:032x}", "size": 1, "mtime_ns": 0, "status": "ok",
               "indexed": True} for i in range(count)]  # fmt: skip
     points = [{"image_id": i + 1, "x": float(x), "y": float(y), "content_hash": f"{i:032x}"}
               for i, (x, y) in enumerate(xy.tolist())]  # fmt: skip
     with engine.begin() as conn:
+        conn.execute(sources.insert(), [{"id": 1, "name": "archive", "root": "/archive",
+                     "created_at": datetime.now()}])  # fmt: skip
         conn.execute(image_names.insert(), names)
         conn.execute(image_map.insert(), points)
         conn.execute(map_state.insert(), [{"id": 1, "fingerprint": "bench", "basis": "bench",

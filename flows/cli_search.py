@@ -64,9 +64,8 @@ def command_search(args: argparse.Namespace) -> int:
     if not found:
         print("nothing to search yet: run `lookalike process FOLDER` first")
     for neighbour in found:
-        print(
-            f"{neighbour.rank:>4}  {neighbour.distance:10.4f}  {neighbour.source}/{neighbour.file_name}"
-        )
+        where = f"{neighbour.source}/{neighbour.file_name}"
+        print(f"{neighbour.rank:>4}  {neighbour.distance:10.4f}  {where}")
     return 0
 
 

@@ -150,7 +150,7 @@ def publish_failed_images(failed: Sequence[tuple[str, str]]) -> UUID:
 def failed_images_markdown(failed: Sequence[tuple[str, str]]) -> str:
     """The failed images as a markdown table (the first MAX_FAILED_ROWS of them)."""
     if not failed:
-        return "# Failed images\n\nNo image failed: every image in the folder is indexed.\n"
+        return "# Failed images\n\nNo image failed: every image of every source is indexed.\n"
     lines = [
         f"# Failed images: {len(failed)}",
         "",

@@ -30,6 +30,7 @@ from lookalike.sql.schema import (
     image_features,
     image_names,
     runs,
+    sources,
 )
 from lookalike.tasks.catalog import (
     apply_changes,
@@ -49,6 +50,7 @@ from lookalike.tasks.load import load_feature_batches, load_neighbour_table
 from lookalike.tasks.models import weights_identity
 from lookalike.tasks.neighbours import compute_neighbours, plan_neighbour_pass
 from lookalike.tasks.settings import Settings
+from lookalike.tasks.sources import Source, open_source, read_sources
 from tests.odd_images import write_photos
 
 WEIGHTS = "none"  # seeded random init: no download
@@ -115,23 +117,35 @@ def database(url: str) -> Iterator[Engine]:
         engine.dispose()
 
 
-def start_run_and_sync(url: str, root: Path) -> int:
-    """A run's first steps (open-collection, sync-catalog): the run's id, still running."""
+def start_run_and_sync(url: str, root: Path, source: str | None = None) -> int:
+    """A run's first steps (open-collection, open-source, sync-catalog) on the folder as the
+    source of this name (default: the folder's own, or its source's): the run's id, still
+    running."""
     folder = check_root(root)
     weights_id = weights_identity(WEIGHTS)
     with database(url) as engine:
         close_interrupted_runs(engine)
-        open_collection(engine, folder, weights_id)
+        open_collection(engine, weights_id)
         run_id = start_run(engine, weights_id)
-        apply_changes(engine, find_changes(folder, read_known(engine)))
+        found = open_source(engine, folder, source)
+        apply_changes(engine, found.id, find_changes(folder, read_known(engine, found.id)))
     return run_id
 
 
+def source_at(engine: Engine, root: Path) -> Source:
+    """The source whose folder is root (a run has added it)."""
+    folder = str(check_root(root))
+    (found,) = [source for source in read_sources(engine) if source.root == folder]
+    return found
+
+
 def extract_and_load(url: str, root: Path) -> None:
-    """Extract every pending image into staged batches and load them (extract-shard, load-*)."""
+    """Extract the folder's pending images into staged batches and load them (extract-shard,
+    load-*)."""
     folder = check_root(root)
     with database(url) as engine:
-        batches = plan_batches(list_pending(engine), BATCH_SIZE, weights_identity(WEIGHTS))
+        pending = list_pending(engine, source_at(engine, folder).id)
+        batches = plan_batches(pending, BATCH_SIZE, weights_identity(WEIGHTS))
         paths = extract_batches(
             batches, folder, staging_dir(), weights=WEIGHTS, batch_size=BATCH_SIZE, workers=1
         )
@@ -156,9 +170,10 @@ def complete_run(url: str, run_id: int) -> None:
         finish_run(engine, run_id, RUN_COMPLETED, {})
 
 
-def index_folder(url: str, root: Path) -> int:
-    """One complete run over the folder, as `lookalike process ROOT --weights none`; its id."""
-    run_id = start_run_and_sync(url, root)
+def index_folder(url: str, root: Path, source: str | None = None) -> int:
+    """One complete run over the folder, as `lookalike process ROOT --weights none` (with
+    --source SOURCE); its id."""
+    run_id = start_run_and_sync(url, root, source)
     extract_and_load(url, root)
     refresh_neighbours(url)
     complete_run(url, run_id)
@@ -209,9 +224,12 @@ def png_bytes() -> bytes:
 
 
 def read_catalog(url: str, root: Path) -> Catalog:
-    """What the database holds now, and the exact neighbours its features should have."""
+    """What the database holds now (ids: the rows of root's source), and the exact neighbours
+    its features should have."""
     with database(url) as engine, engine.connect() as conn:
-        ids = dict(conn.execute(select(image_names.c.file_name, image_names.c.id)).tuples().all())
+        source = source_at(engine, root)
+        named = select(image_names.c.file_name, image_names.c.id)
+        ids = dict(conn.execute(named.where(image_names.c.source_id == source.id)).tuples().all())
         blobs = conn.execute(select(image_features.c.image_id, image_features.c.features))
         vectors = {int(i): np.frombuffer(blob, "<f4").astype(np.float32) for i, blob in blobs}
         finished = conn.execute(
@@ -237,12 +255,15 @@ def exact_neighbours(vectors: dict[int, np.ndarray]) -> dict[int, list[tuple[int
 
 
 def tamper_file_names(url: str, names: list[str]) -> dict[str, int]:
-    """Pending rows for names no run would store (a database edited by hand); their ids."""
+    """Pending rows for names no run would store (a database edited by hand), in the first
+    source (the catalog's); their ids."""
     with database(url) as engine, engine.begin() as conn:
+        source_id = conn.execute(select(func.min(sources.c.id))).scalar_one()
         return {
             name: int(
                 conn.execute(
                     image_names.insert().values(
+                        source_id=source_id,
                         file_name=name,
                         content_hash="0" * 32,
                         size=1,

@@ -168,6 +168,7 @@ def test_process_json_summary_is_the_last_line(cli_env: dict[str, str], tmp_path
         0,
     )
     assert summary["neighbour_rows"] == 6
+    assert summary["sources"] == {"images": str(tmp_path / "images")}  # named after its folder
     assert (summary["task_runner"], summary["neighbour_tasks"]) == ("local", 1)
     assert summary["weights"].startswith("none")
     pending = [PendingImage(i + 1, p.name, hash_file(p)) for i, p in enumerate(sorted(photos))]

@@ -23,8 +23,8 @@ from lookalike.flows.cli import (
 def summary(**changes: Any) -> dict[str, Any]:
     """A summary as `lookalike process --json` prints it."""
     base: dict[str, Any] = dict(
-        root="/photos", database="sqlite:///data/lookalike.sqlite", model="InceptionV3",
-        weights="imagenet",
+        sources={"photos": "/photos"}, database="sqlite:///data/lookalike.sqlite",
+        model="InceptionV3", weights="imagenet",
         found=1000, new=0, changed=0, deleted=0, unchanged=1000, extracted=0, failed=0,
         cached_batches=0, decoded=0, model_calls=0, bytes_read=0, tensorflow_imported=False,
         neighbour_mode="unchanged", neighbour_rows=100_000, neighbour_tasks=0,
@@ -47,7 +47,7 @@ def test_an_up_to_date_folder_says_so_and_that_prefect_never_started(
 ) -> None:
     lines = printed(capsys)
     assert lines[0] == "up to date: 1,000 images, nothing to do (checked without starting Prefect)"
-    assert lines[1] == "  folder /photos, database sqlite:///data/lookalike.sqlite"
+    assert lines[1] == "  source photos (/photos), database sqlite:///data/lookalike.sqlite"
     assert lines[-1] == (
         "  time 1.8 s since the command started (start-up included; the check 0.3 s), "
         "nothing extracted"
@@ -58,7 +58,11 @@ def test_a_flow_run_counts_its_start_up_and_gives_no_rate_for_nothing(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     lines = printed(capsys, prefect=PREFECT_EPHEMERAL, wall_seconds=14.3, flow_run_id="x")
-    assert lines[0] == "processed /photos into sqlite:///data/lookalike.sqlite"
+    assert lines[0] == "processed source photos (/photos) into sqlite:///data/lookalike.sqlite"
+    two = printed(capsys, prefect=PREFECT_EPHEMERAL, sources={"a": "/photos", "b": "/mnt/b"})
+    assert two[0] == "processed source a (/photos), source b (/mnt/b) into " + (
+        "sqlite:///data/lookalike.sqlite"
+    )
     assert lines[-1] == (
         "  time 14.3 s since the command started (start-up and Prefect's temporary API server "
         "included; the flow 0.3 s), nothing extracted"

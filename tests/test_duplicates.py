@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -152,3 +153,27 @@ def test_the_threshold_setting_is_recorded_with_the_groups(  # type: ignore[no-u
         ).one()
     engine.dispose()
     assert threshold == pytest.approx(0.2) and scale > 0
+
+
+def test_an_exact_copy_in_another_source_joins_the_group_and_is_listed_with_its_source(  # type: ignore[no-untyped-def]
+    run_flow, sqlite_url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from lookalike.flows.cli import main
+
+    photos = write_photos(tmp_path / "a", 4)
+    write_photos(tmp_path / "b", 2, seed=3)
+    shutil.copyfile(photos[1], tmp_path / "b" / "copy.jpg")
+    run_flow(tmp_path / "a", sqlite_url)
+    assert run_flow(tmp_path / "b", sqlite_url)["duplicate_groups"] >= 1
+    groups = stored_groups(sqlite_url)
+    assert groups["copy.jpg"] == (groups[photos[1].name][0], "exact")
+    capsys.readouterr()
+
+    assert main(["duplicates", "--db", sqlite_url, "--format", "json"]) == 0
+
+    listed = json.loads(capsys.readouterr().out)["images"]
+    group = next(row["group"] for row in listed if row["file_name"] == "copy.jpg")
+    members = {(row["source"], row["file_name"]) for row in listed if row["group"] == group}
+    assert {("a", photos[1].name), ("b", "copy.jpg")} <= members
+    assert main(["duplicates", "--db", sqlite_url]) == 0
+    assert " b/copy.jpg\n" in capsys.readouterr().out

@@ -54,6 +54,7 @@ from lookalike.tasks.discover import find_changes, hash_file
 from lookalike.tasks.extract import Batch, decoded_batches, plan_batches
 from lookalike.tasks.load import load_feature_batches, write_neighbour_table
 from lookalike.tasks.models import weights_identity
+from lookalike.tasks.sources import open_source, read_sources
 from lookalike.tasks.stage import (
     NEIGHBOURS_SCHEMA,
     StagingError,
@@ -561,10 +562,16 @@ def test_staging_and_load_files_on_a_full_disk_fail_cleanly(
         write_neighbour_table(mariadb_url, lists, small_disk, expected_rows=2)
     assert count_rows(mariadb_url, image_neighbours) == 1
     staged = one_feature_batch(feature_batch_path(tmp_path / "staging", key))
+    source = open_source(engine, tmp_path / "images", None)
     with engine.begin() as conn:
         conn.execute(
             insert(image_names).values(
-                file_name="a.jpg", content_hash="0" * 32, size=1, mtime_ns=1, status="pending"
+                source_id=source.id,
+                file_name="a.jpg",
+                content_hash="0" * 32,
+                size=1,
+                mtime_ns=1,
+                status="pending",
             )
         )
     with pytest.raises(StagingError, match="No space left on device"):
@@ -615,9 +622,10 @@ def test_files_changed_after_discovery_fail_or_count_as_changed(tmp_path: Path) 
     photos = write_photos(root, 5)
     names = [p.name for p in photos]
     engine = connect_checked(f"sqlite:///{tmp_path / 'lookalike.sqlite'}")
-    open_collection(engine, root, weights_identity("none"))
-    apply_changes(engine, find_changes(root, read_known(engine)))
-    batches = plan_batches(list_pending(engine), 2, weights_identity("none"))
+    open_collection(engine, weights_identity("none"))
+    source = open_source(engine, root, None).id
+    apply_changes(engine, source, find_changes(root, read_known(engine, source)))
+    batches = plan_batches(list_pending(engine, source), 2, weights_identity("none"))
 
     # After discovery, before decoding: deleted, truncated, replaced, replaced by a folder.
     photos[0].unlink()
@@ -639,14 +647,14 @@ def test_files_changed_after_discovery_fail_or_count_as_changed(tmp_path: Path) 
 
     counts = load_feature_batches(engine, paths)
     assert (counts.ok, counts.failed) == (2, 3)
-    changes = find_changes(root, read_known(engine))
-    known = read_known(engine)
+    changes = find_changes(root, read_known(engine, source))
+    known = read_known(engine, source)
     assert sorted(f.file_name for _, f in changes.changed) == [names[1], names[2]]
     assert changes.deleted_ids == sorted(known[n].image_id for n in (names[0], names[4]))
     assert changes.unchanged == 1
-    counted = apply_changes(engine, changes)
+    counted = apply_changes(engine, source, changes)
     assert (counted.changed, counted.deleted, counted.unchanged) == (2, 2, 1)
-    assert [p.file_name for p in list_pending(engine)] == [names[1], names[2]]
+    assert [p.file_name for p in list_pending(engine, source)] == [names[1], names[2]]
     engine.dispose()
 
 
@@ -702,9 +710,10 @@ def test_whole_run_with_files_changing_during_extraction(
 
     # The next run's catalog sees the replaced and the truncated file as changed.
     engine = connect_checked(url)
-    changes = find_changes(root, read_known(engine))
+    [source] = [s.id for s in read_sources(engine) if s.root == str(root)]  # the run's
+    changes = find_changes(root, read_known(engine, source))
     assert sorted(f.file_name for _, f in changes.changed) == [names[5], names[6]]
-    assert changes.deleted_ids == [read_known(engine)[names[7]].image_id]
+    assert changes.deleted_ids == [read_known(engine, source)[names[7]].image_id]
     assert {f.file_name: f.content_hash for _, f in changes.changed}[names[5]] == hash_file(
         photos[0]
     )

@@ -23,12 +23,11 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 from PIL import Image
 
-from lookalike.sql.schema import image_names
+from lookalike.sql.schema import MAX_FILE_NAME_CHARS, image_names
 from lookalike.tasks.catalog import apply_changes
 from lookalike.tasks.database import connect_checked
 from lookalike.tasks.decode import INPUT_SIZE, ImageDecodeError, decode_image, decode_image_bytes
 from lookalike.tasks.discover import (
-    MAX_FILE_NAME_CHARS,
     DiscoveryError,
     any_image,
     check_root,
@@ -36,6 +35,7 @@ from lookalike.tasks.discover import (
     walk_files,
 )
 from lookalike.tasks.knn.passes import knn_all, knn_row_block, merge_row_blocks
+from lookalike.tasks.sources import open_source
 from tests.odd_images import BLUE, HOSTILE_NAMES, RED, small_jpeg, write_odd_images
 from tests.test_discover import within
 from tests.test_knn_passes import assert_same_lists, brute_force
@@ -80,7 +80,7 @@ def stored_names(url: str) -> dict[str, str]:
 def catalog_into(url: str, root: Path) -> dict[str, str]:
     """Run discovery and the catalog write against a fresh database; the stored names."""
     engine = connect_checked(url)  # the schema as a run creates it
-    apply_changes(engine, find_changes(root, {}))
+    apply_changes(engine, open_source(engine, root, None).id, find_changes(root, {}))
     engine.dispose()
     return stored_names(url)
 

@@ -10,8 +10,9 @@ import pytest
 from sqlalchemy import select
 
 from lookalike.sql.schema import image_features, image_names, image_neighbours
-from lookalike.tasks.catalog import CollectionMismatchError, NoImagesError
+from lookalike.tasks.catalog import NoImagesError
 from lookalike.tasks.database import connect_checked
+from lookalike.tasks.sources import SourceError
 from tests.odd_images import write_odd_images, write_photos
 
 K = 5
@@ -110,12 +111,30 @@ def test_fewer_images_than_k_get_all_others(run_flow, sqlite_url: str, tmp_path:
     assert_neighbours_exact(state, K)
 
 
-def test_another_root_is_refused(run_flow, sqlite_url: str, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_another_folder_becomes_another_source(run_flow, sqlite_url: str, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    first = write_photos(tmp_path / "a", 2)
+    other = write_photos(tmp_path / "b", 3, seed=5)
+    other[2].rename(tmp_path / "b" / first[0].name)  # the same path in both, other bytes
+    run_flow(tmp_path / "a", sqlite_url)
+
+    second = run_flow(tmp_path / "b", sqlite_url)
+
+    assert second["sources"] == {"b": str(tmp_path / "b")}
+    assert (second["found"], second["new"], second["extracted"]) == (3, 3, 3)
+    state = stored_state(sqlite_url)
+    assert len(state["ids"]) == 5  # the same path in two sources is two images
+    assert_neighbours_exact(state, K)  # the lists span both sources
+
+
+def test_a_source_name_bound_to_another_folder_is_refused(
+    run_flow, sqlite_url: str, tmp_path: Path
+) -> None:  # type: ignore[no-untyped-def]
     write_photos(tmp_path / "a", 2)
     write_photos(tmp_path / "b", 2)
     run_flow(tmp_path / "a", sqlite_url)
-    with pytest.raises(CollectionMismatchError, match="another folder"):
-        run_flow(tmp_path / "b", sqlite_url)
+    with pytest.raises(SourceError, match="lookalike move-source a "):
+        run_flow(tmp_path / "b", sqlite_url, source="a")
+    assert len(stored_state(sqlite_url)["names"]) == 2
 
 
 def test_emptied_folder_is_refused(run_flow, sqlite_url: str, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]

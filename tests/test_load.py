@@ -23,6 +23,7 @@ from lookalike.tasks.load import (
     write_neighbour_table,
 )
 from lookalike.tasks.models import INCEPTION_V3
+from lookalike.tasks.sources import open_source
 from lookalike.tasks.stage import NEIGHBOURS_SCHEMA, write_feature_batch
 
 
@@ -32,12 +33,14 @@ def hash_of(name: str) -> str:
 
 
 def add_pending(engine: Engine, names: list[str]) -> list[int]:
-    """Pending image rows for these names; their ids in the same order."""
+    """Pending image rows for these names (in one source); their ids in the same order."""
+    source = open_source(engine, Path("/images"), None)
     with engine.begin() as conn:
         conn.execute(
             insert(image_names),
             [
                 dict(
+                    source_id=source.id,
                     file_name=name,
                     content_hash=hash_of(name),
                     size=1,

@@ -11,6 +11,7 @@ from sqlalchemy import select
 from lookalike.sql.schema import STATUS_OK, image_map, image_names, map_state
 from lookalike.tasks.database import connect_checked
 from lookalike.tasks.map import MODE_FULL, MODE_INCREMENTAL, MODE_UNCHANGED, layout_map
+from lookalike.tasks.map_reader import read_map
 from tests.odd_images import write_photos
 from tests.pipeline_catalog import index_folder
 
@@ -127,3 +128,21 @@ def test_the_map_command_refits_on_request(
     assert capsys.readouterr().out == "map: 12 points (unchanged)\n"
     assert main(["map", "--db", sqlite_url, "--refit"]) == 0
     assert capsys.readouterr().out == "map: 12 points (full)\n"
+
+
+def test_with_several_sources_the_maps_groups_are_source_and_folder(
+    sqlite_url: str, tmp_path: Path
+) -> None:
+    write_photos(tmp_path / "a" / "trip", 5, seed=7)
+    write_photos(tmp_path / "b", 5, seed=8)  # files at the source's root
+    index_folder(sqlite_url, tmp_path / "a")
+    engine = connect_checked(sqlite_url)
+    layout_map(engine)
+    assert read_map(engine).folders == ["trip"]  # one source: the folders alone
+    index_folder(sqlite_url, tmp_path / "b", "scans")
+    assert layout_map(engine).points == 10
+
+    points = read_map(engine)
+    engine.dispose()
+    assert points.folders == ["a/trip", "scans/"]
+    assert sorted(points.folder_of.tolist()) == [0] * 5 + [1] * 5

@@ -163,7 +163,7 @@ def test_artifacts_assets_logs_and_an_unchanged_rerun(  # type: ignore[no-untype
     )
     assert table["images decoded"] == 5 and table["neighbour rows (full)"] == 4 * K
     failed = artifacts["process-images-failed"].data
-    assert "| a_broken.jpg |" in failed and BROKEN_REASON in failed
+    assert "| images/a_broken.jpg |" in failed and BROKEN_REASON in failed  # source/file
     assert artifacts[PROGRESS_KEY].data == 100.0
 
     messages = log_messages_of(first["flow_run_id"])
@@ -192,7 +192,9 @@ def test_artifacts_assets_logs_and_an_unchanged_rerun(  # type: ignore[no-untype
         ("find-duplicates", "Completed"),  # finds its inputs' fingerprint unchanged: no work
         ("finish-run", "Completed"),
         ("layout-map", "Completed"),  # likewise
+        ("mark-sources-run", "Completed"),
         ("open-collection", "Completed"),
+        ("open-source", "Completed"),
         ("plan-batches", "Completed"),
         ("plan-neighbour-pass", "Completed"),  # finds the lists current: no kNN task runs
         ("sync-catalog", "Completed"),

@@ -32,6 +32,7 @@ from lookalike.tasks.report import (
     staging_asset,
     table_asset,
 )
+from lookalike.tasks.sources import open_source
 
 T = TypeVar("T")
 
@@ -75,6 +76,18 @@ def test_nested_counters_both_count_and_a_failed_open_costs_no_bytes(tmp_path: P
         write(root / "late.jpg", 5).read_bytes()
     assert (inner.files, inner.bytes) == (2, 10)
     assert (outer.files, outer.bytes) == (3, 15)
+
+
+def test_reads_under_several_roots_are_counted_once_each(tmp_path: Path) -> None:
+    first, second = tmp_path / "first", tmp_path / "second"
+    one, two = write(first / "sub" / "one.jpg", 100), write(second / "two.jpg", 50)
+    beside = write(tmp_path / "third" / "three.jpg", 70)
+    with count_image_reads(first, second, first / "sub") as reads:
+        one.read_bytes()  # under two of the roots: one read
+        two.read_bytes()
+        beside.read_bytes()
+    assert reads.roots == (f"{first}/", f"{second}/", f"{first}/sub/")
+    assert (reads.files, reads.bytes) == (2, 150)
 
 
 # --- the failed-images markdown -----------------------------------------------------------------
@@ -140,9 +153,9 @@ def test_the_staging_asset_is_the_real_features_folder(tmp_path: Path) -> None:
 
 def test_table_rows_are_counted_outside_a_materializing_task(sqlite_url: str) -> None:
     engine = connect_checked(sqlite_url)
-    open_collection(engine, Path("/images"), "weights")
+    open_collection(engine, "weights")
     new = [HashedFile(f"{name}.jpg", 1, 1, name * 16) for name in ("aa", "bb")]
-    apply_changes(engine, Changes(new=new))
+    apply_changes(engine, open_source(engine, Path("/images"), None).id, Changes(new=new))
     engine.dispose()
     counts = {"image_names": 2, "image_features": 0, "image_neighbours": 0}
     assert record_table_assets(sqlite_url) == counts
@@ -175,7 +188,7 @@ def read_artifact(artifact_id: UUID) -> Any:
 
 
 SUMMARY = {
-    "root": "/images",
+    "sources": {"photos": "/images", "scans": "/mnt/scans"},
     "weights": "none (random init)",
     "found": 7,
     "new": 5,
@@ -202,7 +215,9 @@ SUMMARY = {
 def test_the_run_summary_is_a_table_of_every_measure(prefect_harness: None) -> None:
     artifact = read_artifact(in_a_flow_run(lambda: publish_run_summary(SUMMARY)))
     assert (artifact.key, artifact.type) == (SUMMARY_KEY, "table")
-    assert artifact.description == "process-images of /images with weights none (random init)"
+    assert artifact.description == (
+        "process-images of photos, scans with weights none (random init)"
+    )
     rows = {row["measure"]: row["value"] for row in json.loads(artifact.data)}
     assert len(rows) == 18
     assert (rows["images found"], rows["failed"], rows["image bytes read"]) == (7, 1, 12345)
@@ -210,7 +225,7 @@ def test_the_run_summary_is_a_table_of_every_measure(prefect_harness: None) -> N
 
 
 def test_failed_images_and_neighbour_summaries_are_published(prefect_harness: None) -> None:
-    failed = [("a.jpg", "truncated image data"), ("b.jpg", "empty file")]
+    failed = [("photos/a.jpg", "truncated image data"), ("scans/b.jpg", "empty file")]
     markdown = read_artifact(in_a_flow_run(lambda: publish_failed_images(failed)))
     assert (markdown.key, markdown.type) == (FAILED_KEY, "markdown")
     assert markdown.data == failed_images_markdown(failed)

@@ -40,9 +40,13 @@ def test_search_by_a_photo_prints_the_same_ranking_as_the_api(
     with TestClient(create_app(app_settings(catalog.url, tmp_path))) as client:
         answer = client.post("/api/search?k=3", files={"file": ("p.jpg", photo.read_bytes())})
     assert [(n["id"], n["rank"]) for n in printed] == [(n["id"], n["rank"]) for n in answer.json()]
-    assert printed[0]["file_name"] == "photos/photo_000_00000.jpg"  # itself, at distance ~0
+    # Itself, at distance ~0, in the catalog's one source (named after its folder).
+    assert (printed[0]["source"], printed[0]["file_name"]) == (
+        "images",
+        "photos/photo_000_00000.jpg",
+    )
     status, table, _ = run_cli("search", "--image", str(photo), "--k", "2", "--db", catalog.url)
-    assert status == 0 and table.splitlines()[0].split()[-1] == "photos/photo_000_00000.jpg"
+    assert status == 0 and table.splitlines()[0].split()[-1] == "images/photos/photo_000_00000.jpg"
 
 
 def test_a_model_without_a_text_tower_says_so_in_one_line(catalog: Catalog, tmp_path: Path) -> None:

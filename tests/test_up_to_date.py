@@ -37,6 +37,7 @@ from lookalike.sql.schema import (
 from lookalike.tasks.database import connect_checked, utcnow
 from lookalike.tasks.lock import hold_run_lock
 from lookalike.tasks.settings import Settings
+from lookalike.tasks.sources import SourceSpec
 from tests.odd_images import write_photos
 
 K = 3
@@ -52,7 +53,8 @@ def ask(root: Path, database_url: str, **settings: Any) -> dict[str, Any] | None
 
     options: dict[str, Any] = dict(k=K, batch_size=BATCH, weights="none")
     options.update(settings)
-    plan, check_bytes = plan_run(str(root), Settings.from_env(database_url=database_url, **options))
+    specs = [SourceSpec(root=str(root))]
+    plan, check_bytes = plan_run(specs, Settings.from_env(database_url=database_url, **options))
     summary = up_to_date_summary(plan, started=time.perf_counter(), bytes_read=check_bytes)
     return None if summary is None else asdict(summary)
 
