@@ -22,11 +22,9 @@ import sqlalchemy
 from httpx import Response
 from litestar.testing import TestClient
 from PIL import Image
-from sqlalchemy import Column, DateTime, Integer, MetaData, String, Table, Text
 
 from lookalike.api.app import create_app
 from lookalike.api.schema_check import MIGRATE_FIRST
-from lookalike.sql import schema
 from lookalike.sql.migrations import migrate
 from lookalike.sql.schema import (
     RUN_COMPLETED,
@@ -47,6 +45,7 @@ from lookalike.sql.schema import (
     users,
 )
 from lookalike.tasks.catalog import DEFAULT_MODEL_NAME as MODEL_NAME
+from tests.legacy_schema import legacy_metadata
 from tests.pipeline_catalog import app_settings
 
 MUSEUM, ARCHIVE, EMPTY = "museum", "archive", "empty"
@@ -506,35 +505,11 @@ def test_the_old_routes_keep_their_shapes(client: TestClient, archive: Archive) 
 # --- a database from before sources ------------------------------------------------------------
 
 
-def old_layout() -> MetaData:
-    """The tables as they were before sources: collection with its root, image_names with a
-    unique file_name and no source_id; every other table as now."""
-    old = MetaData()
-    Table(
-        "collection",
-        old,
-        Column("id", Integer, primary_key=True, autoincrement=False),
-        Column("root", Text, nullable=False),
-        Column("model", String(64), nullable=False),
-        Column("weights", String(255), nullable=False),
-        Column("created_at", DateTime, nullable=False),
-        **schema._MARIADB,
-    )
-    columns = [c.copy() for c in image_names.columns if c.name != "source_id"]  # type: ignore[attr-defined]
-    for column in columns:
-        column.unique = column.name == "file_name"
-    Table("image_names", old, *columns, **schema._MARIADB)
-    for table in metadata.sorted_tables:
-        if table.name not in ("collection", "image_names", "sources"):
-            table.to_metadata(old)
-    return old
-
-
 def test_an_old_database_answers_503_until_the_pipeline_migrated_it(
     database_url: str, tmp_path: Path
 ) -> None:
     engine = sqlalchemy.create_engine(database_url)
-    old = old_layout()
+    old = legacy_metadata()
     old.create_all(engine)
     root = tmp_path / "photos"
     (root / "a").mkdir(parents=True)
