@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from fractions import Fraction
 
 import numpy as np
 import pytest
@@ -74,13 +75,64 @@ def test_compiled_row_blocks_and_updates_match_numpy() -> None:
     )
 
 
-@pytest.mark.parametrize("count", [2, 9, 216, 1000])
+@pytest.mark.parametrize("count", [2, 3, 9, 216, 1000])
 def test_kth_smallest_is_np_partition(count: int) -> None:
     rng = np.random.default_rng(count)
-    values = rng.integers(0, 7, count).astype(np.float32)  # many equal values
-    for kth in {0, count // 2, count - 1}:
-        scratch = values.copy()
-        assert kernels.kth_smallest(scratch, count, kth) == np.partition(values, kth)[kth]
+    many_equal = rng.integers(0, 7, count).astype(np.float32)
+    signed = rng.standard_normal(count).astype(np.float32)  # expanded distances can be < 0
+    signed[::5] = np.inf
+    ordered = np.sort(signed)  # sorted input: the worst case of a naive pivot
+    for values in (many_equal, signed, ordered, ordered[::-1].copy()):
+        for kth in {0, 1 % count, count // 2, count - 1}:
+            scratch = values.copy()
+            assert kernels.kth_smallest(scratch, count, kth) == np.partition(values, kth)[kth]
+            np.testing.assert_array_equal(np.sort(scratch), np.sort(values))  # reordered only
+
+
+def test_compiled_final_cut_keeps_the_same_candidates_as_numpy() -> None:
+    rng = np.random.default_rng(4)
+    width = 10
+    lists = {name: CandidateLists(300, width) for name in ("numba", "numpy")}
+    fill = rng.integers(0, 2 * width + 1, 300)
+    values = rng.integers(0, 40, (300, 2 * width)).astype(np.float32)  # ties at the cut
+    for candidates in lists.values():
+        for slot in range(300):
+            candidates.values[slot, : fill[slot]] = values[slot, : fill[slot]]
+            candidates.sources[slot, : fill[slot]] = np.arange(fill[slot]) + slot
+        candidates.fill[:] = fill
+    compiled = lists["numba"].best(kernels)
+    plain = lists["numpy"].best()
+    for got, expected in zip(compiled, plain, strict=True):
+        np.testing.assert_array_equal(got, expected)
+    np.testing.assert_array_equal(lists["numba"].limits, lists["numpy"].limits)
+    assert np.isfinite(lists["numba"].limits[fill > width]).all()
+
+
+def test_unique_pair_keys_is_sorting_the_keys() -> None:
+    rng = np.random.default_rng(6)
+    n = 500
+    rows = np.repeat(np.arange(n), 30)
+    others = (rows + rng.integers(1, 40, len(rows))) % n  # many pairs listed from both rows
+    low, high = np.minimum(rows, others), np.maximum(rows, others)
+    unique, inverse = kernels.unique_pair_keys(low, high, n)
+    expected, expected_inverse = np.unique(low * n + high, return_inverse=True)
+    assert len(unique) < len(low)
+    np.testing.assert_array_equal(unique, expected)
+    np.testing.assert_array_equal(inverse, expected_inverse)
+
+
+def test_compiled_pair_distances_are_within_the_bound_of_the_exact_sums() -> None:
+    rng = np.random.default_rng(7)
+    d = 301  # not a multiple of any vector width
+    x = rng.standard_normal((40, d)).astype(np.float32) * 100
+    x[3] = np.nextafter(x[2], np.float32(np.inf))  # a near-duplicate pair: cancellation
+    low, high = np.array([0, 2, 5, 9]), np.array([1, 3, 30, 39])
+    out = np.empty(4, dtype=np.float64)
+    kernels.pair_sq_distances(x, np.empty(0, np.float32), low, high, out)
+    for p in range(4):  # float32 differences are exact in Fraction
+        pairs = zip(x[low[p]], x[high[p]], strict=True)
+        exact = sum((Fraction(float(a)) - Fraction(float(b))) ** 2 for a, b in pairs)
+        assert abs(Fraction(out[p]) - exact) <= (d + 2) * Fraction(2) ** -53 * exact
 
 
 def test_a_scanned_tile_keeps_each_side_best_and_limits_bound_the_dropped() -> None:

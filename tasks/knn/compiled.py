@@ -47,6 +47,19 @@ class CompiledTiles(NumpyTiles):
 
     def __init__(self) -> None:
         self.kernels = compiled_kernels()
+        self._buffers = threading.local()
+
+    def tile_buffer(self, rows: int, cols: int) -> np.ndarray:
+        """A (rows, cols) float32 array kept by this worker thread for all its tiles.
+
+        A fresh 64 MB tile per multiply costs page faults (and, where the kernel compacts
+        memory for huge pages, far more) every time; reusing one buffer pays them once.
+        """
+        flat = getattr(self._buffers, "flat", None)
+        if flat is None or flat.size < rows * cols:
+            flat = np.empty(rows * cols, dtype=np.float32)
+            self._buffers.flat = flat
+        return flat[: rows * cols].reshape(rows, cols)
 
     def feed(
         self,
@@ -61,12 +74,12 @@ class CompiledTiles(NumpyTiles):
     ) -> None:
         """Multiply (no lock), then scan the tile into both sides' lists (under the lock)."""
         with timed(timings, "matmul"):
-            tile = left @ right.T
+            tile = np.matmul(left, right.T, out=self.tile_buffer(len(left), len(right)))
         tile[self_pairs] = np.inf
         rows = _side(*row_side)
         cols = rows if col_side is None else _side(*col_side)
         width = row_side[0].width
-        scratch = np.empty(2 * width, dtype=np.float32)
+        scratch = np.empty(row_side[0].values.shape[1], dtype=np.float32)
         row_positions, col_positions = positions
         # The lists are shared by every worker; the scan is short next to the multiply.
         with lock, timed(timings, "selection"):

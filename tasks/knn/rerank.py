@@ -36,7 +36,7 @@ def finalise_rows(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Exact lists from candidates: direct distances, then rows not proven are redone."""
     with timed(timings, "rerank"):
-        values, sources = candidates.best()
+        values, sources = candidates.best(space.kernels)
         neighbours = np.empty((len(positions), kk), dtype=np.int64)
         distances = np.empty((len(positions), kk), dtype=np.float32)
         # In row chunks: the re-rank needs about 150 bytes per candidate for a while.
@@ -259,8 +259,11 @@ def pair_sq_distances(
     n = space.n
     if len(a) == 0:
         return np.empty(0, dtype=np.float64 if precise else np.float32)
-    keys = np.minimum(a, b).astype(np.int64) * n + np.maximum(a, b)
-    unique, inverse = _unique_inverse(keys)
+    low, high = np.minimum(a, b), np.maximum(a, b)
+    if space.kernels is not None:
+        unique, inverse = space.kernels.unique_pair_keys(low, high, n)
+    else:
+        unique, inverse = _unique_inverse(low.astype(np.int64) * n + high)
     memo = None if precise else space.pair_memo
     if memo is None:
         return _measured_pairs(space, unique, precise)[inverse]
@@ -303,13 +306,14 @@ def _subtracted_pair_sq_distances(
     if visit is None:
         visit = np.arange(len(low))
 
-    kernels = None if precise else space.kernels
+    # The compiled kernel scales cosine rows in float32: precise cosine rows are not its.
+    kernels = None if precise and space.scale is not None else space.kernels
     scale = np.empty(0, np.float32) if space.scale is None else space.scale
 
     def compute(start: int) -> None:
         pairs = visit[start : start + _RERANK_CHUNK_PAIRS]
         if kernels is not None:
-            measured = np.empty(len(pairs), dtype=np.float32)
+            measured = np.empty(len(pairs), dtype=out.dtype)  # float64: kept unrounded
             kernels.pair_sq_distances(space.features, scale, low[pairs], high[pairs], measured)
             out[pairs] = measured
             return

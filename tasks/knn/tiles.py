@@ -11,7 +11,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from lookalike.tasks.knn.space import FeatureSpace, KnnInputError, Timings, available_memory, timed
-from lookalike.tasks.knn.threads import cpu_cores
+from lookalike.tasks.knn.threads import cpu_cores, on_all_cores
 
 log = logging.getLogger(__name__)
 
@@ -95,9 +95,21 @@ class CandidateLists:
         self.sources[slots, place] = sources
         self.fill[groups] += counts
 
-    def best(self) -> tuple[np.ndarray, np.ndarray]:
-        """Each slot's best `width` candidates (values, int64 sources; inf / -1 padding)."""
-        self._cut_back(np.flatnonzero(self.fill > self.width))
+    def best(self, kernels: Any = None) -> tuple[np.ndarray, np.ndarray]:
+        """Each slot's best `width` candidates (values, int64 sources; inf / -1 padding).
+
+        With the compiled kernels the slots are cut on every core (the same entries kept).
+        """
+        full = np.flatnonzero(self.fill > self.width)
+        if kernels is None:
+            self._cut_back(full)
+        else:
+            parts = np.array_split(full, cpu_cores())
+            args = (self.values, self.sources, self.fill, self.limits)
+            on_all_cores(
+                lambda part: kernels.cut_back_slots(*args, parts[part], self.width),
+                range(len(parts)),
+            )
         width = self.width
         return self.values[:, :width], self.sources[:, :width].astype(np.int64)
 
