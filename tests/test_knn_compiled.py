@@ -128,7 +128,7 @@ def test_compiled_pair_distances_are_within_the_bound_of_the_exact_sums() -> Non
     x[3] = np.nextafter(x[2], np.float32(np.inf))  # a near-duplicate pair: cancellation
     low, high = np.array([0, 2, 5, 9]), np.array([1, 3, 30, 39])
     out = np.empty(4, dtype=np.float64)
-    kernels.pair_sq_distances(x, np.empty(0, np.float32), low, high, out)
+    kernels.pair_sq_distances(x, np.empty(0, np.float32), low, high, np.arange(4), out)
     for p in range(4):  # float32 differences are exact in Fraction
         pairs = zip(x[low[p]], x[high[p]], strict=True)
         exact = sum((Fraction(float(a)) - Fraction(float(b))) ** 2 for a, b in pairs)

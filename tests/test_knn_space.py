@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import mmap
+
 import numpy as np
 import pytest
 
@@ -11,6 +13,7 @@ from lookalike.tasks.knn.space import (
     PairMemo,
     ZeroFeatureVectorError,
     cache_right_rows,
+    fresh_array,
     prepare_space,
 )
 
@@ -69,3 +72,20 @@ def test_a_zero_vector_outside_the_centre_sample_is_refused_for_cosine() -> None
     with pytest.raises(ZeroFeatureVectorError, match="image 1 "):
         prepare_space(x, np.arange(n, dtype=np.int64), "cosine", None)
     prepare_space(x, np.arange(n, dtype=np.int64), "euclidean", None)  # fine for euclidean
+
+
+@pytest.mark.parametrize(("shape", "dtype"), [((3, 5), np.float32), ((2048, 2050), np.int32)])
+def test_fresh_arrays_are_writable_and_the_large_ones_mapped_in(
+    shape: tuple[int, int], dtype: type
+) -> None:
+    array = fresh_array(shape, dtype)
+    assert array.shape == shape
+    assert array.dtype == dtype
+    assert array.flags.c_contiguous and array.flags.writeable
+    array[...] = np.arange(array.size, dtype=dtype).reshape(shape)
+    assert int(array[-1, -1]) == array.size - 1
+    owner: object = array
+    while isinstance(owner, np.ndarray | memoryview):  # the chain down to the memory
+        owner = owner.base if isinstance(owner, np.ndarray) else owner.obj
+    large = array.nbytes >= 16 << 20
+    assert isinstance(owner, mmap.mmap) == large  # small ones come from np.empty

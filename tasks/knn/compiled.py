@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from lookalike.tasks.knn.space import Timings, timed
+from lookalike.tasks.knn.space import Timings, fresh_array, timed
 from lookalike.tasks.knn.tiles import CandidateLists, NumpyTiles
 
 
@@ -53,11 +53,12 @@ class CompiledTiles(NumpyTiles):
         """A (rows, cols) float32 array kept by this worker thread for all its tiles.
 
         A fresh 64 MB tile per multiply costs page faults (and, where the kernel compacts
-        memory for huge pages, far more) every time; reusing one buffer pays them once.
+        memory for huge pages, far more) every time; one buffer, populated up front, pays
+        them once.
         """
         flat = getattr(self._buffers, "flat", None)
         if flat is None or flat.size < rows * cols:
-            flat = np.empty(rows * cols, dtype=np.float32)
+            flat = fresh_array((rows * cols,))
             self._buffers.flat = flat
         return flat[: rows * cols].reshape(rows, cols)
 

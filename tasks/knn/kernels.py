@@ -235,15 +235,16 @@ def _row_sq_distance(a, b, scale_a, scale_b):  # type: ignore[no-untyped-def]
 
 
 @numba.njit(nogil=True, cache=True)
-def pair_sq_distances(features, scale, low, high, out):  # type: ignore[no-untyped-def]
-    """|x_low - x_high|^2 of each pair, summed in float64 and rounded once into `out`.
+def pair_sq_distances(features, scale, low, high, order, out):  # type: ignore[no-untyped-def]
+    """|x_low - x_high|^2 of the pairs listed in `order`, summed in float64, into `out`.
 
     Rows are read in place (no gathered copies); cosine rows are scaled in float32 as
     FeatureSpace.exact_rows does (scale is empty for euclidean: a factor 1 is exact).
+    A float32 `out` rounds each sum once.
     """
     scaled = len(scale) > 0
     one = np.float32(1.0)
-    for p in range(len(low)):
+    for p in order:
         a, b = low[p], high[p]
         scale_a = scale[a] if scaled else one
         scale_b = scale[b] if scaled else one

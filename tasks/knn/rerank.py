@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
 from lookalike.tasks.knn.space import FeatureSpace, Timings, timed
@@ -19,6 +21,7 @@ _GROUP_MIN_ROWS = 8
 _GROUP_MIN_SHARE = 0.25  # of a group's pairs must be wanted to multiply the whole group
 _GROUP_MIN_PAIRS = 4096  # fewer grouped pairs than this are not worth the set-up
 _GROUP_GUARD = 1e-5  # float64 expansion error <= ~5e-13 x norms: < 1 float32 ulp above this
+_COMPILED_PARTS = 8  # compiled distance calls per re-rank: a few per core balance the load
 _PARALLEL_RERANK_CHUNKS = 16  # fewer chunks than this are measured in the calling thread
 _SORT_PART_ROWS = 2048  # lists are ordered in parts of at least this many rows, one per core
 _NO_ID = np.iinfo(np.int64).max
@@ -308,15 +311,12 @@ def _subtracted_pair_sq_distances(
 
     # The compiled kernel scales cosine rows in float32: precise cosine rows are not its.
     kernels = None if precise and space.scale is not None else space.kernels
-    scale = np.empty(0, np.float32) if space.scale is None else space.scale
+    if kernels is not None:
+        _compiled_pair_sq_distances(space, kernels, low, high, visit, out)
+        return out
 
     def compute(start: int) -> None:
         pairs = visit[start : start + _RERANK_CHUNK_PAIRS]
-        if kernels is not None:
-            measured = np.empty(len(pairs), dtype=out.dtype)  # float64: kept unrounded
-            kernels.pair_sq_distances(space.features, scale, low[pairs], high[pairs], measured)
-            out[pairs] = measured
-            return
         lows = low[pairs]
         # In float64 (float32 differences are exact there): the sum rounds once, as in
         # the compiled kernel, so both paths report the same distances.
@@ -338,6 +338,26 @@ def _subtracted_pair_sq_distances(
         for start in starts:
             compute(start)
     return out
+
+
+def _compiled_pair_sq_distances(
+    space: FeatureSpace,
+    kernels: Any,
+    low: np.ndarray,
+    high: np.ndarray,
+    visit: np.ndarray,
+    out: np.ndarray,
+) -> None:
+    """The compiled kernel over the pairs in `visit` order, one long call per part and core.
+
+    Parts write disjoint entries of `out`; a float64 `out` keeps the sums unrounded.
+    """
+    scale = np.empty(0, np.float32) if space.scale is None else space.scale
+    parts = np.array_split(visit, max(1, min(_COMPILED_PARTS, len(visit) // _RERANK_CHUNK_PAIRS)))
+    on_all_cores(
+        lambda part: kernels.pair_sq_distances(space.features, scale, low, high, parts[part], out),
+        range(len(parts)),
+    )
 
 
 def _group_pair_sq_distances(

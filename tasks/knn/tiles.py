@@ -10,7 +10,14 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from lookalike.tasks.knn.space import FeatureSpace, KnnInputError, Timings, available_memory, timed
+from lookalike.tasks.knn.space import (
+    FeatureSpace,
+    KnnInputError,
+    Timings,
+    available_memory,
+    fresh_array,
+    timed,
+)
 from lookalike.tasks.knn.threads import cpu_cores, on_all_cores
 
 log = logging.getLogger(__name__)
@@ -67,8 +74,10 @@ class CandidateLists:
 
     def __init__(self, size: int, width: int) -> None:
         self.width = width
-        self.values = np.full((size, 2 * width), np.inf, dtype=np.float32)
-        self.sources = np.full((size, 2 * width), -1, dtype=np.int32)  # positions < 2^31
+        self.values = fresh_array((size, 2 * width))
+        self.values.fill(np.inf)
+        self.sources = fresh_array((size, 2 * width), np.int32)  # positions < 2^31
+        self.sources.fill(-1)
         self.fill = np.zeros(size, dtype=np.int64)
         self.limits = np.full(size, np.inf, dtype=np.float32)
 
