@@ -74,7 +74,7 @@ def test_a_zero_vector_outside_the_centre_sample_is_refused_for_cosine() -> None
     prepare_space(x, np.arange(n, dtype=np.int64), "euclidean", None)  # fine for euclidean
 
 
-@pytest.mark.parametrize(("shape", "dtype"), [((3, 5), np.float32), ((2048, 2050), np.int32)])
+@pytest.mark.parametrize(("shape", "dtype"), [((3, 5), np.float32), ((4096, 2050), np.int32)])
 def test_fresh_arrays_are_writable_and_the_large_ones_mapped_in(
     shape: tuple[int, int], dtype: type
 ) -> None:
@@ -87,5 +87,5 @@ def test_fresh_arrays_are_writable_and_the_large_ones_mapped_in(
     owner: object = array
     while isinstance(owner, np.ndarray | memoryview):  # the chain down to the memory
         owner = owner.base if isinstance(owner, np.ndarray) else owner.obj
-    large = array.nbytes >= 16 << 20
+    large = array.nbytes >= 32 << 20
     assert isinstance(owner, mmap.mmap) == large  # small ones come from np.empty

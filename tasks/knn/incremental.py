@@ -33,6 +33,7 @@ from lookalike.tasks.knn.space import (
     KnnInputError,
     PairMemo,
     Timings,
+    cache_right_rows,
     check_k_and_metric,
     checked_ids,
     prepare_space,
@@ -93,9 +94,7 @@ def knn_update(
     if not _previous_long_enough(previous, k):  # the caller's plan (knn.plan) rules this out
         raise KnnInputError(f"the previous lists are shorter than k={k}: a full pass is needed")
     target = _Target(kk, kk if depth is None else list_length(depth, len(ids)), depth is not None)
-    # New rows' strips read every column: their right() blocks are built once, in this pass.
-    # Without new rows only recomputed rows read them, once each, so nothing is kept.
-    space = prepare_space(features, ids, metric, timings, keep_right=bool(is_changed.any()))
+    space = prepare_space(features, ids, metric, timings)
     with open_backend(backend, space) as tiles:
         shape = tile_shape(space, block_rows, tiles)
         positions, neighbours, distances = _updated_lists(
@@ -130,6 +129,12 @@ def _updated_lists(
     redo = int(np.count_nonzero(depths == 0))
     if 2 * (len(fresh) + redo) >= space.n:
         return _full_pass(space, tiles, shape, target, redo, timings)
+    if len(fresh) > shape.rows:
+        # Each strip of new rows reads every column: build their right() blocks once. One
+        # strip builds each block once anyway, without keeping all of them (164 MB at
+        # 20,000 x 2,048), and recomputed rows read them once each.
+        with timed(timings, "prepare"):
+            cache_right_rows(space)
     limits = _initial_limits(space, kept, known, depths)
     fresh_lists, kept_lists = _candidates(space, tiles, shape, fresh, kept, limits, target, timings)
     # Kept rows and new rows measure mostly the same (kept, new) pairs: measure them once.

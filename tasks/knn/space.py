@@ -32,7 +32,7 @@ _CENTRE_SAMPLE_ROWS = 4096
 # (63.3 s with it, 58.3 s without) and pushed the peak from 1.92 GB to 2.67 GB, past the
 # engine's promise of 1.5 x the features + 1 GB (2.20 GB there).
 _RIGHT_CACHE_BYTES = 256 << 20
-_POPULATE_BYTES = 16 << 20  # fresh arrays this large are mapped in up front
+_POPULATE_BYTES = 32 << 20  # fresh arrays this large are mapped in up front (not the chunks)
 Timings = dict[str, float] | None
 _TIMINGS_LOCK = threading.Lock()
 
