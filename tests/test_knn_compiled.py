@@ -181,3 +181,15 @@ except KnnInputError as exc:
         "(50, 5) False",
         "the numba kNN backend needs numba: pip install numba",
     ]
+
+
+def test_compiled_neighbourhood_labels_and_orders_are_numpy_s() -> None:
+    rng = np.random.default_rng(9)
+    n = 300
+    a, b = rng.integers(0, n, 5000), rng.integers(0, n, 5000)
+    low, high = np.minimum(a, b)[a != b], np.maximum(a, b)[a != b]
+    expected = np.arange(n)
+    np.minimum.at(expected, high, low)
+    np.testing.assert_array_equal(kernels.lowest_partners(low, high, n), expected[expected])
+    keys = rng.integers(0, n, 4000)  # many equal keys: stability decides their order
+    np.testing.assert_array_equal(kernels.stable_order(keys, n), np.argsort(keys, kind="stable"))

@@ -219,6 +219,34 @@ def unique_pair_keys(low, high, n):  # type: ignore[no-untyped-def]
     return unique[:found].copy(), inverse
 
 
+@numba.njit(nogil=True, cache=True)
+def lowest_partners(low, high, n):  # type: ignore[no-untyped-def]
+    """Each row's lowest partner among the pairs (low < high), or itself; then that row's.
+
+    np.minimum.at(label, high, low) followed by label[label], in one pass each.
+    """
+    label = np.arange(n)
+    for p in range(len(low)):
+        if low[p] < label[high[p]]:
+            label[high[p]] = low[p]
+    return label[label]
+
+
+@numba.njit(nogil=True, cache=True)
+def stable_order(keys, n):  # type: ignore[no-untyped-def]
+    """np.argsort(keys, kind="stable") for keys in [0, n), by a counting sort."""
+    starts = np.zeros(n + 1, dtype=np.int64)
+    for key in keys:
+        starts[key + 1] += 1
+    for key in range(n):
+        starts[key + 1] += starts[key]
+    order = np.empty(len(keys), dtype=np.int64)
+    for t in range(len(keys)):
+        order[starts[keys[t]]] = t
+        starts[keys[t]] += 1
+    return order
+
+
 @numba.njit(nogil=True, cache=True, fastmath={"reassoc", "contract"})
 def _row_sq_distance(a, b, scale_a, scale_b):  # type: ignore[no-untyped-def]
     """|a * scale_a - b * scale_b|^2 summed in float64, in lanes (reassociated).

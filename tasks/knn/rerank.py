@@ -305,7 +305,7 @@ def _subtracted_pair_sq_distances(
     grouped = len(low) >= 4 * np.count_nonzero(low[1:] != low[:-1])
     starts = range(0, len(low), _RERANK_CHUNK_PAIRS)
     many = len(starts) >= _PARALLEL_RERANK_CHUNKS
-    visit = _neighbourhood_order(low, high, n) if many else None
+    visit = _neighbourhood_order(low, high, n, space.kernels) if many else None
     if visit is None:
         visit = np.arange(len(low))
 
@@ -375,7 +375,7 @@ def _group_pair_sq_distances(
     float32 rounding the two ways could differ on: a pair reports the same distance
     whichever way it is measured, so whatever other pairs are measured with it.
     """
-    label = _neighbourhood_labels(low, high, space.n)
+    label = _neighbourhood_labels(low, high, space.n, space.kernels)
     group = label[low]
     sizes = np.bincount(label, minlength=space.n)
     inside = group == label[high]
@@ -387,13 +387,13 @@ def _group_pair_sq_distances(
     if chosen.size < _GROUP_MIN_PAIRS:
         return np.arange(len(low))
     members = np.flatnonzero(dense[label])
-    members = members[np.argsort(label[members], kind="stable")]
+    members = members[_stable_order(label[members], space.n, space.kernels)]
     member_starts = np.flatnonzero(np.diff(label[members], prepend=-1))
     place = np.empty(space.n, dtype=np.int64)  # a member's row within its group's block
     place[members] = np.arange(len(members)) - np.repeat(
         member_starts, np.diff(np.append(member_starts, len(members)))
     )
-    chosen = chosen[np.argsort(group[chosen], kind="stable")]
+    chosen = chosen[_stable_order(group[chosen], space.n, space.kernels)]
     pair_starts = np.flatnonzero(np.diff(group[chosen], prepend=-1))
     bounds = np.append(member_starts, len(members)), np.append(pair_starts, len(chosen))
     centre = space.centre.astype(np.float64)
@@ -439,28 +439,39 @@ def _rounds_alike(values: np.ndarray, error: np.ndarray) -> np.ndarray:
     return (values - (centre + below) / 2 > error) & ((centre + above) / 2 - values > error)
 
 
-def _neighbourhood_labels(low: np.ndarray, high: np.ndarray, n: int) -> np.ndarray:
+def _neighbourhood_labels(low: np.ndarray, high: np.ndarray, n: int, kernels: Any) -> np.ndarray:
     """Each row's label: the lowest row paired with it (or itself), followed once more.
 
     Rows of one tight group mostly share a label.
     """
+    if kernels is not None:
+        return kernels.lowest_partners(low, high, n)  # type: ignore[no-any-return]
     label = np.arange(n)
     np.minimum.at(label, high, low)  # low < high: only a high row's label can fall
     return label[label]
 
 
-def _neighbourhood_order(low: np.ndarray, high: np.ndarray, n: int) -> np.ndarray | None:
+def _stable_order(keys: np.ndarray, n: int, kernels: Any) -> np.ndarray:
+    """np.argsort(keys, kind="stable") of keys in [0, n); compiled: a counting sort."""
+    if kernels is not None:
+        return kernels.stable_order(keys, n)  # type: ignore[no-any-return]
+    return np.argsort(keys, kind="stable")
+
+
+def _neighbourhood_order(
+    low: np.ndarray, high: np.ndarray, n: int, kernels: Any
+) -> np.ndarray | None:
     """An order of the pairs (sorted by low row) that takes each neighbourhood's together.
 
     Pairs of rows with one label (see _neighbourhood_labels) run together and the rows they
     gather are still in cache, instead of coming from memory once per pair. None when most
     pairs cross labels (no groups, e.g. unstructured data): there it only costs.
     """
-    label = _neighbourhood_labels(low, high, n)
+    label = _neighbourhood_labels(low, high, n, kernels)
     group = label[low]
     if np.count_nonzero(group == label[high]) < _GROUPED_PAIR_SHARE * len(low):
         return None
-    return np.argsort(group, kind="stable")  # stable: runs of one low row stay whole
+    return _stable_order(group, n, kernels)  # stable: runs of one low row stay whole
 
 
 def _unique_inverse(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
