@@ -11,45 +11,38 @@ _SCAN_RUN = 256  # entries checked at once before any is looked at alone
 
 @numba.njit(nogil=True, cache=True)
 def kth_smallest(scratch: np.ndarray, count: int, kth: int) -> np.float32:
-    """The kth smallest (0-based) of scratch[:count], by quickselect; scratch is reordered.
+    """The kth smallest (0-based) of scratch[:count]; scratch is overwritten.
 
-    Partitions branch-free (every element swapped, the boundary advanced by a compare):
-    3x faster than Hoare's partition here, whose data-dependent branches mispredict on
-    unordered distances (0.95 against 2.9 us for the 113th of 224).
+    Each float becomes an int32 that orders like it (its bits, with the magnitude bits
+    flipped for negatives), and the kth is found by bisecting the int range: each step
+    counts the entries at or below a key with vector compares and no branches. 2x
+    quickselect on the 224 entries of a cut back (0.74 against 1.5 us), whose
+    data-dependent branches mispredict on unordered distances.
     """
-    lo, hi = 0, count  # the kth lies in scratch[lo:hi]
-    while hi - lo > 1:
-        pivot = _median_of_three(scratch[lo], scratch[(lo + hi) // 2], scratch[hi - 1])
-        below = _partition(scratch, lo, hi, pivot, False)  # [lo, below) < pivot
-        if kth < below:
-            hi = below
-            continue
-        equal = _partition(scratch, below, hi, pivot, True)  # [below, equal) == pivot
-        if kth < equal:
-            return pivot
-        lo = equal
-    return scratch[kth]
+    keys = scratch[:count].view(np.int32)
+    lo, hi = np.int64(2**31 - 1), np.int64(-(2**31))
+    for t in range(np.uint64(0), np.uint64(count)):
+        key = keys[t] ^ ((keys[t] >> 31) & 0x7FFFFFFF)
+        keys[t] = key
+        lo, hi = min(lo, np.int64(key)), max(hi, np.int64(key))
+    while lo < hi:  # the smallest key with more than kth keys at or below it
+        middle = (lo + hi) >> 1
+        below = _count_at_most(keys, np.int32(middle))
+        if below > kth:
+            hi = middle
+        else:
+            lo = middle + 1
+    found = np.empty(1, dtype=np.int32)
+    found[0] = np.int32(lo) ^ ((np.int32(lo) >> 31) & 0x7FFFFFFF)  # the same flip undoes it
+    return found.view(np.float32)[0]
 
 
 @numba.njit(nogil=True, cache=True, inline="always")
-def _median_of_three(a, b, c):  # type: ignore[no-untyped-def]
-    if a > b:
-        a, b = b, a
-    if b > c:
-        b = c
-    return a if a > b else b
-
-
-@numba.njit(nogil=True, cache=True, inline="always")
-def _partition(scratch, lo, hi, pivot, equal):  # type: ignore[no-untyped-def]
-    """Move the entries of scratch[lo:hi] below the pivot (or equal to it) to the front."""
-    boundary = lo
-    for i in range(lo, hi):
-        value = scratch[i]
-        scratch[i] = scratch[boundary]
-        scratch[boundary] = value
-        boundary += (value == pivot) if equal else (value < pivot)
-    return boundary
+def _count_at_most(keys, key):  # type: ignore[no-untyped-def]
+    total = 0
+    for t in range(np.uint64(0), np.uint64(len(keys))):
+        total += keys[t] <= key
+    return total
 
 
 @numba.njit(nogil=True, cache=True)
