@@ -49,6 +49,16 @@ def prefect_harness() -> Iterator[None]:
         yield
 
 
+@pytest.fixture(scope="session")
+def prefect_api_env(prefect_harness: None) -> dict[str, str]:
+    """PREFECT_API_URL of the session's harness, for a `lookalike` subprocess: without it each
+    run starts a temporary Prefect server of its own (about 13 s here). tests/test_up_to_date.py
+    still runs the command in that ephemeral mode."""
+    from prefect.settings import get_current_settings
+
+    return {"PREFECT_API_URL": str(get_current_settings().api.url)}
+
+
 def answers(admin_url: str) -> str | None:
     """None when the server behind this URL accepts the login, else the error, on one line."""
     import sqlalchemy

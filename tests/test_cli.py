@@ -143,8 +143,11 @@ def staged_batch_files(staging: Path) -> set[Path]:
     return set((staging / "features").rglob("*.arrow"))
 
 
-def test_process_json_summary_is_the_last_line(cli_env: dict[str, str], tmp_path: Path) -> None:
+def test_process_json_summary_is_the_last_line(
+    cli_env: dict[str, str], prefect_api_env: dict[str, str], tmp_path: Path
+) -> None:
     photos = write_photos(tmp_path / "images", 3)
+    cli_env.update(prefect_api_env)
     # Read from the environment and handed to the batch planner: its own cache key.
     cli_env["LOOKALIKE_REDUCED_SCALE_DECODE"] = "true"
     result = lookalike(
@@ -214,9 +217,10 @@ def run_on_terminal(*args: str, env: dict[str, str]) -> tuple[int, str, str]:
 
 
 def test_process_draws_a_progress_bar_on_a_terminal(
-    cli_env: dict[str, str], tmp_path: Path
+    cli_env: dict[str, str], prefect_api_env: dict[str, str], tmp_path: Path
 ) -> None:
     write_photos(tmp_path / "images", 3)
+    cli_env.update(prefect_api_env)
     args = ["process", str(tmp_path / "images"), "--weights", "none", "--k", "2"]
     status, stdout, shown = run_on_terminal(*args, "--batch-size", "2", env=cli_env)
     assert status == 0, shown

@@ -102,17 +102,11 @@ def prefect_server(home: Path) -> Iterator[dict[str, str]]:
             server.wait()
 
 
-@pytest.fixture
-def prefect_env(tmp_path: Path) -> Iterator[dict[str, str]]:
-    """A running `prefect server start` of this test alone."""
-    with prefect_server(tmp_path) as env:
-        yield env
-
-
 @pytest.fixture(scope="module")
 def shared_prefect_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
-    """A running `prefect server start` shared by the tests of the README's recipe, which
-    create (or overwrite) the same work pool and deployments each time they run."""
+    """A running `prefect server start` shared by this module's tests (a start-up costs about
+    10 s): each creates (or overwrites) the same work pool and deployments, and reads only the
+    runs and databases of its own folders."""
     with prefect_server(tmp_path_factory.mktemp("prefect-server")) as env:
         yield env
 
@@ -161,7 +155,10 @@ def source_counts(database_url: str) -> dict[str, tuple[str, int]]:
 
 
 @pytest.mark.slow
-def test_deployment_runs_on_a_process_worker(prefect_env: dict[str, str], tmp_path: Path) -> None:
+def test_deployment_runs_on_a_process_worker(
+    shared_prefect_env: dict[str, str], tmp_path: Path
+) -> None:
+    prefect_env = shared_prefect_env
     photos, scans = tmp_path / "photos", tmp_path / "scans"
     write_photos(photos, 3)
     write_photos(scans, 2, seed=1)
@@ -173,7 +170,8 @@ def test_deployment_runs_on_a_process_worker(prefect_env: dict[str, str], tmp_pa
     workdir = tmp_path / "workdir"
     workdir.mkdir()
 
-    prefect("work-pool", "create", "lookalike", "--type", "process", env=prefect_env)
+    # --overwrite: the recipe's tests create the same pool on this shared server.
+    prefect("work-pool", "create", "lookalike", "--type", "process", "--overwrite", env=prefect_env)
     deploy_env = dict(
         prefect_env,
         LOOKALIKE_PROJECT_DIR=str(workdir),

@@ -18,13 +18,14 @@ OFFLINE = {"HTTPS_PROXY": "http://127.0.0.1:9", "https_proxy": "http://127.0.0.1
 
 @pytest.mark.slow
 def test_an_offline_first_run_says_so_in_one_line_and_the_next_needs_no_recompute(
-    tmp_path: Path,
+    tmp_path: Path, prefect_api_env: dict[str, str]
 ) -> None:
     images = tmp_path / "images"
     write_photos(images, 2)
     env = {k: v for k, v in os.environ.items() if not k.startswith("LOOKALIKE_")}
     env.update(OFFLINE, NO_PROXY="", KERAS_HOME=str(tmp_path / "keras"))
     env.update(LOOKALIKE_DATA_DIR=str(tmp_path / "data"), PREFECT_HOME=str(tmp_path / "prefect"))
+    env.update(prefect_api_env)
     first = lookalike("process", str(images), env=env)
     assert_one_error_line(
         first, "could not fetch the ImageNet weights of InceptionV3 from https://"

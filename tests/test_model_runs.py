@@ -12,6 +12,8 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -70,23 +72,57 @@ def stored(tmp_path: Path) -> tuple[set[tuple[str, int]], str]:
     return {(str(m), int(n)) for m, n in vectors}, str(model)
 
 
+@dataclass(frozen=True)
+class ModelRun:
+    """One finished `lookalike process --model KEY` over PHOTOS photos under base."""
+
+    base: Path
+    photos: list[Path]
+    summary: dict[str, Any]
+
+
+@pytest.fixture(scope="module")
+def model_run(
+    tmp_path_factory: pytest.TempPathFactory, prefect_api_env: dict[str, str]
+) -> Callable[[str], ModelRun]:
+    """The run of each model, made once: the API test reads the run the end-to-end test of
+    the same model checked (a full-size model run costs 30-45 s here); nothing writes to it."""
+    made: dict[str, ModelRun] = {}
+
+    def run(key: str) -> ModelRun:
+        if key not in made:
+            base = tmp_path_factory.mktemp(key)
+            photos = write_photos(base / "images", PHOTOS)
+            env = run_env(base, **prefect_api_env)
+            made[key] = ModelRun(
+                base, photos, summary_of(process(base / "images", env, "--model", key))
+            )
+        return made[key]
+
+    return run
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("key", list(MODELS))
-def test_every_model_runs_process_end_to_end(key: str, tmp_path: Path) -> None:
+def test_every_model_runs_process_end_to_end(
+    key: str, model_run: Callable[[str], ModelRun]
+) -> None:
     spec = MODELS[key]
-    write_photos(tmp_path / "images", PHOTOS)
-    summary = summary_of(process(tmp_path / "images", run_env(tmp_path), "--model", key))
+    done = model_run(key)
+    summary = done.summary
     assert (summary["model"], summary["extracted"], summary["failed"]) == (spec.name, PHOTOS, 0)
     assert summary["neighbour_rows"] == PHOTOS * (PHOTOS - 1)
-    assert stored(tmp_path) == ({(spec.name, spec.feature_dim * 4)}, spec.name)
+    assert stored(done.base) == ({(spec.name, spec.feature_dim * 4)}, spec.name)
 
 
 @pytest.mark.slow
-def test_the_api_serves_vectors_of_the_collections_model(tmp_path: Path) -> None:
+def test_the_api_serves_vectors_of_the_collections_model(
+    tmp_path: Path, model_run: Callable[[str], ModelRun]
+) -> None:
     spec = MODELS["dinov2_small"]  # 384 values: a 20x20 fingerprint
-    photos = write_photos(tmp_path / "images", PHOTOS)
-    summary_of(process(tmp_path / "images", run_env(tmp_path), "--model", spec.key))
-    url = f"sqlite:///{tmp_path / 'data' / 'lookalike.sqlite'}"
+    done = model_run(spec.key)
+    photos = done.photos
+    url = f"sqlite:///{done.base / 'data' / 'lookalike.sqlite'}"
     with TestClient(create_app(app_settings(url, tmp_path, weights="none"))) as client:
         first = client.get("/api/images", params={"limit": 1}).json()["items"][0]
         features = client.get(f"/api/images/{first['id']}/features").json()
@@ -101,11 +137,13 @@ def test_the_api_serves_vectors_of_the_collections_model(tmp_path: Path) -> None
 
 
 @pytest.mark.slow
-def test_precision_is_part_of_the_collection(tmp_path: Path) -> None:
+def test_precision_is_part_of_the_collection(
+    tmp_path: Path, prefect_api_env: dict[str, str]
+) -> None:
     if not cpu_has_bf16():
         pytest.skip("this CPU has neither AVX512-BF16 nor AMX")
     write_photos(tmp_path / "images", PHOTOS)
-    env = run_env(tmp_path)
+    env = run_env(tmp_path, **prefect_api_env)
     half = summary_of(process(tmp_path / "images", env, "--precision", "bfloat16"))
     assert half["model"] == "InceptionV3 bfloat16" and half["extracted"] == PHOTOS
     assert stored(tmp_path) == ({("InceptionV3 bfloat16", 2048 * 4)}, "InceptionV3 bfloat16")
@@ -117,14 +155,14 @@ def test_precision_is_part_of_the_collection(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_a_preset_folder_runs_end_to_end_and_a_reduced_model_says_so(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, prefect_api_env: dict[str, str]
 ) -> None:
     monkeypatch.setenv(REDUCED_MODELS_VARIABLE, "1")
     spec = model_spec("clip_vit_b32")
     preset = tmp_path / "clip-preset"
     load_feature_model("none", 1, spec).model.save_to_preset(str(preset))
     write_photos(tmp_path / "images", PHOTOS)
-    env = run_env(tmp_path, **{REDUCED_MODELS_VARIABLE: "1"})
+    env = run_env(tmp_path, **{REDUCED_MODELS_VARIABLE: "1"}, **prefect_api_env)
     result = lookalike(
         "process", str(tmp_path / "images"), "--model", "clip_vit_b32", "--weights",
         str(preset), "--json", env=env,

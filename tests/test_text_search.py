@@ -35,11 +35,11 @@ pytestmark = pytest.mark.slow
 class Collection:
     """An indexed CLIP collection: its folder, database URL, tokenizer folder and env."""
 
-    def __init__(self, base: Path) -> None:
+    def __init__(self, base: Path, prefect_api_env: dict[str, str]) -> None:
         self.base = base
         self.url = f"sqlite:///{base / 'data' / 'lookalike.sqlite'}"
         self.tokenizer = write_vocabulary(base / "vocabulary")
-        self.env = run_env(base, LOOKALIKE_TOKENIZER=str(self.tokenizer))
+        self.env = run_env(base, LOOKALIKE_TOKENIZER=str(self.tokenizer), **prefect_api_env)
 
     def settings(self, **overrides: Any) -> Any:
         values = {"tokenizer": str(self.tokenizer), "search_rate": "off", **overrides}
@@ -56,8 +56,8 @@ class Collection:
 
 
 @pytest.fixture(scope="module")
-def clip(tmp_path_factory: pytest.TempPathFactory) -> Collection:
-    collection = Collection(tmp_path_factory.mktemp("text-search"))
+def clip(tmp_path_factory: pytest.TempPathFactory, prefect_api_env: dict[str, str]) -> Collection:
+    collection = Collection(tmp_path_factory.mktemp("text-search"), prefect_api_env)
     write_photos(collection.base / "images", PHOTOS)
     summary = summary_of(
         lookalike(
