@@ -467,15 +467,23 @@ def _merged_rows(
 def _padded(
     neighbours: np.ndarray, distances: np.ndarray, width: int, depths: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Lists `width` wide holding each row's first `depths` entries, then -1 / inf padding."""
-    out_neighbours = np.full((len(neighbours), width), -1, dtype=np.int64)
-    out_distances = np.full((len(neighbours), width), np.inf, dtype=np.float32)
+    """Lists `width` wide holding each row's first `depths` entries, then -1 / inf padding.
+
+    Only rows shorter than the copied part are masked: most rows are full, and a mask over
+    all of them cost more than the copy.
+    """
+    out_neighbours = np.empty((len(neighbours), width), dtype=np.int64)
+    out_distances = np.empty((len(neighbours), width), dtype=np.float32)
     w = min(width, neighbours.shape[1])
     out_neighbours[:, :w] = neighbours[:, :w]
     out_distances[:, :w] = distances[:, :w]
-    beyond = np.arange(width)[None, :] >= depths[:, None]
-    out_neighbours[beyond] = -1
-    out_distances[beyond] = np.inf
+    out_neighbours[:, w:] = -1
+    out_distances[:, w:] = np.inf
+    short = np.flatnonzero(depths < w)
+    if short.size:
+        beyond = np.arange(w)[None, :] >= depths[short, None]
+        out_neighbours[short, :w] = np.where(beyond, -1, out_neighbours[short, :w])
+        out_distances[short, :w] = np.where(beyond, np.inf, out_distances[short, :w])
     return out_neighbours, out_distances
 
 
