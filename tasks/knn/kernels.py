@@ -1,4 +1,4 @@
-"""numba kernels of the compiled tile selection; imported only where numba is installed."""
+"""numba kernels of the compiled tile selection and re-rank; imported only with numba."""
 
 from __future__ import annotations
 
@@ -118,9 +118,9 @@ def scan_tile(  # type: ignore[no-untyped-def]
     """One pass over the tile: each entry within its row's (and column's) limit is kept.
 
     rows / cols: (slots, values, sources, fill, limits) of each side's lists. Each row is
-    checked in runs of _SCAN_RUN entries by any_within; only runs with a hit are walked
-    entry by entry. Appending is written out here rather than called: it runs for every
-    entry that passes.
+    marked in runs of _SCAN_RUN entries by mark_within; only marked entries are looked at
+    one by one. Appending is written out here rather than called: it runs for every entry
+    that passes.
     """
     row_slots, row_values, row_sources, row_fill, row_limits = rows
     col_slots, col_values, col_sources, col_fill, col_limits = cols
