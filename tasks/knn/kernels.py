@@ -213,19 +213,6 @@ def unique_pair_keys(low, high, n):  # type: ignore[no-untyped-def]
 
 
 @numba.njit(nogil=True, cache=True)
-def lowest_partners(low, high, n):  # type: ignore[no-untyped-def]
-    """Each row's lowest partner among the pairs (low < high), or itself; then that row's.
-
-    np.minimum.at(label, high, low) followed by label[label], in one pass each.
-    """
-    label = np.arange(n)
-    for p in range(len(low)):
-        if low[p] < label[high[p]]:
-            label[high[p]] = low[p]
-    return label[label]
-
-
-@numba.njit(nogil=True, cache=True)
 def stable_order(keys, n):  # type: ignore[no-untyped-def]
     """np.argsort(keys, kind="stable") for keys in [0, n), by a counting sort."""
     starts = np.zeros(n + 1, dtype=np.int64)

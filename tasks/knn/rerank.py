@@ -375,7 +375,7 @@ def _group_pair_sq_distances(
     float32 rounding the two ways could differ on: a pair reports the same distance
     whichever way it is measured, so whatever other pairs are measured with it.
     """
-    label = _neighbourhood_labels(low, high, space.n, space.kernels)
+    label = _neighbourhood_labels(low, high, space.n)
     group = label[low]
     sizes = np.bincount(label, minlength=space.n)
     inside = group == label[high]
@@ -439,13 +439,11 @@ def _rounds_alike(values: np.ndarray, error: np.ndarray) -> np.ndarray:
     return (values - (centre + below) / 2 > error) & ((centre + above) / 2 - values > error)
 
 
-def _neighbourhood_labels(low: np.ndarray, high: np.ndarray, n: int, kernels: Any) -> np.ndarray:
+def _neighbourhood_labels(low: np.ndarray, high: np.ndarray, n: int) -> np.ndarray:
     """Each row's label: the lowest row paired with it (or itself), followed once more.
 
     Rows of one tight group mostly share a label.
     """
-    if kernels is not None:
-        return kernels.lowest_partners(low, high, n)  # type: ignore[no-any-return]
     label = np.arange(n)
     np.minimum.at(label, high, low)  # low < high: only a high row's label can fall
     return label[label]
@@ -467,7 +465,7 @@ def _neighbourhood_order(
     gather are still in cache, instead of coming from memory once per pair. None when most
     pairs cross labels (no groups, e.g. unstructured data): there it only costs.
     """
-    label = _neighbourhood_labels(low, high, n, kernels)
+    label = _neighbourhood_labels(low, high, n)
     group = label[low]
     if np.count_nonzero(group == label[high]) < _GROUPED_PAIR_SHARE * len(low):
         return None
