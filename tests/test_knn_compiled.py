@@ -186,3 +186,121 @@ except KnnInputError as exc:
 def test_compiled_stable_order_is_numpy_s() -> None:
     keys = np.random.default_rng(9).integers(0, 300, 4000)  # equal keys: stability decides
     np.testing.assert_array_equal(kernels.stable_order(keys, 300), np.argsort(keys, kind="stable"))
+
+
+def test_columns_without_limits_keep_their_best_through_many_held_batches() -> None:
+    rng = np.random.default_rng(12)
+    tile = rng.random((1200, 900), dtype=np.float32)  # every entry passes its column first
+    width = 30
+    lists = CandidateLists(2100, width)
+    lists.fill[1200:] = 1  # not fresh: no limit from the tile, every entry is held
+    lists.values[1200:, 0] = 2.0  # and one entry each, worse than any in the tile
+    lists.sources[1200:, 0] = 0
+    rows = (np.arange(1200), lists.values, lists.sources, lists.fill, lists.limits)
+    cols = (np.arange(1200, 2100), lists.values, lists.sources, lists.fill, lists.limits)
+    positions = np.arange(1200, 2100, dtype=np.int32), np.arange(1200, dtype=np.int32)
+    assert tile.size > 30 * 32768  # the held entries are appended in many batches
+    scratch = np.empty(2 * width, np.float32)
+    kernels.scan_tile(tile, rows, cols, True, positions[1], positions[0], width, scratch)
+    values, sources = lists.best()
+    np.testing.assert_array_equal(
+        np.sort(values[1200:], axis=1), np.sort(tile.T, axis=1)[:, :width]
+    )
+    taken = tile.T[np.arange(900)[:, None], sources[1200:]]
+    np.testing.assert_array_equal(taken, values[1200:])
+
+
+def listed_features(seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Clustered rows (8 clusters of 50) with near-duplicates, and lists of candidates:
+    most of each row's cluster, now and then a row of another cluster, -1 padding."""
+    rng = np.random.default_rng(seed)
+    x = clustered_features(400, 48, seed=seed)[np.argsort(np.arange(400) % 8, kind="stable")]
+    x[51] = x[50]  # an exact duplicate: never from the float64 products
+    x[53] = np.nextafter(x[52], np.float32(np.inf))  # one ulp apart
+    positions = np.flatnonzero(rng.random(400) < 0.9)  # some rows have no list
+    cluster = positions // 50
+    inside = cluster[:, None] * 50 + rng.permuted(
+        np.tile(np.arange(50), (len(positions), 1)), axis=1
+    )
+    outside = rng.integers(0, 400, (len(positions), 1))
+    outside[rng.random(len(positions)) < 0.7] = -1  # some rows list one row of another cluster
+    sources = np.concatenate([inside[:, :44], outside], axis=1)
+    sources[sources == positions[:, None]] = -1  # a row never lists itself
+    sources[rng.random(sources.shape) < 0.05] = -1
+    return x, positions, sources
+
+
+@pytest.mark.parametrize("metric", ["euclidean", "cosine"])
+def test_compiled_direct_distances_are_numpy_s(metric: str) -> None:
+    from lookalike.tasks.knn.rerank import direct_distances
+    from lookalike.tasks.knn.space import PairMemo, prepare_space
+
+    x, positions, sources = listed_features(seed=13)
+    space = prepare_space(x, np.arange(400), metric, None)
+    plain = direct_distances(space, positions, sources)
+    space.kernels = kernels
+    groups = kernels.list_groups(positions, sources, 400, 8, 512, 0.25, 8192)
+    assert len(groups[1]) > 2  # several groups: the float64 products ran
+    np.testing.assert_array_equal(direct_distances(space, positions, sources), plain)
+    space.pair_memo = PairMemo()  # the memo's path: unique pairs, groups of pairs
+    np.testing.assert_array_equal(direct_distances(space, positions, sources), plain)
+    assert len(space.pair_memo.keys) < np.count_nonzero(sources >= 0)  # mutual pairs once
+
+
+def test_compiled_group_plan_is_numpy_s() -> None:
+    from lookalike.tasks.knn.rerank import _group_plan
+    from lookalike.tasks.knn.space import prepare_space
+
+    x, positions, sources = listed_features(seed=14)
+    valid = sources >= 0
+    rows = np.broadcast_to(positions[:, None], sources.shape)[valid]
+    low, high = np.minimum(rows, sources[valid]), np.maximum(rows, sources[valid])
+    keys = np.unique(low * 400 + high)
+    low, high = keys // 400, keys % 400
+    space = prepare_space(x, np.arange(400), "euclidean", None)
+    plain = _group_plan(space, low, high)
+    space.kernels = kernels
+    compiled = _group_plan(space, low, high)
+    assert plain is not None and compiled is not None
+    members, bounds, place, chosen, pair_bounds = plain
+    for got, expected in zip(compiled, plain, strict=True):
+        if got is compiled[2]:  # place: defined for members only
+            got, expected = got[members], expected[members]
+        np.testing.assert_array_equal(got, expected)
+    assert len(bounds) == len(pair_bounds) > 2
+
+
+@pytest.mark.parametrize("settled_share", [None, 0.6])
+def test_compiled_list_order_and_near_ties_are_numpy_s(settled_share: float | None) -> None:
+    from lookalike.tasks.knn import rerank
+    from lookalike.tasks.knn.space import prepare_space
+
+    rng = np.random.default_rng(15)
+    space = prepare_space(
+        rng.standard_normal((300, 8)).astype(np.float32), rng.permutation(300), "euclidean", None
+    )
+    sources = rng.integers(0, 300, (300, 40))
+    sources[rng.random(sources.shape) < 0.1] = -1
+    distances = rng.integers(1, 60, sources.shape).astype(np.float32) / 7  # many exact ties
+    distances[::3, ::4] = np.nextafter(distances[::3, ::4], np.float32(np.inf))  # near-ties
+    distances[5, :10] = 0.0  # zeros are never near-ties
+    distances[6, 3] = -0.0
+    distances[sources < 0] = np.inf
+    settled = None if settled_share is None else rng.random(sources.shape) < settled_share
+    window = rerank.near_tie_window(space) * 1e6  # wide: chains of many entries
+    order = rerank._list_order(space, sources, distances)
+    ordered = np.take_along_axis(distances, order, axis=1)
+    marks = None if settled is None else np.take_along_axis(settled, order, axis=1)
+    tie_rows, tie_cols = rerank._near_tie_entries(ordered, 25, window, marks)
+    empty = np.empty((300, 0), dtype=bool)
+    got = kernels.order_lists(
+        distances, sources, space.id_ranks, 25, window, empty if settled is None else settled, True
+    )
+    real = sources >= 0
+    np.testing.assert_array_equal(got[1], ordered)
+    np.testing.assert_array_equal(  # the same entries in each place (padding: any order)
+        np.take_along_axis(np.where(real, sources, -1), got[0], axis=1),
+        np.take_along_axis(np.where(real, sources, -1), order, axis=1),
+    )
+    assert len(tie_rows) > 100
+    np.testing.assert_array_equal(got[2], tie_rows * 40 + tie_cols)

@@ -1,12 +1,47 @@
-"""numba kernels of the compiled tile selection and re-rank; imported only with numba."""
+"""numba kernels of the compiled tile selection; imported only with numba.
+
+The re-rank's kernels live in pair_kernels and are re-exported here, so that one module
+(FeatureSpace.kernels) holds every kernel of a compiled pass.
+"""
 
 from __future__ import annotations
 
 import numba
 import numpy as np
+from llvmlite import ir
+from numba import types
+from numba.extending import intrinsic
+
+from lookalike.tasks.knn.pair_kernels import (  # noqa: F401 - re-exported, see above
+    centred_block,
+    group_plan,
+    list_groups,
+    list_pair_keys,
+    listed_sq_distances,
+    neighbourhood_labels,
+    order_lists,
+    pair_sq_distances,
+    settle_group_entries,
+    settle_group_pairs,
+    stable_order,
+    unique_pair_keys,
+)
 
 INF = np.float32(np.inf)
 _SCAN_RUN = 256  # entries checked at once before any is looked at alone
+_HELD = 1 << 15  # column-side entries held before they are appended (384 kB)
+
+
+@intrinsic
+def _trailing_zeros(typingctx, word):  # type: ignore[no-untyped-def]
+    """Trailing zero bits of a non-zero uint64 (LLVM's cttz: one instruction)."""
+    if word != types.uint64:
+        return None
+
+    def codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
+        return builder.cttz(args[0], ir.Constant(ir.IntType(1), 1))
+
+    return types.uint64(types.uint64), codegen
 
 
 @numba.njit(nogil=True, cache=True)
@@ -15,8 +50,9 @@ def kth_smallest(scratch: np.ndarray, count: int, kth: int) -> np.float32:
 
     Each float becomes an int32 that orders like it (its bits, with the magnitude bits
     flipped for negatives), and the kth is found by bisecting the int range: each step
-    counts the entries at or below a key with vector compares and no branches. 2x
-    quickselect on the 224 entries of a cut back (0.74 against 1.5 us), whose
+    counts the entries at or below a key with vector compares and no branches, and stops
+    once a key falls between the kth and the next (about 9 steps for 224 entries instead
+    of 25). 2x quickselect on the 224 entries of a cut back (0.74 against 1.5 us), whose
     data-dependent branches mispredict on unordered distances.
     """
     keys = scratch[:count].view(np.int32)
@@ -30,6 +66,9 @@ def kth_smallest(scratch: np.ndarray, count: int, kth: int) -> np.float32:
         below = _count_at_most(keys, np.int32(middle))
         if below > kth:
             hi = middle
+        elif below == kth:  # middle falls between the kth and the next: that one it is
+            lo = _smallest_above(keys, np.int32(middle))
+            break
         else:
             lo = middle + 1
     found = np.empty(1, dtype=np.int32)
@@ -43,6 +82,14 @@ def _count_at_most(keys, key):  # type: ignore[no-untyped-def]
     for t in range(np.uint64(0), np.uint64(len(keys))):
         total += keys[t] <= key
     return total
+
+
+@numba.njit(nogil=True, cache=True, inline="always")
+def _smallest_above(keys, key):  # type: ignore[no-untyped-def]
+    smallest = np.int64(2**31 - 1)
+    for t in range(np.uint64(0), np.uint64(len(keys))):
+        smallest = min(smallest, np.int64(keys[t]) if keys[t] > key else np.int64(2**31 - 1))
+    return smallest
 
 
 @numba.njit(nogil=True, cache=True)
@@ -118,9 +165,11 @@ def scan_tile(  # type: ignore[no-untyped-def]
     """One pass over the tile: each entry within its row's (and column's) limit is kept.
 
     rows / cols: (slots, values, sources, fill, limits) of each side's lists. Each row is
-    marked in runs of _SCAN_RUN entries by mark_within; only marked entries are looked at
-    one by one. Appending is written out here rather than called: it runs for every entry
-    that passes.
+    marked in runs of _SCAN_RUN entries by mark_within; marked entries are then found by
+    the trailing zeros of 8 marks read as one word (a branch per mark mispredicts: about
+    15 of a run's 256 are marked). Row-side entries are appended on the spot (written out
+    here: it runs for every entry that passes); column-side ones are held and appended
+    column by column (_append_held).
     """
     row_slots, row_values, row_sources, row_fill, row_limits = rows
     col_slots, col_values, col_sources, col_fill, col_limits = cols
@@ -129,43 +178,95 @@ def scan_tile(  # type: ignore[no-untyped-def]
     count = tile.shape[1]
     col_limit = np.full(count, -INF, dtype=np.float32)
     marks = np.empty(_SCAN_RUN, dtype=np.bool_)
+    words = marks.view(np.uint64)  # 8 marks (bytes 0 or 1) per word
     if both:
         if has_fresh(col_slots, col_fill, col_limits):  # columns as rows: one copy
             fresh_limits(tile.T.copy(), col_slots, col_fill, col_limits, width)
-        for j in range(count):
-            col_limit[j] = col_limits[col_slots[j]]
+        _refresh_limits(col_slots, col_limits, col_limit)
+    held_values = np.empty(_HELD, dtype=np.float32)  # column-side entries, appended later
+    held_sources = np.empty(_HELD, dtype=col_sources.dtype)
+    held_columns = np.empty(_HELD, dtype=np.int32)
+    held = 0
     for i in range(tile.shape[0]):
         slot = row_slots[i]
         limit = row_limits[slot]
         source = row_positions[i]
         line = tile[i]
+        at = row_fill[slot]  # kept in a register: the row's list is all this loop appends to
         for start in range(0, count, _SCAN_RUN):
             stop = min(start + _SCAN_RUN, count)
             if mark_within(line, limit, col_limit, start, stop, marks) == 0:
                 continue
-            for j in range(start, stop):
-                if not marks[j - start]:
-                    continue
-                value = line[j]
-                if value <= limit and value < INF:  # an image against itself is INF
-                    at = row_fill[slot]
+            marks[stop - start :] = False  # a last, shorter run leaves no stale marks
+            for w in range(_SCAN_RUN // 8):
+                word = words[w]
+                while word != 0:
+                    j = start + 8 * w + np.int64(_trailing_zeros(word) >> np.uint64(3))  # type: ignore[call-arg]
+                    word &= word - np.uint64(1)
+                    value = line[j]
+                    # Branch-free: both sides write their next free place and advance only
+                    # when the entry passes (a marked entry passes one side or both, at
+                    # random: a branch on it mispredicts about once per entry).
                     row_values[slot, at] = value
                     row_sources[slot, at] = col_positions[j]
-                    row_fill[slot] = at + 1
-                    if at + 1 == room:
+                    at += (value <= limit) & (value < INF)
+                    held_values[held] = value
+                    held_sources[held] = source
+                    held_columns[held] = j
+                    held += (value <= col_limit[j]) & (value < INF)
+                    if at == room:
+                        row_fill[slot] = at
                         limit = cut_back(
                             row_values, row_sources, row_fill, row_limits, slot, width, scratch
                         )
-                if value <= col_limit[j] and value < INF:
-                    other = col_slots[j]
-                    at = col_fill[other]
-                    col_values[other, at] = value
-                    col_sources[other, at] = source
-                    col_fill[other] = at + 1
-                    if at + 1 == room:
-                        col_limit[j] = cut_back(
-                            col_values, col_sources, col_fill, col_limits, other, width, scratch
-                        )
+                        at = row_fill[slot]
+                    if held == _HELD:
+                        row_fill[slot] = at  # the held entries go to other rows' lists
+                        held_entries = (held_values, held_sources, held_columns, held)
+                        _append_held(*held_entries, cols, width, scratch)
+                        _refresh_limits(col_slots, col_limits, col_limit)
+                        held = 0
+        row_fill[slot] = at
+    if held:
+        _append_held(held_values, held_sources, held_columns, held, cols, width, scratch)
+
+
+@numba.njit(nogil=True, cache=True)
+def _append_held(values, sources, columns, count, cols, width, scratch):  # type: ignore[no-untyped-def]
+    """Append held column-side entries to their columns' lists, column by column.
+
+    A counting sort by column first: each list is then written in one go, where appending
+    each entry as it passed wrote all over the column lists (7 MB for a tile's 4,096).
+    Entries a cut back has since put beyond their list's limit are dropped.
+    """
+    col_slots, col_values, col_sources, col_fill, col_limits = cols
+    room = col_values.shape[1]
+    starts = np.zeros(len(col_slots) + 1, dtype=np.int64)
+    for t in range(count):
+        starts[columns[t] + 1] += 1
+    for j in range(len(col_slots)):
+        starts[j + 1] += starts[j]
+    order = np.empty(count, dtype=np.int64)
+    for t in range(count):
+        order[starts[columns[t]]] = t
+        starts[columns[t]] += 1
+    for t in order:
+        other = col_slots[columns[t]]
+        value = values[t]
+        if value <= col_limits[other]:
+            at = col_fill[other]
+            col_values[other, at] = value
+            col_sources[other, at] = sources[t]
+            col_fill[other] = at + 1
+            if at + 1 == room:
+                cut_back(col_values, col_sources, col_fill, col_limits, other, width, scratch)
+
+
+@numba.njit(nogil=True, cache=True)
+def _refresh_limits(slots, limits, limit):  # type: ignore[no-untyped-def]
+    """limit[j] = limits[slots[j]]: a tile's copy of its columns' limits, after cut backs."""
+    for j in range(len(slots)):
+        limit[j] = limits[slots[j]]
 
 
 @numba.njit(nogil=True, cache=True)
@@ -174,86 +275,3 @@ def cut_back_slots(values, sources, fill, limits, slots, width):  # type: ignore
     scratch = np.empty(values.shape[1], dtype=np.float32)
     for slot in slots:
         cut_back(values, sources, fill, limits, slot, width, scratch)
-
-
-@numba.njit(nogil=True, cache=True)
-def unique_pair_keys(low, high, n):  # type: ignore[no-untyped-def]
-    """Sorted unique pair keys (low * n + high) and each pair's index among them.
-
-    The same as sorting the keys (np.unique with return_inverse), 2.4x faster: a counting
-    sort by the low row, then one short sort per low row of (high, pair) packed in an int64.
-    """
-    count = len(low)
-    starts = np.zeros(n + 1, dtype=np.int64)
-    for t in range(count):
-        starts[low[t] + 1] += 1
-    for row in range(n):
-        starts[row + 1] += starts[row]
-    place = starts[:-1].copy()
-    packed = np.empty(count, dtype=np.int64)  # high << 32 | pair index (both < 2^31)
-    for t in range(count):
-        at = place[low[t]]
-        packed[at] = (np.int64(high[t]) << 32) | t
-        place[low[t]] += 1
-    unique = np.empty(count, dtype=np.int64)
-    inverse = np.empty(count, dtype=np.int64)
-    found = 0
-    for row in range(n):
-        first, stop = starts[row], starts[row + 1]
-        packed[first:stop].sort()
-        previous = -1
-        for t in range(first, stop):
-            other = packed[t] >> 32
-            if other != previous:
-                unique[found] = row * n + other
-                found += 1
-                previous = other
-            inverse[packed[t] & 0xFFFFFFFF] = found - 1
-    return unique[:found].copy(), inverse
-
-
-@numba.njit(nogil=True, cache=True)
-def stable_order(keys, n):  # type: ignore[no-untyped-def]
-    """np.argsort(keys, kind="stable") for keys in [0, n), by a counting sort."""
-    starts = np.zeros(n + 1, dtype=np.int64)
-    for key in keys:
-        starts[key + 1] += 1
-    for key in range(n):
-        starts[key + 1] += starts[key]
-    order = np.empty(len(keys), dtype=np.int64)
-    for t in range(len(keys)):
-        order[starts[keys[t]]] = t
-        starts[keys[t]] += 1
-    return order
-
-
-@numba.njit(nogil=True, cache=True, fastmath={"reassoc", "contract"})
-def _row_sq_distance(a, b, scale_a, scale_b):  # type: ignore[no-untyped-def]
-    """|a * scale_a - b * scale_b|^2 summed in float64, in lanes (reassociated).
-
-    Each difference of float32 numbers is exact in float64; the sum loses at most about
-    d * 2^-53 of itself in any order, so vector lanes keep the error bound the re-rank
-    assumes (5.7x faster than one running sum: 0.30 against 1.7 us for 2,048 features).
-    """
-    total = 0.0
-    for t in range(np.uint64(0), np.uint64(a.shape[0])):
-        diff = np.float64(a[t] * scale_a) - np.float64(b[t] * scale_b)
-        total += diff * diff
-    return total
-
-
-@numba.njit(nogil=True, cache=True)
-def pair_sq_distances(features, scale, low, high, order, out):  # type: ignore[no-untyped-def]
-    """|x_low - x_high|^2 of the pairs listed in `order`, summed in float64, into `out`.
-
-    Rows are read in place (no gathered copies); cosine rows are scaled in float32 as
-    FeatureSpace.exact_rows does (scale is empty for euclidean: a factor 1 is exact).
-    A float32 `out` rounds each sum once.
-    """
-    scaled = len(scale) > 0
-    one = np.float32(1.0)
-    for p in order:
-        a, b = low[p], high[p]
-        scale_a = scale[a] if scaled else one
-        scale_b = scale[b] if scaled else one
-        out[p] = _row_sq_distance(features[a], features[b], scale_a, scale_b)

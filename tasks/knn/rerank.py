@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 import numpy as np
@@ -94,11 +95,75 @@ def rerank_rows(
 
 def direct_distances(space: FeatureSpace, positions: np.ndarray, sources: np.ndarray) -> np.ndarray:
     """Reported distance from each row to each of its candidates (-1 candidates: inf)."""
+    if space.kernels is not None and space.pair_memo is None:
+        return to_distance(space.metric, _listed_sq_distances(space, positions, sources))
+    if space.kernels is not None:  # the pairs straight from the lists, no gathered copies
+        unique, inverse = space.kernels.list_pair_keys(positions, sources, space.n)
+        measured = np.append(_unique_pair_sq_distances(space, unique, precise=False), np.inf)
+        return to_distance(space.metric, measured[inverse])  # index -1: the inf
     valid = sources >= 0
     rows = np.broadcast_to(positions[:, None], sources.shape)
     sq = np.full(sources.shape, np.inf, dtype=np.float32)
     sq[valid] = pair_sq_distances(space, rows[valid], sources[valid])
     return to_distance(space.metric, sq)
+
+
+def _listed_sq_distances(
+    space: FeatureSpace, positions: np.ndarray, sources: np.ndarray
+) -> np.ndarray:
+    """Direct squared distances of every list entry, measured in place (compiled).
+
+    Entries inside tight groups come from the group's float64 Gram matrix, the rest by
+    subtraction, lists taken neighbourhood by neighbourhood so that the rows they read
+    stay in cache. A pair listed by both its rows is measured twice, the same way: no
+    pair keys to sort and look up (see _group_pair_sq_distances for why both ways agree).
+    """
+    kernels = space.kernels
+    sq = np.full(sources.shape, np.inf, dtype=np.float32)
+    done = np.zeros(sources.shape, dtype=bool)
+    members, bounds, group_of, place, space.labels = kernels.list_groups(
+        positions,
+        sources,
+        space.n,
+        _GROUP_MIN_ROWS,
+        _GROUP_MAX_ROWS,
+        _GROUP_MIN_SHARE,
+        2 * _GROUP_MIN_PAIRS,
+    )
+    visit = kernels.stable_order(space.labels[positions], space.n)  # by neighbourhood
+    scale = np.empty(0, np.float32) if space.scale is None else space.scale
+    list_row = np.full(space.n, -1, dtype=np.int64)
+    list_row[positions] = np.arange(len(positions))
+    if len(bounds) > 1:
+        centre = space.centre.astype(np.float64)
+        largest = int(np.diff(bounds).max())
+        buffers = threading.local()  # one block per worker: a fresh one each costs page faults
+
+        def settle(g: int) -> None:
+            rows = members[bounds[g] : bounds[g + 1]]
+            if not hasattr(buffers, "flat"):
+                buffers.flat = np.empty(largest * space.d)
+            block = buffers.flat[: len(rows) * space.d].reshape(len(rows), space.d)
+            kernels.centred_block(space.features, scale, rows, centre, block)
+            gram = block @ block.T
+            args = (group_of, place, list_row, sources, _GROUP_GUARD, space.d, sq, done)
+            kernels.settle_group_entries(gram, g, rows, *args)
+
+        # Groups write disjoint entries of sq and done; one BLAS thread per worker.
+        with tile_workers(cpu_cores() if len(bounds) > 2 else 1) as workers:
+            workers.map(settle, range(len(bounds) - 1))
+    parts = np.array_split(visit, max(1, min(_COMPILED_PARTS, len(visit) // 64)))
+    mirrored: list[tuple[np.ndarray, np.ndarray]] = [(visit[:0], visit[:0])] * len(parts)
+
+    def subtract(part: int) -> None:
+        args = (positions, sources, done, parts[part], list_row, sq)
+        mirrored[part] = kernels.listed_sq_distances(space.features, scale, *args)
+
+    on_all_cores(subtract, range(len(parts)))
+    flat = sq.reshape(-1)
+    for entries, mirrors in mirrored:
+        flat[entries] = flat[mirrors]
+    return sq
 
 
 def sorted_lists(
@@ -163,13 +228,19 @@ def _sorted_part(
     settled: np.ndarray | None,
 ) -> tuple[np.ndarray, np.ndarray, int]:
     """sorted_list_columns for some rows, plus how many near-tie entries were recomputed."""
-    # Settled entries come first and in order: a merge sort (timsort) then costs little
-    # more than merging in the rest, about 3x faster than quicksort on such rows.
-    columns = _list_order(space, sources, distances, mostly_sorted=settled is not None)
-    distances = np.take_along_axis(distances, columns, axis=1)
-    if settled is not None:
-        settled = np.take_along_axis(settled, columns, axis=1)
-    rows, cols = _near_tie_entries(distances, kk, near_tie_window(space), settled)
+    if _packable(space, distances):  # compiled: the order and the near-ties, row by row
+        marks = np.empty((len(sources), 0), dtype=bool) if settled is None else settled
+        args = (space.id_ranks, kk, near_tie_window(space), marks, True)
+        columns, distances, ties = space.kernels.order_lists(distances, sources, *args)
+        rows, cols = np.divmod(ties, max(1, distances.shape[1]))
+    else:
+        # Settled entries come first and in order: a merge sort (timsort) then costs little
+        # more than merging in the rest, about 3x faster than quicksort on such rows.
+        columns = _list_order(space, sources, distances, mostly_sorted=settled is not None)
+        distances = np.take_along_axis(distances, columns, axis=1)
+        if settled is not None:
+            settled = np.take_along_axis(settled, columns, axis=1)
+        rows, cols = _near_tie_entries(distances, kk, near_tie_window(space), settled)
     if rows.size:
         neighbours = sources[rows, columns[rows, cols]]
         sq = pair_sq_distances(space, positions[rows], neighbours, precise=True)
@@ -213,10 +284,19 @@ def _list_order(
     if distances.size and not distances.min() >= 0:  # negative or NaN: cannot pack
         neighbour_ids = np.where(sources >= 0, space.ids[np.maximum(sources, 0)], _NO_ID)
         return np.lexsort((neighbour_ids, distances))
+    if space.kernels is not None:
+        empty = np.empty((len(sources), 0), dtype=bool)
+        args = (space.id_ranks, 0, 0.0, empty, False)
+        return space.kernels.order_lists(distances, sources, *args)[0]  # type: ignore[no-any-return]
     bits = (distances.astype(np.float32) + np.float32(0.0)).view(np.uint32)  # -0.0 -> 0.0
     ranks = np.where(sources >= 0, space.id_ranks[np.maximum(sources, 0)], _NO_RANK)
     keys = (bits.astype(np.uint64) << np.uint64(32)) | ranks.astype(np.uint64)
     return np.argsort(keys, axis=1, kind="stable" if mostly_sorted else None)
+
+
+def _packable(space: FeatureSpace, distances: np.ndarray) -> bool:
+    """Whether the compiled order applies: kernels loaded, no negative or NaN distance."""
+    return space.kernels is not None and not (distances.size and not distances.min() >= 0)
 
 
 def _near_tie_entries(
@@ -267,15 +347,20 @@ def pair_sq_distances(
         unique, inverse = space.kernels.unique_pair_keys(low, high, n)
     else:
         unique, inverse = _unique_inverse(low.astype(np.int64) * n + high)
+    return _unique_pair_sq_distances(space, unique, precise)[inverse]
+
+
+def _unique_pair_sq_distances(space: FeatureSpace, keys: np.ndarray, precise: bool) -> np.ndarray:
+    """Direct squared distances of unique pair keys, those in the pair memo not again."""
     memo = None if precise else space.pair_memo
     if memo is None:
-        return _measured_pairs(space, unique, precise)[inverse]
-    out, known = memo.lookup(unique)
+        return _measured_pairs(space, keys, precise)
+    out, known = memo.lookup(keys)
     missing = np.flatnonzero(~known)
     if missing.size:
-        out[missing] = _measured_pairs(space, unique[missing], precise)
-        memo.add(unique[missing], out[missing])
-    return out[inverse]
+        out[missing] = _measured_pairs(space, keys[missing], precise)
+        memo.add(keys[missing], out[missing])
+    return out
 
 
 def _measured_pairs(space: FeatureSpace, keys: np.ndarray, precise: bool) -> np.ndarray:
@@ -305,7 +390,11 @@ def _subtracted_pair_sq_distances(
     grouped = len(low) >= 4 * np.count_nonzero(low[1:] != low[:-1])
     starts = range(0, len(low), _RERANK_CHUNK_PAIRS)
     many = len(starts) >= _PARALLEL_RERANK_CHUNKS
-    visit = _neighbourhood_order(low, high, n, space.kernels) if many else None
+    visit: np.ndarray | None = None
+    if many and space.labels is not None:  # the neighbourhoods of the lists measured last
+        visit = _stable_order(space.labels[low], n, space.kernels)
+    elif many:
+        visit = _neighbourhood_order(low, high, n, space.kernels)
     if visit is None:
         visit = np.arange(len(low))
 
@@ -375,6 +464,48 @@ def _group_pair_sq_distances(
     float32 rounding the two ways could differ on: a pair reports the same distance
     whichever way it is measured, so whatever other pairs are measured with it.
     """
+    plan = _group_plan(space, low, high)
+    if plan is None:
+        return np.arange(len(low))
+    members, member_bounds, place, chosen, pair_bounds = plan
+    centre = space.centre.astype(np.float64)
+    scale = np.empty(0, np.float32) if space.scale is None else space.scale
+    done = np.zeros(len(low), dtype=bool)
+    kernels = space.kernels
+
+    def compute(g: int) -> None:
+        rows = members[member_bounds[g] : member_bounds[g + 1]]
+        pairs = chosen[pair_bounds[g] : pair_bounds[g + 1]]
+        if kernels is None:
+            block = space.exact_rows(rows).astype(np.float64)
+            block -= centre  # exact: float32 numbers within 2^29 of each other in scale
+            _settle_group_pairs(space.d, block @ block.T, place, low, high, pairs, out, done)
+            return
+        block = np.empty((len(rows), space.d))
+        kernels.centred_block(space.features, scale, rows, centre, block)
+        gram = block @ block.T
+        kernels.settle_group_pairs(gram, place, low, high, pairs, _GROUP_GUARD, space.d, out, done)
+
+    # Groups write disjoint entries of `out` and `done`; one BLAS thread per worker.
+    with tile_workers(cpu_cores() if len(member_bounds) > 2 else 1) as workers:
+        workers.map(compute, range(len(member_bounds) - 1))
+    return np.flatnonzero(~done)
+
+
+def _group_plan(
+    space: FeatureSpace, low: np.ndarray, high: np.ndarray
+) -> tuple[np.ndarray, ...] | None:
+    """(members, member bounds, place, chosen pairs, pair bounds) of the dense groups.
+
+    Group g holds rows members[member_bounds[g]:member_bounds[g + 1]] and the pairs
+    chosen[pair_bounds[g]:pair_bounds[g + 1]]; place is a member's row in its group's
+    block. None when too few pairs lie inside dense groups to be worth the set-up.
+    """
+    if space.kernels is not None:
+        plan = space.kernels.group_plan(
+            low, high, space.n, _GROUP_MIN_ROWS, _GROUP_MAX_ROWS, _GROUP_MIN_SHARE, _GROUP_MIN_PAIRS
+        )
+        return None if len(plan[3]) == 0 else plan
     label = _neighbourhood_labels(low, high, space.n)
     group = label[low]
     sizes = np.bincount(label, minlength=space.n)
@@ -385,38 +516,39 @@ def _group_pair_sq_distances(
     dense &= pairs_inside >= _GROUP_MIN_SHARE * sizes * (sizes - 1) / 2
     chosen = np.flatnonzero(inside & dense[group])
     if chosen.size < _GROUP_MIN_PAIRS:
-        return np.arange(len(low))
+        return None
     members = np.flatnonzero(dense[label])
-    members = members[_stable_order(label[members], space.n, space.kernels)]
+    members = members[np.argsort(label[members], kind="stable")]
     member_starts = np.flatnonzero(np.diff(label[members], prepend=-1))
     place = np.empty(space.n, dtype=np.int64)  # a member's row within its group's block
     place[members] = np.arange(len(members)) - np.repeat(
         member_starts, np.diff(np.append(member_starts, len(members)))
     )
-    chosen = chosen[_stable_order(group[chosen], space.n, space.kernels)]
+    chosen = chosen[np.argsort(group[chosen], kind="stable")]
     pair_starts = np.flatnonzero(np.diff(group[chosen], prepend=-1))
-    bounds = np.append(member_starts, len(members)), np.append(pair_starts, len(chosen))
-    centre = space.centre.astype(np.float64)
-    done = np.zeros(len(low), dtype=bool)
+    member_bounds = np.append(member_starts, len(members))
+    return members, member_bounds, place, chosen, np.append(pair_starts, len(chosen))
 
-    def compute(g: int) -> None:
-        rows = members[bounds[0][g] : bounds[0][g + 1]]
-        pairs = chosen[bounds[1][g] : bounds[1][g + 1]]
-        block = space.exact_rows(rows).astype(np.float64)
-        block -= centre  # exact: float32 numbers within 2^29 of each other in scale
-        gram = block @ block.T
-        norms = np.diagonal(gram)
-        i, j = place[low[pairs]], place[high[pairs]]
-        sq = norms[i] + norms[j] - 2.0 * gram[i, j]
-        good = sq >= _GROUP_GUARD * (norms[i] + norms[j])
-        good &= _rounds_alike(sq, _group_error(space.d, norms[i] + norms[j], sq))
-        out[pairs[good]] = sq[good]  # rounded to float32 once
-        done[pairs[good]] = True
 
-    # Groups write disjoint entries of `out` and `done`; one BLAS thread per worker.
-    with tile_workers(cpu_cores() if len(member_starts) > 1 else 1) as workers:
-        workers.map(compute, range(len(member_starts)))
-    return np.flatnonzero(~done)
+def _settle_group_pairs(
+    d: int,
+    gram: np.ndarray,
+    place: np.ndarray,
+    low: np.ndarray,
+    high: np.ndarray,
+    pairs: np.ndarray,
+    out: np.ndarray,
+    done: np.ndarray,
+) -> None:
+    """A group's pairs from its float64 Gram matrix, but near-duplicates and pairs whose
+    float32 rounding the two ways could differ on (see _group_pair_sq_distances)."""
+    norms = np.diagonal(gram)
+    i, j = place[low[pairs]], place[high[pairs]]
+    sq = norms[i] + norms[j] - 2.0 * gram[i, j]
+    good = sq >= _GROUP_GUARD * (norms[i] + norms[j])
+    good &= _rounds_alike(sq, _group_error(d, norms[i] + norms[j], sq))
+    out[pairs[good]] = sq[good]  # rounded to float32 once
+    done[pairs[good]] = True
 
 
 def _group_error(d: int, norms: np.ndarray, sq: np.ndarray) -> np.ndarray:
@@ -465,7 +597,10 @@ def _neighbourhood_order(
     gather are still in cache, instead of coming from memory once per pair. None when most
     pairs cross labels (no groups, e.g. unstructured data): there it only costs.
     """
-    label = _neighbourhood_labels(low, high, n)
+    if kernels is not None:
+        label = kernels.neighbourhood_labels(low, high, n)
+    else:
+        label = _neighbourhood_labels(low, high, n)
     group = label[low]
     if np.count_nonzero(group == label[high]) < _GROUPED_PAIR_SHARE * len(low):
         return None

@@ -92,6 +92,7 @@ class FeatureSpace:
     right_rows: np.ndarray | None = None  # right() of every row, when memory allows
     pair_memo: PairMemo | None = None  # direct distances kept for reuse, when wanted
     kernels: Any = None  # the numba kernels module while a compiled pass runs, else None
+    labels: np.ndarray | None = None  # (n,) neighbourhood of each row in the lists measured last
 
     @property
     def n(self) -> int:
