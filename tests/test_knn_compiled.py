@@ -271,7 +271,9 @@ def test_compiled_group_plan_is_numpy_s() -> None:
 
 
 @pytest.mark.parametrize("settled_share", [None, 0.6])
-def test_compiled_list_order_and_near_ties_are_numpy_s(settled_share: float | None) -> None:
+def test_compiled_list_order_and_near_ties_are_numpy_s(
+    settled_share: float | None, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from lookalike.tasks.knn import rerank
     from lookalike.tasks.knn.space import prepare_space
 
@@ -292,10 +294,10 @@ def test_compiled_list_order_and_near_ties_are_numpy_s(settled_share: float | No
     ordered = np.take_along_axis(distances, order, axis=1)
     marks = None if settled is None else np.take_along_axis(settled, order, axis=1)
     tie_rows, tie_cols = rerank._near_tie_entries(ordered, 25, window, marks)
-    empty = np.empty((300, 0), dtype=bool)
-    got = kernels.order_lists(
-        distances, sources, space.id_ranks, 25, window, empty if settled is None else settled, True
-    )
+    monkeypatch.setattr(rerank, "near_tie_window", lambda space: window)
+    space.kernels = kernels
+    got = rerank._packed_order(space, sources, distances, 25, settled)
+    assert got is not None
     real = sources >= 0
     np.testing.assert_array_equal(got[1], ordered)
     np.testing.assert_array_equal(  # the same entries in each place (padding: any order)

@@ -19,12 +19,13 @@ from lookalike.tasks.knn.pair_kernels import (  # noqa: F401 - re-exported, see 
     list_pair_keys,
     listed_sq_distances,
     neighbourhood_labels,
-    order_lists,
+    order_keys,
     pair_sq_distances,
     settle_group_entries,
     settle_group_pairs,
     stable_order,
     unique_pair_keys,
+    unpack_order,
 )
 
 INF = np.float32(np.inf)

@@ -411,34 +411,52 @@ def _position_in(values, value):  # type: ignore[no-untyped-def]
 
 
 @numba.njit(nogil=True, cache=True)
-def order_lists(  # type: ignore[no-untyped-def]
-    distances, sources, ranks, kk, window, settled, find_ties
-):
-    """Each row's columns in (distance, id rank) order, its distances in that order, and
-    (with find_ties) the near-tie entries to measure again, as flat indices in order.
+def order_keys(distances, sources, ranks, rank_bits, column_bits):  # type: ignore[no-untyped-def]
+    """uint64 keys that order each row by (distance, id rank), padding last, then column.
 
-    The same as rerank._list_order (a stable sort of float32 bits << 32 | id rank; no -1
-    source sorts before a real one) then rerank._near_tie_entries, row by row; distances
-    must be non-negative (no NaN). settled is (rows, 0) when no entry is settled.
+    Each key packs the float32 bits of a non-negative distance (-0.0 as 0.0; 31 bits), the
+    id rank of the source (padding: the largest rank_bits number, above every real rank)
+    and the column, so a plain sort of each row gives the order and the column is in the
+    key. The caller makes sure the three fit in 64 bits.
     """
     rows, width = distances.shape
-    columns = np.empty((rows, width), dtype=np.int64)
-    ordered = np.empty((rows, width), dtype=np.float32)
-    ties = np.empty(rows * width if find_ties else 0, dtype=np.int64)
-    keys = np.empty(width, dtype=np.uint64)
+    keys = np.empty((rows, width), dtype=np.uint64)
     line = np.empty(width, dtype=np.float32)
     bits = line.view(np.uint32)
-    found = 0
+    padding = (np.uint64(1) << np.uint64(rank_bits)) - np.uint64(1)
+    rank_shift = np.uint64(column_bits)
+    bits_shift = np.uint64(rank_bits + column_bits)
     for i in range(rows):
         for t in range(width):
             line[t] = distances[i, t] + np.float32(0.0)  # -0.0 -> 0.0
         for t in range(width):
-            rank = np.uint64(ranks[sources[i, t]]) if sources[i, t] >= 0 else _NO_RANK
-            keys[t] = (np.uint64(bits[t]) << np.uint64(32)) | rank
-        order = np.argsort(keys, kind="mergesort")
+            rank = np.uint64(ranks[sources[i, t]]) if sources[i, t] >= 0 else padding
+            keys[i, t] = (np.uint64(bits[t]) << bits_shift) | (rank << rank_shift) | t
+    return keys
+
+
+@numba.njit(nogil=True, cache=True)
+def unpack_order(  # type: ignore[no-untyped-def]
+    keys, distances, column_bits, kk, window, settled, find_ties
+):
+    """From sorted keys (order_keys): each row's columns in order, its distances in that
+    order and, with find_ties, its near-tie entries to measure again (flat indices).
+
+    As rerank._near_tie_entries: entries in chains of near-equal distances that reach the
+    first kk; chains all of whose entries are settled are left alone. settled is (rows, 0)
+    when no entry is settled.
+    """
+    rows, width = keys.shape
+    columns = np.empty((rows, width), dtype=np.int64)
+    ordered = np.empty((rows, width), dtype=np.float32)
+    ties = np.empty(rows * width if find_ties else 0, dtype=np.int64)
+    mask = (np.uint64(1) << np.uint64(column_bits)) - np.uint64(1)
+    found = 0
+    for i in range(rows):
         for t in range(width):
-            columns[i, t] = order[t]
-            ordered[i, t] = distances[i, order[t]]
+            column = np.int64(keys[i, t] & mask)
+            columns[i, t] = column
+            ordered[i, t] = distances[i, column]
         if find_ties:
             found = _row_ties(ordered[i], settled, i, columns[i], kk, window, ties, found)
     return columns, ordered, ties[:found].copy()

@@ -228,10 +228,9 @@ def _sorted_part(
     settled: np.ndarray | None,
 ) -> tuple[np.ndarray, np.ndarray, int]:
     """sorted_list_columns for some rows, plus how many near-tie entries were recomputed."""
-    if _packable(space, distances):  # compiled: the order and the near-ties, row by row
-        marks = np.empty((len(sources), 0), dtype=bool) if settled is None else settled
-        args = (space.id_ranks, kk, near_tie_window(space), marks, True)
-        columns, distances, ties = space.kernels.order_lists(distances, sources, *args)
+    packed = _packed_order(space, sources, distances, kk, settled)
+    if packed is not None:
+        columns, distances, ties = packed
         rows, cols = np.divmod(ties, max(1, distances.shape[1]))
     else:
         # Settled entries come first and in order: a merge sort (timsort) then costs little
@@ -284,19 +283,40 @@ def _list_order(
     if distances.size and not distances.min() >= 0:  # negative or NaN: cannot pack
         neighbour_ids = np.where(sources >= 0, space.ids[np.maximum(sources, 0)], _NO_ID)
         return np.lexsort((neighbour_ids, distances))
-    if space.kernels is not None:
-        empty = np.empty((len(sources), 0), dtype=bool)
-        args = (space.id_ranks, 0, 0.0, empty, False)
-        return space.kernels.order_lists(distances, sources, *args)[0]  # type: ignore[no-any-return]
+    packed = _packed_order(space, sources, distances)
+    if packed is not None:
+        return packed[0]
     bits = (distances.astype(np.float32) + np.float32(0.0)).view(np.uint32)  # -0.0 -> 0.0
     ranks = np.where(sources >= 0, space.id_ranks[np.maximum(sources, 0)], _NO_RANK)
     keys = (bits.astype(np.uint64) << np.uint64(32)) | ranks.astype(np.uint64)
     return np.argsort(keys, axis=1, kind="stable" if mostly_sorted else None)
 
 
-def _packable(space: FeatureSpace, distances: np.ndarray) -> bool:
-    """Whether the compiled order applies: kernels loaded, no negative or NaN distance."""
-    return space.kernels is not None and not (distances.size and not distances.min() >= 0)
+def _packed_order(
+    space: FeatureSpace,
+    sources: np.ndarray,
+    distances: np.ndarray,
+    kk: int | None = None,
+    settled: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """(columns, distances in order, near-tie entries) by one uint64 sort of each row.
+
+    Compiled kernels pack distance, id rank and column into one key (see order_keys), and
+    numpy sorts the keys (vectorized: 0.25 against 0.53 us a row for argsort). Near-ties
+    are looked for when kk is given. None where it does not apply: no kernels, a negative
+    or NaN distance, or keys that do not fit in 64 bits.
+    """
+    if space.kernels is None or (distances.size and not distances.min() >= 0):
+        return None
+    rank_bits = space.n.bit_length()  # ranks are below n; padding takes the largest
+    column_bits = max(1, (sources.shape[1] - 1).bit_length())
+    if 31 + rank_bits + column_bits > 64:
+        return None
+    keys = space.kernels.order_keys(distances, sources, space.id_ranks, rank_bits, column_bits)
+    keys.sort(axis=1)
+    marks = np.empty((len(sources), 0), dtype=bool) if settled is None else settled
+    args = (column_bits, kk or 0, near_tie_window(space), marks, kk is not None)
+    return space.kernels.unpack_order(keys, distances, *args)  # type: ignore[no-any-return]
 
 
 def _near_tie_entries(

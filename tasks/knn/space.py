@@ -209,7 +209,7 @@ def prepare_space(
         scale = np.empty(n, dtype=np.float32) if metric == "cosine" else None
         centre = _sample_centre(x, ids, metric)
         sq = np.empty(n, np.float32)
-        space = FeatureSpace(x, ids, metric, scale, centre, sq, 0.0, _direct_error(d))
+        space = FeatureSpace(x, ids, metric, scale, centre, sq, 0.0, _direct_error(d, metric))
         right = fresh_array((n, d + 2)) if keep_right and _cache_fits(n, d) else None
 
         def centre_and_measure(start: int) -> None:
@@ -295,13 +295,17 @@ def _cache_fits(n: int, d: int) -> bool:
     return n * (d + 2) * 4 <= min(_RIGHT_CACHE_BYTES, available_memory() // 4)
 
 
-def _direct_error(d: int) -> float:
-    """Relative error bound of |a - b|^2 by float32 subtract and einsum.
+def _direct_error(d: int, metric: str) -> float:
+    """Relative error bound of a direct |a - b|^2 as the re-rank reports it (float32).
 
-    einsum sums in 32 SIMD partial sums of d/32 terms each, so the bound grows with d/32;
-    the extra 16 units cover the subtraction, squaring and the final reduction.
+    Every path sums exact differences in float64 and rounds once: within a unit of the
+    true value (and the square root within a unit more), far inside 16 units, which stay
+    as a floor (incremental._LOOSE_WINDOWS counts on a window of 8 ulps at least). Cosine
+    rows are scaled in float32 before the difference, as a float32 sum of d/32 partial
+    sums would err: that bound, (d/32 + 16) units, stays for them.
     """
-    return (d / 32 + 16) * _EPS32 / 2
+    units = 16 + (d / 32 if metric == "cosine" else 0)
+    return units * _EPS32 / 2
 
 
 def _check_finite(block: np.ndarray, ids: np.ndarray) -> None:
