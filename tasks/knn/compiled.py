@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import importlib.util
 import threading
+import types
 from typing import Any
 
 import numpy as np
@@ -29,11 +30,16 @@ def numba_installed() -> bool:
 
 
 def compiled_kernels() -> Any:
-    """The kernels module; numba compiles each kernel on its first call, or loads it from
-    its cache on disk (beside the module), once per process."""
-    from lookalike.tasks.knn import kernels
+    """Every kernel of a compiled pass, the selection's (kernels) and the re-rank's
+    (pair_kernels), as one namespace; numba compiles each kernel on its first call, or
+    loads it from its cache on disk (beside the module), once per process."""
+    from lookalike.tasks.knn import kernels, pair_kernels
 
-    return kernels
+    public = {}
+    for module in (kernels, pair_kernels):  # jitted functions carry their py_func
+        found = vars(module).items()
+        public.update({name: f for name, f in found if hasattr(f, "py_func") and name[0] != "_"})
+    return types.SimpleNamespace(**public)
 
 
 def _side(lists: CandidateLists, slots: np.ndarray) -> tuple[np.ndarray, ...]:

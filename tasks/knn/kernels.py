@@ -1,8 +1,4 @@
-"""numba kernels of the compiled tile selection; imported only with numba.
-
-The re-rank's kernels live in pair_kernels and are re-exported here, so that one module
-(FeatureSpace.kernels) holds every kernel of a compiled pass.
-"""
+"""numba kernels of the compiled tile selection; imported only with numba."""
 
 from __future__ import annotations
 
@@ -11,22 +7,6 @@ import numpy as np
 from llvmlite import ir
 from numba import types
 from numba.extending import intrinsic
-
-from lookalike.tasks.knn.pair_kernels import (  # noqa: F401 - re-exported, see above
-    centred_block,
-    group_plan,
-    list_groups,
-    list_pair_keys,
-    listed_sq_distances,
-    neighbourhood_labels,
-    order_keys,
-    pair_sq_distances,
-    settle_group_entries,
-    settle_group_pairs,
-    stable_order,
-    unique_pair_keys,
-    unpack_order,
-)
 
 INF = np.float32(np.inf)
 _SCAN_RUN = 256  # entries checked at once before any is looked at alone

@@ -91,7 +91,7 @@ class FeatureSpace:
     sq_max: float = 0.0  # largest entry of sq
     right_rows: np.ndarray | None = None  # right() of every row, when memory allows
     pair_memo: PairMemo | None = None  # direct distances kept for reuse, when wanted
-    kernels: Any = None  # the numba kernels module while a compiled pass runs, else None
+    kernels: Any = None  # the numba kernels (compiled_kernels()) while a compiled pass runs
     labels: np.ndarray | None = None  # (n,) neighbourhood of each row in the lists measured last
 
     @property
