@@ -241,6 +241,7 @@ def test_compiled_direct_distances_are_numpy_s(metric: str) -> None:
     space.kernels = kernels
     groups = kernels.list_groups(positions, sources, 400, 8, 512, 0.25, 8192)
     assert len(groups[1]) > 2  # several groups: the float64 products ran
+    assert 0 < groups[2].sum() < len(groups[0])  # rows without a list are in groups too
     np.testing.assert_array_equal(direct_distances(space, positions, sources), plain)
     space.pair_memo = PairMemo()  # the memo's path: unique pairs, groups of pairs
     np.testing.assert_array_equal(direct_distances(space, positions, sources), plain)

@@ -157,7 +157,8 @@ def group_plan(  # type: ignore[no-untyped-def]
     if chosen_count < min_pairs:
         empty = np.empty(0, dtype=np.int64)
         return empty, np.zeros(1, dtype=np.int64), empty, empty, np.zeros(1, dtype=np.int64)
-    members, member_bounds, group_of, place = _members(label, sizes, dense)
+    nothing_first = np.zeros(n, dtype=np.bool_)
+    members, member_bounds, _, group_of, place = _members(label, sizes, dense, nothing_first)
     groups = len(member_bounds) - 1
     pair_bounds = np.zeros(groups + 1, dtype=np.int64)
     for p in range(len(low)):
@@ -177,8 +178,9 @@ def group_plan(  # type: ignore[no-untyped-def]
 
 
 @numba.njit(nogil=True, cache=True)
-def centred_block(features, scale, rows, centre, out):  # type: ignore[no-untyped-def]
-    """out[r] = rows[r] as the metric measures them (float32), in float64, minus centre.
+def centred_block(features, scale, rows, centre, out, norms):  # type: ignore[no-untyped-def]
+    """out[r] = rows[r] as the metric measures them (float32), in float64, minus centre;
+    norms[r] its squared norm (a float64 sum of exact squares: within d units of it).
 
     As exact_rows(rows).astype(float64) - centre: cosine rows scaled in float32 first.
     """
@@ -186,31 +188,36 @@ def centred_block(features, scale, rows, centre, out):  # type: ignore[no-untype
     for r in range(len(rows)):
         row = rows[r]
         factor = scale[row] if scaled else np.float32(1.0)
+        total = 0.0
         for t in range(features.shape[1]):
-            out[r, t] = np.float64(features[row, t] * factor) - centre[t]
+            value = np.float64(features[row, t] * factor) - centre[t]
+            out[r, t] = value
+            total += value * value
+        norms[r] = total
 
 
 @numba.njit(nogil=True, cache=True)
 def settle_group_pairs(gram, place, low, high, pairs, guard, d, out, done):  # type: ignore[no-untyped-def]
     """Squared distances of a group's pairs from its float64 Gram matrix, where they are safe.
 
-    A pair is settled (out, done) unless _gram_sq_distance finds it unsafe: the same tests
+    A pair is settled (out, done) unless _safe_sq_distance finds it unsafe: the same tests
     as rerank._settle_group_pairs, pair by pair.
     """
     for p in pairs:
-        value = _gram_sq_distance(gram, place[low[p]], place[high[p]], guard, d)
+        a, b = place[low[p]], place[high[p]]
+        value = _safe_sq_distance(gram[a, a], gram[b, b], gram[a, b], guard, d)
         if value == value:  # not NaN: safe
             out[p] = value
             done[p] = True
 
 
 @numba.njit(nogil=True, cache=True, inline="always")
-def _gram_sq_distance(gram, a, b, guard, d):  # type: ignore[no-untyped-def]
-    """|x_a - x_b|^2 (float32) from a float64 Gram matrix, or NaN where it is not safe:
+def _safe_sq_distance(norm_a, norm_b, product, guard, d):  # type: ignore[no-untyped-def]
+    """|x_a - x_b|^2 (float32) from float64 norms and product, or NaN where it is not safe:
     a near-duplicate (below guard x the norms), or a float64 value within the Gram error
     bound of it could round to another float32."""
-    norms = gram[a, a] + gram[b, b]
-    value = norms - 2.0 * gram[a, b]
+    norms = norm_a + norm_b
+    value = norms - 2.0 * product
     if not value >= guard * norms:
         return np.float32(np.nan)
     error = (2 * d + 8) * _UNIT * norms + (d + 2) * _UNIT * value
@@ -262,18 +269,24 @@ def list_groups(  # type: ignore[no-untyped-def]
     """Tight groups of rows among lists' entries, for measuring the lists in place.
 
     As group_plan, but from the lists (row positions[i] lists sources[i]) instead of
-    unique pairs: a group is dense when at least min_share of its ordered pairs are
-    listed. Returns (members, member bounds, group of each row (-1: none), place of each
-    member in its group, each row's label).
+    unique pairs: a group is dense when its rows with a list here list at least min_share
+    of their pairs in it (only those rows' products are computed: lists measured in row
+    chunks hold part of each group). Returns (members, member bounds, members with a list
+    per group, group of each row (-1: none), place of each member in its group (those with
+    a list first), each row's label).
     """
     label = _entry_labels(positions, sources, n)
     sizes = np.zeros(n, dtype=np.int64)
     for row in range(n):
         sizes[label[row]] += 1
+    listed = np.zeros(n, dtype=np.bool_)
+    listed_per_label = np.zeros(n, dtype=np.int64)
     inside = np.zeros(n, dtype=np.int64)
     rows, width = sources.shape
     for i in range(rows):
         own = label[positions[i]]
+        listed[positions[i]] = True
+        listed_per_label[own] += 1
         for t in range(width):
             other = sources[i, t]
             inside[own] += other >= 0 and label[other] == own
@@ -281,11 +294,12 @@ def list_groups(  # type: ignore[no-untyped-def]
     chosen = 0
     for g in range(n):
         size = sizes[g]
-        dense[g] = min_rows <= size <= max_rows and inside[g] >= min_share * size * (size - 1)
+        wanted = min_share * listed_per_label[g] * (size - 1)
+        dense[g] = min_rows <= size <= max_rows and inside[g] >= wanted
         chosen += inside[g] if dense[g] else 0
     if chosen < min_entries:
         dense[:] = False
-    return _members(label, sizes, dense) + (label,)
+    return _members(label, sizes, dense, listed) + (label,)
 
 
 @numba.njit(nogil=True, cache=True)
@@ -308,8 +322,10 @@ def _entry_labels(positions, sources, n):  # type: ignore[no-untyped-def]
 
 
 @numba.njit(nogil=True, cache=True)
-def _members(label, sizes, dense):  # type: ignore[no-untyped-def]
-    """(members, member bounds, group of each row, place) of the dense labels, ascending."""
+def _members(label, sizes, dense, first):  # type: ignore[no-untyped-def]
+    """(members, member bounds, leading, group of each row, place) of the dense labels,
+    groups ascending; in each group the rows marked `first` (`leading` of them) come first,
+    each part ascending."""
     n = len(label)
     group_of_label = np.full(n, -1, dtype=np.int64)
     groups = 0
@@ -318,45 +334,48 @@ def _members(label, sizes, dense):  # type: ignore[no-untyped-def]
             group_of_label[g] = groups
             groups += 1
     bounds = np.zeros(groups + 1, dtype=np.int64)
-    for g in range(n):
-        if dense[g]:
-            bounds[group_of_label[g] + 1] = sizes[g]
+    leading = np.zeros(groups, dtype=np.int64)
+    for row in range(n):
+        g = group_of_label[label[row]]
+        if g >= 0:
+            bounds[g + 1] += 1
+            leading[g] += first[row]
     for g in range(groups):
         bounds[g + 1] += bounds[g]
     members = np.empty(bounds[groups], dtype=np.int64)
     group_of = np.full(n, -1, dtype=np.int64)
     place = np.full(n, -1, dtype=np.int64)
     fill = bounds[:-1].copy()
-    for row in range(n):
-        g = group_of_label[label[row]]
-        if g >= 0:
-            members[fill[g]] = row
-            group_of[row] = g
-            place[row] = fill[g] - bounds[g]
-            fill[g] += 1
-    return members, bounds, group_of, place
+    for leading_part in (True, False):
+        for row in range(n):
+            g = group_of_label[label[row]]
+            if g >= 0 and first[row] == leading_part:
+                members[fill[g]] = row
+                group_of[row] = g
+                place[row] = fill[g] - bounds[g]
+                fill[g] += 1
+    return members, bounds, leading, group_of, place
 
 
 @numba.njit(nogil=True, cache=True)
 def settle_group_entries(  # type: ignore[no-untyped-def]
-    gram, group, members, group_of, place, list_row, sources, guard, d, sq, done
+    gram, norms, group, members, group_of, place, list_row, sources, guard, d, sq, done
 ):
-    """settle_group_pairs for the list entries inside one group, written in place.
+    """settle_group_pairs for the list entries of one group's members, written in place.
 
-    members: the group's rows; list_row[row]: the list of that row (-1: none). Each pair
-    reads the Gram entry (place of lower row, place of higher row), so both its entries
-    get the same value.
+    members: the group's rows with a list (list_row[row]: that list), which are the first
+    rows of its block: gram is their products with every row of the block, norms every
+    row's squared norm. Where a pair's two entries read the two products (i, j) and
+    (j, i), each value settled is the float32 of the pair's subtraction all the same.
     """
     for row in members:
-        i = list_row[row]
-        if i < 0:
-            continue
+        i, a = list_row[row], place[row]
         for t in range(sources.shape[1]):
             other = sources[i, t]
             if other < 0 or group_of[other] != group:
                 continue
-            a, b = place[min(row, other)], place[max(row, other)]
-            value = _gram_sq_distance(gram, a, b, guard, d)
+            b = place[other]
+            value = _safe_sq_distance(norms[a], norms[b], gram[a, b], guard, d)
             if value == value:
                 sq[i, t] = value
                 done[i, t] = True

@@ -121,7 +121,7 @@ def _listed_sq_distances(
     kernels = space.kernels
     sq = np.full(sources.shape, np.inf, dtype=np.float32)
     done = np.zeros(sources.shape, dtype=bool)
-    members, bounds, group_of, place, space.labels = kernels.list_groups(
+    members, bounds, leading, group_of, place, space.labels = kernels.list_groups(
         positions,
         sources,
         space.n,
@@ -144,10 +144,13 @@ def _listed_sq_distances(
             if not hasattr(buffers, "flat"):
                 buffers.flat = np.empty(largest * space.d)
             block = buffers.flat[: len(rows) * space.d].reshape(len(rows), space.d)
-            kernels.centred_block(space.features, scale, rows, centre, block)
-            gram = block @ block.T
+            norms = np.empty(len(rows))
+            kernels.centred_block(space.features, scale, rows, centre, block, norms)
+            listed = int(leading[g])  # the rows with a list come first
+            # All rows listed: one symmetric product (BLAS syrk, half the work).
+            gram = block @ block.T if listed == len(rows) else block[:listed] @ block.T
             args = (group_of, place, list_row, sources, _GROUP_GUARD, space.d, sq, done)
-            kernels.settle_group_entries(gram, g, rows, *args)
+            kernels.settle_group_entries(gram, norms, g, rows[:listed], *args)
 
         # Groups write disjoint entries of sq and done; one BLAS thread per worker.
         with tile_workers(cpu_cores() if len(bounds) > 2 else 1) as workers:
@@ -502,7 +505,7 @@ def _group_pair_sq_distances(
             _settle_group_pairs(space.d, block @ block.T, place, low, high, pairs, out, done)
             return
         block = np.empty((len(rows), space.d))
-        kernels.centred_block(space.features, scale, rows, centre, block)
+        kernels.centred_block(space.features, scale, rows, centre, block, np.empty(len(rows)))
         gram = block @ block.T
         kernels.settle_group_pairs(gram, place, low, high, pairs, _GROUP_GUARD, space.d, out, done)
 
