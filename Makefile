@@ -7,6 +7,11 @@ DEMO_DIR ?= demo-images
 CONSTRAINTS := constraints.txt
 # Extra pytest arguments, e.g. make test PYTEST_ARGS='-m "not browser"'
 PYTEST_ARGS ?=
+# pytest-xdist worker processes for make test; each test file runs whole on one worker
+# (--dist loadfile: module fixtures are built once), and each worker starts its own MariaDB and
+# Prefect test server (tests/conftest.py). A fixed 2 rather than -n auto: the suite is sized for
+# a 2-core machine and every worker holds TensorFlow and two servers. 0 runs in one process.
+PYTEST_WORKERS ?= 2
 
 .PHONY: install lock demo test lint services schema clean
 
@@ -40,7 +45,8 @@ services:
 # pytest's exit status 5 means it collected no tests: a failure here, said in words.
 test: install
 	scripts/ensure_services.sh --no-sudo
-	@status=0; $(BIN)/python -m pytest -q -p no:cacheprovider $(PYTEST_ARGS) || status=$$?; \
+	@status=0; $(BIN)/python -m pytest -q -p no:cacheprovider \
+	  -n $(PYTEST_WORKERS) --dist loadfile $(PYTEST_ARGS) || status=$$?; \
 	if [ $$status = 5 ]; then echo "make test: pytest collected no tests (exit 5)" >&2; fi; \
 	exit $$status
 

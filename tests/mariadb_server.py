@@ -1,8 +1,9 @@
 """A throwaway MariaDB server for the tests: own data folder, free port, socket and root password.
 
 It never touches the machine's own server: a fresh data folder made by mariadb-install-db in a
-new temporary directory, 127.0.0.1 on a port nothing listens on, its own socket and pid file,
-no option files read (--no-defaults), and a root password generated for this server alone.
+new temporary directory, 127.0.0.1 on a port nothing listens on, its own socket, pid file and
+temporary-file folder, no option files read (--no-defaults), and a root password generated for
+this server alone. Several can run at once (one per pytest-xdist worker).
 """
 
 from __future__ import annotations
@@ -100,7 +101,8 @@ class PrivateMariaDB:
         command = [
             install_db, "--no-defaults", f"--datadir={self.folder / 'data'}",
             "--auth-root-authentication-method=normal", "--skip-test-db",
-            f"--extra-file={init_file}", *run_as_options(), *SERVER_OPTIONS,
+            f"--extra-file={init_file}", self.tmpdir_option(), *run_as_options(),
+            *SERVER_OPTIONS,
         ]  # fmt: skip
         try:
             done = subprocess.run(command, capture_output=True, text=True, timeout=180)
@@ -109,6 +111,13 @@ class PrivateMariaDB:
         if done.returncode != 0:
             tail = (done.stdout + done.stderr).strip()[-500:]
             raise MariaDBUnavailable(f"mariadb-install-db failed: {tail}")
+
+    def tmpdir_option(self) -> str:
+        """--tmpdir in the server's own folder. In the shared /tmp, two bootstraps at once (two
+        xdist workers) failed: one removed the other's #sql-temptable-* files mid-install."""
+        tmpdir = self.folder / "tmp"
+        tmpdir.mkdir(exist_ok=True)
+        return f"--tmpdir={tmpdir}"
 
     def start_on_a_free_port(self) -> None:
         """Start, trying another free port when the chosen one was taken meanwhile."""
@@ -143,7 +152,8 @@ class PrivateMariaDB:
             f"--datadir={self.folder / 'data'}", f"--port={self.port}",
             "--bind-address=127.0.0.1", "--skip-name-resolve",
             f"--socket={self.folder / 'sock'}", f"--pid-file={self.folder / 'pid'}",
-            "--skip-log-bin", "--local-infile=1", *run_as_options(), *SERVER_OPTIONS,
+            "--skip-log-bin", "--local-infile=1", self.tmpdir_option(), *run_as_options(),
+            *SERVER_OPTIONS,
         ]  # fmt: skip
         with (self.folder / "server.log").open("ab") as log:
             self.process = subprocess.Popen(command, stdout=log, stderr=log)

@@ -136,6 +136,10 @@ def start_cli(root: Path, database_url: str, data_dir: Path, name: str, **env: s
         "--lock-timeout", "30",  # a lock a killed run failed to release shows up quickly
     ]  # fmt: skip
     data_dir.mkdir(parents=True, exist_ok=True)
+    # Its temporary files (TensorFlow's autograph modules, MariaDB load files) in the test's
+    # folder: a killed run leaves them behind, and not in the machine's /tmp.
+    (temp := data_dir.parent / f"{name}-tmp").mkdir(exist_ok=True)
+    environ["TMPDIR"] = str(temp)
     out, err = data_dir.parent / f"{name}.out", data_dir.parent / f"{name}.err"
     with out.open("wb") as stdout, err.open("wb") as stderr:
         process = subprocess.Popen(command, env=environ, stdout=stdout, stderr=stderr)
