@@ -267,7 +267,7 @@ def test_distances_do_not_depend_on_candidates_left_out_by_the_filter() -> None:
     pairs = pair_space(space, query, query_left(space, query)[-1], rows)
     in_float32 = direct_distances(pairs, np.zeros(1, np.int64), np.array([[3]]))[0, 0]
     in_float64 = to_distance("euclidean", pair_sq_distances(pairs, [0], [3], precise=True))[0]
-    # Direct distances are summed in float64 and rounded once (tasks/knn/kernels.py and the
+    # Direct distances are summed in float64 and rounded once (tasks/knn/pair_kernels.py and the
     # numpy path alike), so here both agree; the list must hold that value either way.
     assert in_float32 == in_float64
     padded = rerank_rows(pairs, np.zeros(1, np.int64), np.array([[1, 2, 3, -1]]), 3)
