@@ -51,11 +51,16 @@ def open_backend(name: str | None, space: FeatureSpace) -> Iterator[TileBackend]
 
 
 def gpu_visible() -> bool:
-    """True when TensorFlow sees a GPU; TensorFlow is only imported if a GPU may exist."""
+    """True when TensorFlow sees a GPU; TensorFlow is only imported if a GPU may exist.
+
+    A GPU without TensorFlow (an engine-only install) is no GPU to the engine.
+    """
     if "tensorflow" not in sys.modules and not _gpu_device_files():
         return False
-    import tensorflow as tf
-
+    try:
+        import tensorflow as tf
+    except ImportError:
+        return False
     return bool(tf.config.list_physical_devices("GPU"))
 
 

@@ -26,6 +26,10 @@ log = logging.getLogger(__name__)
 # 3.6 s (n = 20,000, d = 2048, 2 cores), the last long tiles leaving a core idle.
 _CPU_BLOCK_ROWS = 4096
 _GPU_BLOCK_ROWS = 16384
+# Every CPU worker keeps a tile buffer: on 16 cores, 16 tiles of 4096 x 4096 floats took
+# 1 GB and broke the memory promise (1.5 x features + 1 GB). Tiles shrink so that all the
+# workers' tiles stay within this (4096 rows up to 8 workers, 2048 up to 32).
+_CPU_TILES_BYTES = 512 << 20
 
 
 @dataclass(frozen=True)
@@ -387,8 +391,11 @@ def tile_shape(space: FeatureSpace, block_rows: int | None, tiles: TileBackend) 
         rows = block_rows or _rows_for_memory(_gpu_memory(), space.d, _GPU_BLOCK_ROWS)
     else:
         # Every worker thread holds a tile and its working copies at once.
-        memory = available_memory() // worker_count(tiles)
-        rows = block_rows or _rows_for_memory(memory, space.d, _CPU_BLOCK_ROWS)
+        workers = worker_count(tiles)
+        most = _CPU_BLOCK_ROWS
+        while most > 256 and workers * most * most * 4 > _CPU_TILES_BYTES:
+            most //= 2
+        rows = block_rows or _rows_for_memory(available_memory() // workers, space.d, most)
     size = max(1, min(rows, space.n))
     return TileShape(rows=size, cols=size)
 
