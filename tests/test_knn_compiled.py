@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from lookalike.tasks.knn import knn_all, knn_row_block, knn_update
-from lookalike.tasks.knn.compiled import compiled_kernels
+from lookalike.tasks.knn.compiled import CompiledTiles, compiled_kernels
 from lookalike.tasks.knn.passes import NeighbourLists
 from lookalike.tasks.knn.tiles import CandidateLists
 from tests.test_knn_passes import (
@@ -142,11 +142,9 @@ def test_a_scanned_tile_keeps_each_side_best_and_limits_bound_the_dropped() -> N
     width = 20
     lists = CandidateLists(800, width)
     lists.limits[300 + 250 :] = -np.inf  # these columns take nothing
-    rows = (np.arange(300), lists.values, lists.sources, lists.fill, lists.limits)
-    cols = (np.arange(300, 800), lists.values, lists.sources, lists.fill, lists.limits)
-    positions = np.arange(300, 800, dtype=np.int32), np.arange(300, dtype=np.int32)
-    scratch = np.empty(2 * width, np.float32)
-    kernels.scan_tile(tile, rows, cols, True, positions[1], positions[0], width, scratch)
+    rows, cols = np.arange(300), np.arange(300, 800)  # slots, which are the positions too
+    assert len(list(lists.segments(cols))) > 1  # the columns' side runs under several locks
+    CompiledTiles().scan(tile, (lists, rows), (lists, cols), (rows, cols))
     values, sources = lists.best()
     np.testing.assert_array_equal(np.sort(values[:300], axis=1), np.sort(tile, axis=1)[:, :width])
     np.testing.assert_array_equal(
@@ -188,20 +186,16 @@ def test_compiled_stable_order_is_numpy_s() -> None:
     np.testing.assert_array_equal(kernels.stable_order(keys, 300), np.argsort(keys, kind="stable"))
 
 
-def test_columns_without_limits_keep_their_best_through_many_held_batches() -> None:
+def test_columns_without_limits_keep_their_best_through_many_cut_backs() -> None:
     rng = np.random.default_rng(12)
     tile = rng.random((1200, 900), dtype=np.float32)  # every entry passes its column first
     width = 30
     lists = CandidateLists(2100, width)
-    lists.fill[1200:] = 1  # not fresh: no limit from the tile, every entry is held
+    lists.fill[1200:] = 1  # not fresh: no limit from the tile, every entry is appended
     lists.values[1200:, 0] = 2.0  # and one entry each, worse than any in the tile
     lists.sources[1200:, 0] = 0
-    rows = (np.arange(1200), lists.values, lists.sources, lists.fill, lists.limits)
-    cols = (np.arange(1200, 2100), lists.values, lists.sources, lists.fill, lists.limits)
-    positions = np.arange(1200, 2100, dtype=np.int32), np.arange(1200, dtype=np.int32)
-    assert tile.size > 30 * 32768  # the held entries are appended in many batches
-    scratch = np.empty(2 * width, np.float32)
-    kernels.scan_tile(tile, rows, cols, True, positions[1], positions[0], width, scratch)
+    rows, cols = np.arange(1200), np.arange(1200, 2100)
+    CompiledTiles().scan(tile, (lists, rows), (lists, cols), (rows, cols))
     values, sources = lists.best()
     np.testing.assert_array_equal(
         np.sort(values[1200:], axis=1), np.sort(tile.T, axis=1)[:, :width]

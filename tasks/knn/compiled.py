@@ -76,27 +76,41 @@ class CompiledTiles(NumpyTiles):
         col_side: tuple[CandidateLists, np.ndarray] | None,
         positions: tuple[np.ndarray, np.ndarray],
         self_pairs: tuple[np.ndarray, np.ndarray],
-        lock: threading.Lock,
         timings: Timings,
     ) -> None:
-        """Multiply (no lock), then scan the tile into both sides' lists (under the lock)."""
+        """Multiply (no lock), then scan the tile into both sides' lists (see scan)."""
         with timed(timings, "matmul"):
             tile = np.matmul(left, right.T, out=self.tile_buffer(len(left), len(right)))
         tile[self_pairs] = np.inf
-        rows = _side(*row_side)
-        cols = rows if col_side is None else _side(*col_side)
-        width = row_side[0].width
-        scratch = np.empty(row_side[0].values.shape[1], dtype=np.float32)
-        row_positions, col_positions = positions
-        # The lists are shared by every worker; the scan is short next to the multiply.
-        with lock, timed(timings, "selection"):
-            self.kernels.scan_tile(
-                tile,
-                rows,
-                cols,
-                col_side is not None,
-                row_positions.astype(np.int32),
-                col_positions.astype(np.int32),
-                width,
-                scratch,
-            )
+        with timed(timings, "selection"):
+            self.scan(tile, row_side, col_side, positions)
+
+    def scan(
+        self,
+        tile: np.ndarray,
+        row_side: tuple[CandidateLists, np.ndarray],
+        col_side: tuple[CandidateLists, np.ndarray] | None,
+        positions: tuple[np.ndarray, np.ndarray],
+    ) -> None:
+        """Each tile entry within its row's (and column's) limit joins that list.
+
+        The rows' side, then the columns' side, each in runs of slots that one lock of
+        their lists guards (CandidateLists.segments): workers scanning tiles of one strip
+        take turns per run instead of one lock for the whole scan, which on 16 cores left
+        the multiplies waiting on each other's scans.
+        """
+        lists, slots = row_side
+        scratch = np.empty(lists.values.shape[1], dtype=np.float32)
+        row_positions, col_positions = (p.astype(np.int32) for p in positions)
+        for start, stop, lock in lists.segments(slots):
+            rows = _side(lists, slots[start:stop])
+            with lock:
+                self.kernels.scan_rows(tile[start:stop], rows, col_positions, lists.width, scratch)
+        if col_side is None:
+            return
+        lists, slots = col_side
+        cols = _side(lists, slots)
+        for start, stop, lock in lists.segments(slots):
+            with lock:
+                args = (row_positions, lists.width, scratch)
+                self.kernels.scan_columns(tile, start, stop, cols, *args)

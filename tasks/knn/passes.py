@@ -351,7 +351,7 @@ def _apply_tile(tiles: TileBackend, workers: TileWorkers, tile: TileJob, timings
     if isinstance(tiles, CompiledTiles):
         positions = (tile.row_positions, tile.col_positions)
         right = tile.space.right(tile.columns)
-        feed = (row_side, col_side, positions, tile.self_pairs, workers.lock, timings)
+        feed = (row_side, col_side, positions, tile.self_pairs, timings)
         tiles.feed(tile.left, right, *feed)
         return
     row_limits = row_side[0].limits[row_side[1]]

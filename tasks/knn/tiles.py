@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 import shutil
 import subprocess
+import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -25,6 +27,7 @@ log = logging.getLogger(__name__)
 # Square tiles on the CPU: with 4096 x 8192 ones a whole pass took 4.3-4.8 s against
 # 3.6 s (n = 20,000, d = 2048, 2 cores), the last long tiles leaving a core idle.
 _CPU_BLOCK_ROWS = 4096
+_LOCK_SLOTS = 256  # candidate list slots one lock guards
 _GPU_BLOCK_ROWS = 16384
 # Every CPU worker keeps a tile buffer: on 16 cores, 16 tiles of 4096 x 4096 floats took
 # 1 GB and broke the memory promise (1.5 x features + 1 GB). Tiles shrink so that all the
@@ -84,6 +87,17 @@ class CandidateLists:
         self.sources.fill(-1)
         self.fill = np.zeros(size, dtype=np.int64)
         self.limits = np.full(size, np.inf, dtype=np.float32)
+        # One lock per run of _LOCK_SLOTS slots, for workers that write lists directly.
+        self.locks = [threading.Lock() for _ in range(-(-size // _LOCK_SLOTS))]
+
+    def segments(self, slots: np.ndarray) -> Iterator[tuple[int, int, threading.Lock]]:
+        """(start, stop, lock): runs of `slots` (indices into it) that one lock guards."""
+        if not len(slots):
+            return
+        ids = np.asarray(slots) // _LOCK_SLOTS
+        cuts = (np.flatnonzero(ids[1:] != ids[:-1]) + 1).tolist()
+        for start, stop in zip([0, *cuts], [*cuts, len(slots)], strict=True):
+            yield start, stop, self.locks[int(ids[start])]
 
     def merge(
         self,
