@@ -135,7 +135,8 @@ def test_compiled_pair_distances_are_within_the_bound_of_the_exact_sums() -> Non
         assert abs(Fraction(out[p]) - exact) <= (d + 2) * Fraction(2) ** -53 * exact
 
 
-def test_a_scanned_tile_keeps_each_side_best_and_limits_bound_the_dropped() -> None:
+@pytest.mark.parametrize("segmented", [False, True])
+def test_a_scanned_tile_keeps_each_side_best_and_limits_bound_the_dropped(segmented: bool) -> None:
     rng = np.random.default_rng(8)
     tile = rng.random((300, 500), dtype=np.float32)
     tile[5, 7] = np.inf  # an image against itself never counts
@@ -144,7 +145,9 @@ def test_a_scanned_tile_keeps_each_side_best_and_limits_bound_the_dropped() -> N
     lists.limits[300 + 250 :] = -np.inf  # these columns take nothing
     rows, cols = np.arange(300), np.arange(300, 800)  # slots, which are the positions too
     assert len(list(lists.segments(cols))) > 1  # the columns' side runs under several locks
-    CompiledTiles().scan(tile, (lists, rows), (lists, cols), (rows, cols))
+    tiles = CompiledTiles()
+    tiles.segmented = segmented  # one pass under one lock, or both sides in segments
+    tiles.scan(tile, (lists, rows), (lists, cols), (rows, cols))
     values, sources = lists.best()
     np.testing.assert_array_equal(np.sort(values[:300], axis=1), np.sort(tile, axis=1)[:, :width])
     np.testing.assert_array_equal(
@@ -186,7 +189,8 @@ def test_compiled_stable_order_is_numpy_s() -> None:
     np.testing.assert_array_equal(kernels.stable_order(keys, 300), np.argsort(keys, kind="stable"))
 
 
-def test_columns_without_limits_keep_their_best_through_many_cut_backs() -> None:
+@pytest.mark.parametrize("segmented", [False, True])
+def test_columns_without_limits_keep_their_best_through_many_cut_backs(segmented: bool) -> None:
     rng = np.random.default_rng(12)
     tile = rng.random((1200, 900), dtype=np.float32)  # every entry passes its column first
     width = 30
@@ -195,7 +199,10 @@ def test_columns_without_limits_keep_their_best_through_many_cut_backs() -> None
     lists.values[1200:, 0] = 2.0  # and one entry each, worse than any in the tile
     lists.sources[1200:, 0] = 0
     rows, cols = np.arange(1200), np.arange(1200, 2100)
-    CompiledTiles().scan(tile, (lists, rows), (lists, cols), (rows, cols))
+    assert tile.size > 30 * 32768  # one pass: the held entries are appended in many batches
+    tiles = CompiledTiles()
+    tiles.segmented = segmented
+    tiles.scan(tile, (lists, rows), (lists, cols), (rows, cols))
     values, sources = lists.best()
     np.testing.assert_array_equal(
         np.sort(values[1200:], axis=1), np.sort(tile.T, axis=1)[:, :width]
@@ -301,3 +308,25 @@ def test_compiled_list_order_and_near_ties_are_numpy_s(
     )
     assert len(tie_rows) > 100
     np.testing.assert_array_equal(got[2], tie_rows * 40 + tie_cols)
+
+
+def test_passes_and_updates_scanned_in_segments_give_the_numpy_lists(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from lookalike.tasks.knn import compiled
+
+    monkeypatch.setattr(compiled, "_ONE_LOCK_WORKERS", 0)  # as on a machine of many cores
+    assert compiled.CompiledTiles().segmented
+    x = near_ties(700, 24, seed=16)
+    ids = shuffled_ids(700)
+    options = dict(block_rows=96)  # many tiles, lists split over several locks
+    assert_identical(
+        knn_all(x, ids, 12, backend="numba", **options),
+        knn_all(x, ids, 12, backend="numpy", **options),
+    )
+    previous = knn_all(x[:680], ids[:680], 12, backend="numpy")
+    change = dict(changed_ids=ids[680:], deleted_ids=ids[:0], k=12, block_rows=96)
+    assert_identical(
+        knn_update(previous, x, ids, backend="numba", **change),
+        knn_update(previous, x, ids, backend="numpy", **change),
+    )

@@ -18,7 +18,12 @@ from typing import Any
 import numpy as np
 
 from lookalike.tasks.knn.space import Timings, fresh_array, timed
+from lookalike.tasks.knn.threads import cpu_cores
 from lookalike.tasks.knn.tiles import CandidateLists, NumpyTiles
+
+# Up to this many workers scan each tile in one pass under one lock (see scan; measured
+# better at 2 workers, the segments better at 16).
+_ONE_LOCK_WORKERS = 4
 
 
 def numba_installed() -> bool:
@@ -54,6 +59,8 @@ class CompiledTiles(NumpyTiles):
     def __init__(self) -> None:
         self.kernels = compiled_kernels()
         self._buffers = threading.local()
+        self._one_lock = threading.Lock()
+        self.segmented = cpu_cores() > _ONE_LOCK_WORKERS  # see scan
 
     def tile_buffer(self, rows: int, cols: int) -> np.ndarray:
         """A (rows, cols) float32 array kept by this worker thread for all its tiles.
@@ -94,23 +101,33 @@ class CompiledTiles(NumpyTiles):
     ) -> None:
         """Each tile entry within its row's (and column's) limit joins that list.
 
-        The rows' side, then the columns' side, each in runs of slots that one lock of
-        their lists guards (CandidateLists.segments): workers scanning tiles of one strip
-        take turns per run instead of one lock for the whole scan, which on 16 cores left
-        the multiplies waiting on each other's scans.
+        With few workers, one pass over the tile feeds both sides under one lock. With
+        many, the rows' side and then the columns' side run in runs of slots that one lock
+        of their lists guards (CandidateLists.segments), the columns' side a second pass:
+        on 16 cores workers queued behind each other's scans on the one lock (1.08 against
+        0.86 s at 20,000), on 2 the second pass costs more than the waiting (0.63 against
+        0.37 CPU-s of selection).
         """
         lists, slots = row_side
+        width = lists.width
         scratch = np.empty(lists.values.shape[1], dtype=np.float32)
         row_positions, col_positions = (p.astype(np.int32) for p in positions)
+        both = col_side is not None
+        if not self.segmented:
+            cols = _side(*col_side) if col_side is not None else _side(lists, slots)
+            with self._one_lock:
+                args = (row_positions, col_positions, width, scratch)
+                self.kernels.scan_tile(tile, _side(lists, slots), cols, both, *args)
+            return
         for start, stop, lock in lists.segments(slots):
             rows = _side(lists, slots[start:stop])
             with lock:
-                self.kernels.scan_rows(tile[start:stop], rows, col_positions, lists.width, scratch)
+                args = (row_positions[start:stop], col_positions, width, scratch)
+                self.kernels.scan_tile(tile[start:stop], rows, rows, False, *args)
         if col_side is None:
             return
         lists, slots = col_side
         cols = _side(lists, slots)
         for start, stop, lock in lists.segments(slots):
             with lock:
-                args = (row_positions, lists.width, scratch)
-                self.kernels.scan_columns(tile, start, stop, cols, *args)
+                self.kernels.scan_columns(tile, start, stop, cols, row_positions, width, scratch)

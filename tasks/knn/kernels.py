@@ -10,6 +10,7 @@ from numba.extending import intrinsic
 
 INF = np.float32(np.inf)
 _SCAN_RUN = 256  # entries checked at once before any is looked at alone
+_HELD = 1 << 15  # column-side entries held before they are appended (384 kB)
 
 
 @intrinsic
@@ -139,30 +140,43 @@ def mark_within(line, limit, col_limit, start, stop, marks):  # type: ignore[no-
 
 
 @numba.njit(nogil=True, cache=True)
-def scan_rows(tile, rows, col_positions, width, scratch):  # type: ignore[no-untyped-def]
-    """The rows' side of a tile: each entry within its row's limit joins the row's list.
+def scan_tile(  # type: ignore[no-untyped-def]
+    tile, rows, cols, both, row_positions, col_positions, width, scratch
+):
+    """One pass over the tile: each entry within its row's (and column's) limit is kept.
 
-    rows: (slots, values, sources, fill, limits) of the tile rows' lists. Each row is
+    rows / cols: (slots, values, sources, fill, limits) of each side's lists. Each row is
     marked in runs of _SCAN_RUN entries by mark_within; marked entries are then found by
     the trailing zeros of 8 marks read as one word (a branch per mark mispredicts: about
-    15 of a run's 256 are marked) and appended branch-free (written out here: it runs for
-    every entry that passes).
+    15 of a run's 256 are marked). Row-side entries are appended on the spot (written out
+    here: it runs for every entry that passes); column-side ones are held and appended
+    column by column (_append_held).
     """
     row_slots, row_values, row_sources, row_fill, row_limits = rows
+    col_slots, col_values, col_sources, col_fill, col_limits = cols
     room = row_values.shape[1]
     fresh_limits(tile, row_slots, row_fill, row_limits, width)
     count = tile.shape[1]
-    no_columns = np.full(count, -INF, dtype=np.float32)
+    col_limit = np.full(count, -INF, dtype=np.float32)
     marks = np.empty(_SCAN_RUN, dtype=np.bool_)
     words = marks.view(np.uint64)  # 8 marks (bytes 0 or 1) per word
+    if both:
+        if has_fresh(col_slots, col_fill, col_limits):  # columns as rows: one copy
+            fresh_limits(tile.T.copy(), col_slots, col_fill, col_limits, width)
+        _refresh_limits(col_slots, col_limits, col_limit)
+    held_values = np.empty(_HELD, dtype=np.float32)  # column-side entries, appended later
+    held_sources = np.empty(_HELD, dtype=col_sources.dtype)
+    held_columns = np.empty(_HELD, dtype=np.int32)
+    held = 0
     for i in range(tile.shape[0]):
         slot = row_slots[i]
         limit = row_limits[slot]
+        source = row_positions[i]
         line = tile[i]
         at = row_fill[slot]  # kept in a register: the row's list is all this loop appends to
         for start in range(0, count, _SCAN_RUN):
             stop = min(start + _SCAN_RUN, count)
-            if mark_within(line, limit, no_columns, start, stop, marks) == 0:
+            if mark_within(line, limit, col_limit, start, stop, marks) == 0:
                 continue
             marks[stop - start :] = False  # a last, shorter run leaves no stale marks
             for w in range(_SCAN_RUN // 8):
@@ -171,26 +185,77 @@ def scan_rows(tile, rows, col_positions, width, scratch):  # type: ignore[no-unt
                     j = start + 8 * w + np.int64(_trailing_zeros(word) >> np.uint64(3))  # type: ignore[call-arg]
                     word &= word - np.uint64(1)
                     value = line[j]
-                    # Branch-free: written at the next free place, kept if still within
-                    # the limit (a cut back may have lowered it since the marking).
+                    # Branch-free: both sides write their next free place and advance only
+                    # when the entry passes (a marked entry passes one side or both, at
+                    # random: a branch on it mispredicts about once per entry).
                     row_values[slot, at] = value
                     row_sources[slot, at] = col_positions[j]
-                    at += (value <= limit) & (value < INF)  # an image against itself is INF
+                    at += (value <= limit) & (value < INF)
+                    held_values[held] = value
+                    held_sources[held] = source
+                    held_columns[held] = j
+                    held += (value <= col_limit[j]) & (value < INF)
                     if at == room:
                         row_fill[slot] = at
                         limit = cut_back(
                             row_values, row_sources, row_fill, row_limits, slot, width, scratch
                         )
                         at = row_fill[slot]
+                    if held == _HELD:
+                        row_fill[slot] = at  # the held entries go to other rows' lists
+                        held_entries = (held_values, held_sources, held_columns, held)
+                        _append_held(*held_entries, cols, width, scratch)
+                        _refresh_limits(col_slots, col_limits, col_limit)
+                        held = 0
         row_fill[slot] = at
+    if held:
+        _append_held(held_values, held_sources, held_columns, held, cols, width, scratch)
+
+
+@numba.njit(nogil=True, cache=True)
+def _append_held(values, sources, columns, count, cols, width, scratch):  # type: ignore[no-untyped-def]
+    """Append held column-side entries to their columns' lists, column by column.
+
+    A counting sort by column first: each list is then written in one go, where appending
+    each entry as it passed wrote all over the column lists (7 MB for a tile's 4,096).
+    Entries a cut back has since put beyond their list's limit are dropped.
+    """
+    col_slots, col_values, col_sources, col_fill, col_limits = cols
+    room = col_values.shape[1]
+    starts = np.zeros(len(col_slots) + 1, dtype=np.int64)
+    for t in range(count):
+        starts[columns[t] + 1] += 1
+    for j in range(len(col_slots)):
+        starts[j + 1] += starts[j]
+    order = np.empty(count, dtype=np.int64)
+    for t in range(count):
+        order[starts[columns[t]]] = t
+        starts[columns[t]] += 1
+    for t in order:
+        other = col_slots[columns[t]]
+        value = values[t]
+        if value <= col_limits[other]:
+            at = col_fill[other]
+            col_values[other, at] = value
+            col_sources[other, at] = sources[t]
+            col_fill[other] = at + 1
+            if at + 1 == room:
+                cut_back(col_values, col_sources, col_fill, col_limits, other, width, scratch)
+
+
+@numba.njit(nogil=True, cache=True)
+def _refresh_limits(slots, limits, limit):  # type: ignore[no-untyped-def]
+    """limit[j] = limits[slots[j]]: a tile's copy of its columns' limits, after cut backs."""
+    for j in range(len(slots)):
+        limit[j] = limits[slots[j]]
 
 
 @numba.njit(nogil=True, cache=True)
 def scan_columns(tile, start, stop, cols, row_positions, width, scratch):  # type: ignore[no-untyped-def]
     """The columns' side of a tile for its columns start..stop: each entry within its
-    column's limit joins that column's list (cols: the tile columns' lists, as rows are
-    to scan_rows). The tile is read row by row, start..stop of each: the lists written
-    are few enough to stay in cache."""
+    column's limit joins that column's list (cols: the tile columns' lists; the rows' side
+    is scan_tile's without columns). The tile is read row by row, start..stop of each: the
+    lists written are few enough to stay in cache."""
     col_slots, col_values, col_sources, col_fill, col_limits = cols
     room = col_values.shape[1]
     slots = col_slots[start:stop]
