@@ -139,6 +139,26 @@ def mark_within(line, limit, col_limit, start, stop, marks):  # type: ignore[no-
     return hits
 
 
+@numba.njit(nogil=True, cache=True, inline="always")
+def _marked(line, limit, col_limit, start, stop, marks, marked):  # type: ignore[no-untyped-def]
+    """Write to `marked` the indices of line[start:stop] within their row's or column's
+    limit (mark_within), in order; returns how many. Marks are read 8 at a time, each
+    found by the trailing zeros of the word (a branch per mark mispredicts: about 15 of
+    a run's 256 are marked)."""
+    if mark_within(line, limit, col_limit, start, stop, marks) == 0:
+        return 0
+    marks[stop - start :] = False  # a last, shorter run leaves no stale marks
+    words = marks.view(np.uint64)  # 8 marks (bytes 0 or 1) per word
+    found = 0
+    for w in range(_SCAN_RUN // 8):
+        word = words[w]
+        while word != 0:
+            marked[found] = start + 8 * w + np.int64(_trailing_zeros(word) >> np.uint64(3))  # type: ignore[call-arg]
+            found += 1
+            word &= word - np.uint64(1)
+    return found
+
+
 @numba.njit(nogil=True, cache=True)
 def scan_tile(  # type: ignore[no-untyped-def]
     tile, rows, cols, both, row_positions, col_positions, width, scratch
@@ -146,11 +166,9 @@ def scan_tile(  # type: ignore[no-untyped-def]
     """One pass over the tile: each entry within its row's (and column's) limit is kept.
 
     rows / cols: (slots, values, sources, fill, limits) of each side's lists. Each row is
-    marked in runs of _SCAN_RUN entries by mark_within; marked entries are then found by
-    the trailing zeros of 8 marks read as one word (a branch per mark mispredicts: about
-    15 of a run's 256 are marked). Row-side entries are appended on the spot (written out
-    here: it runs for every entry that passes); column-side ones are held and appended
-    column by column (_append_held).
+    taken in runs of _SCAN_RUN entries, whose marked entries _marked lists. Row-side
+    entries are appended on the spot (written out here: it runs for every entry that
+    passes); column-side ones are held and appended column by column (_append_held).
     """
     row_slots, row_values, row_sources, row_fill, row_limits = rows
     col_slots, col_values, col_sources, col_fill, col_limits = cols
@@ -159,7 +177,7 @@ def scan_tile(  # type: ignore[no-untyped-def]
     count = tile.shape[1]
     col_limit = np.full(count, -INF, dtype=np.float32)
     marks = np.empty(_SCAN_RUN, dtype=np.bool_)
-    words = marks.view(np.uint64)  # 8 marks (bytes 0 or 1) per word
+    marked = np.empty(_SCAN_RUN, dtype=np.int64)
     if both:
         if has_fresh(col_slots, col_fill, col_limits):  # columns as rows: one copy
             fresh_limits(tile.T.copy(), col_slots, col_fill, col_limits, width)
@@ -176,37 +194,32 @@ def scan_tile(  # type: ignore[no-untyped-def]
         at = row_fill[slot]  # kept in a register: the row's list is all this loop appends to
         for start in range(0, count, _SCAN_RUN):
             stop = min(start + _SCAN_RUN, count)
-            if mark_within(line, limit, col_limit, start, stop, marks) == 0:
-                continue
-            marks[stop - start :] = False  # a last, shorter run leaves no stale marks
-            for w in range(_SCAN_RUN // 8):
-                word = words[w]
-                while word != 0:
-                    j = start + 8 * w + np.int64(_trailing_zeros(word) >> np.uint64(3))  # type: ignore[call-arg]
-                    word &= word - np.uint64(1)
-                    value = line[j]
-                    # Branch-free: both sides write their next free place and advance only
-                    # when the entry passes (a marked entry passes one side or both, at
-                    # random: a branch on it mispredicts about once per entry).
-                    row_values[slot, at] = value
-                    row_sources[slot, at] = col_positions[j]
-                    at += (value <= limit) & (value < INF)
-                    held_values[held] = value
-                    held_sources[held] = source
-                    held_columns[held] = j
-                    held += (value <= col_limit[j]) & (value < INF)
-                    if at == room:
-                        row_fill[slot] = at
-                        limit = cut_back(
-                            row_values, row_sources, row_fill, row_limits, slot, width, scratch
-                        )
-                        at = row_fill[slot]
-                    if held == _HELD:
-                        row_fill[slot] = at  # the held entries go to other rows' lists
-                        held_entries = (held_values, held_sources, held_columns, held)
-                        _append_held(*held_entries, cols, width, scratch)
-                        _refresh_limits(col_slots, col_limits, col_limit)
-                        held = 0
+            found = _marked(line, limit, col_limit, start, stop, marks, marked)
+            for m in range(found):
+                j = marked[m]
+                value = line[j]
+                # Branch-free: both sides write their next free place and advance only
+                # when the entry passes (a marked entry passes one side or both, at
+                # random: a branch on it mispredicts about once per entry).
+                row_values[slot, at] = value
+                row_sources[slot, at] = col_positions[j]
+                at += (value <= limit) & (value < INF)
+                held_values[held] = value
+                held_sources[held] = source
+                held_columns[held] = j
+                held += (value <= col_limit[j]) & (value < INF)
+                if at == room:
+                    row_fill[slot] = at
+                    limit = cut_back(
+                        row_values, row_sources, row_fill, row_limits, slot, width, scratch
+                    )
+                    at = row_fill[slot]
+                if held == _HELD:
+                    row_fill[slot] = at  # the held entries go to other rows' lists
+                    held_entries = (held_values, held_sources, held_columns, held)
+                    _append_held(*held_entries, cols, width, scratch)
+                    _refresh_limits(col_slots, col_limits, col_limit)
+                    held = 0
         row_fill[slot] = at
     if held:
         _append_held(held_values, held_sources, held_columns, held, cols, width, scratch)
@@ -265,31 +278,26 @@ def scan_columns(tile, start, stop, cols, row_positions, width, scratch):  # typ
     for column in range(start, stop):
         col_limit[column] = col_limits[col_slots[column]]
     marks = np.empty(_SCAN_RUN, dtype=np.bool_)
-    words = marks.view(np.uint64)
+    marked = np.empty(_SCAN_RUN, dtype=np.int64)
     for i in range(tile.shape[0]):
         line = tile[i]
         source = row_positions[i]
         for run in range(start, stop, _SCAN_RUN):
             run_stop = min(run + _SCAN_RUN, stop)
-            if mark_within(line, -INF, col_limit, run, run_stop, marks) == 0:
-                continue
-            marks[run_stop - run :] = False
-            for w in range(_SCAN_RUN // 8):
-                word = words[w]
-                while word != 0:
-                    j = run + 8 * w + np.int64(_trailing_zeros(word) >> np.uint64(3))  # type: ignore[call-arg]
-                    word &= word - np.uint64(1)
-                    value = line[j]
-                    if value < INF:  # marked: within the column's limit, never itself
-                        other = col_slots[j]
-                        at = col_fill[other]
-                        col_values[other, at] = value
-                        col_sources[other, at] = source
-                        col_fill[other] = at + 1
-                        if at + 1 == room:
-                            col_limit[j] = cut_back(
-                                col_values, col_sources, col_fill, col_limits, other, width, scratch
-                            )
+            found = _marked(line, -INF, col_limit, run, run_stop, marks, marked)
+            for m in range(found):
+                j = marked[m]
+                value = line[j]
+                if value < INF:  # marked: within the column's limit, never itself
+                    other = col_slots[j]
+                    at = col_fill[other]
+                    col_values[other, at] = value
+                    col_sources[other, at] = source
+                    col_fill[other] = at + 1
+                    if at + 1 == room:
+                        col_limit[j] = cut_back(
+                            col_values, col_sources, col_fill, col_limits, other, width, scratch
+                        )
 
 
 @numba.njit(nogil=True, cache=True)
