@@ -6,8 +6,9 @@ import contextlib
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
-from lookalike.tasks.knn.compiled import CompiledTiles, numba_installed
+from lookalike.tasks.knn.compiled import CompiledTiles, compiled_kernels, numba_installed
 from lookalike.tasks.knn.space import FeatureSpace, KnnInputError
 from lookalike.tasks.knn.tiles import NumpyTiles, TensorFlowTiles, TileBackend
 
@@ -23,10 +24,7 @@ def open_backend(name: str | None, space: FeatureSpace) -> Iterator[TileBackend]
     Under TensorFlow, TF32 matmuls are switched off while the engine runs: they would make
     the expansion too coarse for the error bound.
     """
-    if name not in (None, *BACKENDS):
-        raise KnnInputError(f"unknown kNN backend {name!r}; use one of {', '.join(BACKENDS)}")
-    if name is None:
-        name = "tensorflow" if gpu_visible() else "numba" if numba_installed() else "numpy"
+    name = chosen_backend(name)
     if name == "numpy":
         yield NumpyTiles()
         return
@@ -48,6 +46,21 @@ def open_backend(name: str | None, space: FeatureSpace) -> Iterator[TileBackend]
         yield TensorFlowTiles()
     finally:
         tf.config.experimental.enable_tensor_float_32_execution(tf32)
+
+
+def chosen_backend(name: str | None) -> str:
+    """The backend a pass runs on: `name`, or when None TensorFlow if a GPU is visible,
+    else numba where installed, else numpy."""
+    if name not in (None, *BACKENDS):
+        raise KnnInputError(f"unknown kNN backend {name!r}; use one of {', '.join(BACKENDS)}")
+    if name is None:
+        return "tensorflow" if gpu_visible() else "numba" if numba_installed() else "numpy"
+    return name
+
+
+def prepare_kernels(name: str | None) -> Any:
+    """The compiled kernels for prepare_space when the pass runs on numba, else None."""
+    return compiled_kernels() if chosen_backend(name) == "numba" and numba_installed() else None
 
 
 def gpu_visible() -> bool:

@@ -35,13 +35,19 @@ def numba_installed() -> bool:
 
 
 def compiled_kernels() -> Any:
-    """Every kernel of a compiled pass, the selection's (kernels) and the re-rank's
-    (pair_kernels), as one namespace; numba compiles each kernel on its first call, or
-    loads it from its cache on disk (beside the module), once per process."""
-    from lookalike.tasks.knn import kernels, pair_kernels
+    """Every kernel of a compiled pass, the rows' (row_kernels), the selection's (kernels),
+    the re-rank's (pair_kernels) and an update's merge (merge_kernels), as one namespace;
+    numba compiles each kernel on its first call, or loads it from its cache on disk
+    (beside the module), once per process."""
+    from lookalike.tasks.knn import kernels, merge_kernels, pair_kernels, row_kernels
 
     public = {}
-    for module in (kernels, pair_kernels):  # jitted functions carry their py_func
+    for module in (
+        row_kernels,
+        kernels,
+        pair_kernels,
+        merge_kernels,
+    ):  # jitted functions carry their py_func
         found = vars(module).items()
         public.update({name: f for name, f in found if hasattr(f, "py_func") and name[0] != "_"})
     return types.SimpleNamespace(**public)
@@ -62,17 +68,18 @@ class CompiledTiles(NumpyTiles):
         self._one_lock = threading.Lock()
         self.segmented = cpu_cores() > _ONE_LOCK_WORKERS  # see scan
 
-    def tile_buffer(self, rows: int, cols: int) -> np.ndarray:
-        """A (rows, cols) float32 array kept by this worker thread for all its tiles.
+    def tile_buffer(self, rows: int, cols: int, use: str = "tile") -> np.ndarray:
+        """A (rows, cols) float32 array kept by this worker thread for all its tiles
+        (`use`: "tile" for products, "right" for the right blocks it builds).
 
         A fresh 64 MB tile per multiply costs page faults (and, where the kernel compacts
         memory for huge pages, far more) every time; one buffer, populated up front, pays
         them once.
         """
-        flat = getattr(self._buffers, "flat", None)
+        flat = getattr(self._buffers, use, None)
         if flat is None or flat.size < rows * cols:
             flat = fresh_array((rows * cols,))
-            self._buffers.flat = flat
+            setattr(self._buffers, use, flat)
         return flat[: rows * cols].reshape(rows, cols)
 
     def feed(

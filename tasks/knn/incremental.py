@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
-from lookalike.tasks.knn.backends import open_backend
+from lookalike.tasks.knn.backends import open_backend, prepare_kernels
 from lookalike.tasks.knn.passes import (
     NeighbourLists,
     all_lists,
@@ -39,7 +40,7 @@ from lookalike.tasks.knn.space import (
     prepare_space,
     timed,
 )
-from lookalike.tasks.knn.threads import tile_workers
+from lookalike.tasks.knn.threads import cpu_cores, on_all_cores, tile_workers
 from lookalike.tasks.knn.tiles import (
     CandidateLists,
     TileBackend,
@@ -94,7 +95,7 @@ def knn_update(
     if not _previous_long_enough(previous, k):  # the caller's plan (knn.plan) rules this out
         raise KnnInputError(f"the previous lists are shorter than k={k}: a full pass is needed")
     target = _Target(kk, kk if depth is None else list_length(depth, len(ids)), depth is not None)
-    space = prepare_space(features, ids, metric, timings)
+    space = prepare_space(features, ids, metric, timings, kernels=prepare_kernels(backend))
     with open_backend(backend, space) as tiles:
         shape = tile_shape(space, block_rows, tiles)
         positions, neighbours, distances = _updated_lists(
@@ -139,13 +140,17 @@ def _updated_lists(
     fresh_lists, kept_lists = _candidates(space, tiles, shape, fresh, kept, limits, target, timings)
     # Kept rows and new rows measure mostly the same (kept, new) pairs: measure them once.
     space.pair_memo = PairMemo()
+    lists = (
+        np.empty((space.n, target.width), np.int64),
+        np.empty((space.n, target.width), np.float32),
+    )
     with timed(timings, "kept_merge"):
-        merged = _merge_kept(space, kept, known, kept_lists, depths, target.width)
-    kept_neighbours, kept_distances, doubtful = merged
+        doubtful = _merge_kept(space, kept, known, kept_lists, depths, lists)
     if 2 * (len(fresh) + len(doubtful)) >= space.n:
         space.pair_memo = None
         return _full_pass(space, tiles, shape, target, len(doubtful), timings)
-    fresh_neighbours, fresh_distances = finalise_rows(
+    neighbours, distances = lists
+    neighbours[fresh], distances[fresh] = finalise_rows(
         space, tiles, fresh, fresh_lists, target.width, shape, timings
     )
     space.pair_memo = None
@@ -153,12 +158,8 @@ def _updated_lists(
         _count(timings, "refilled_rows", doubtful.size)
         with timed(timings, "refill"):
             redone = rows_against_all(space, tiles, kept[doubtful], target.width, shape, timings)
-        kept_neighbours[doubtful], kept_distances[doubtful] = redone
-    return (
-        np.concatenate([fresh, kept]),
-        np.concatenate([fresh_neighbours, kept_neighbours]),
-        np.concatenate([fresh_distances, kept_distances]),
-    )
+        neighbours[kept[doubtful]], distances[kept[doubtful]] = redone
+    return np.arange(space.n), neighbours, distances
 
 
 def _candidates(
@@ -191,7 +192,7 @@ def _kept_lists(
 ) -> tuple[_KnownLists, np.ndarray]:
     """What is still known of each kept row's list, and the depth it is to have."""
     window = near_tie_window(space) * _LOOSE_WINDOWS[space.metric]
-    known = _known_lists(previous, space.ids, is_changed, kept, window)
+    known = _known_lists(previous, space.ids, is_changed, kept, window, space.kernels)
     # Deep rows live through many updates without a recomputation: they also give up a
     # last entry whose distance may be stale. kk-wide rows keep it, as they always have;
     # for them it would mean recomputing every row that ends in a chain of equal distances.
@@ -289,6 +290,7 @@ def _known_lists(
     is_changed: np.ndarray,
     kept: np.ndarray,
     window: float,
+    kernels: Any = None,
 ) -> _KnownLists:
     """Map previous lists of kept rows onto current positions, dropping stale neighbours.
 
@@ -297,16 +299,13 @@ def _known_lists(
     a chain of gaps within `window` that lost a member are marked loose.
     """
     rows = positions_of(previous.image_ids, ids[kept])
-    distances = previous.distances[rows].astype(np.float32, copy=False)
-    padded = padding_mask(previous.neighbour_ids[rows], distances)
-    positions = positions_of(ids, previous.neighbour_ids[rows])
-    # -1 (gone) indexes the last row, whatever it is: the first test already fails.
-    valid = (positions >= 0) & ~is_changed[positions] & ~padded
+    positions, distances, valid, listed = _read_known(previous, ids, is_changed, rows, kernels)
     loose = np.zeros(valid.shape, dtype=bool)
     # Only lists that lost an entry need compacting (none when images were only added).
-    lost = np.flatnonzero(~(valid | padded).all(axis=1))
+    lost = np.flatnonzero(valid.sum(axis=1) < listed)
     if lost.size:
-        dropped = ~(valid[lost] | padded[lost])
+        padded = padding_mask(previous.neighbour_ids[rows[lost]], distances[lost])
+        dropped = ~(valid[lost] | padded)
         loose[lost] = _broken_chains(distances[lost], dropped, window)
         # Stable sort moves the valid entries to the front without changing their order.
         compact = np.argsort(~valid[lost], axis=1, kind="stable")
@@ -317,9 +316,50 @@ def _known_lists(
         distances[lost] = np.where(kept_valid, moved_distances, np.float32(np.inf))
         loose[lost] = np.take_along_axis(loose[lost], compact, axis=1) & kept_valid
         valid[lost] = kept_valid
-    positions[~valid] = -1  # padding of a row that lost nothing
-    complete = (~padded).sum(axis=1) >= len(previous.image_ids) - 1
+    complete = listed >= len(previous.image_ids) - 1
     return _KnownLists(positions, distances, valid.sum(axis=1), complete, loose)
+
+
+def _read_known(
+    previous: NeighbourLists,
+    ids: np.ndarray,
+    is_changed: np.ndarray,
+    rows: np.ndarray,
+    kernels: Any,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(positions, distances, valid, listed) of previous rows `rows` in current positions.
+
+    An entry is valid when its image still exists unchanged and it is not padding;
+    invalid entries get position -1; listed counts each row's entries that are not
+    padding. Compiled in one pass on every core when the ids are dense enough for a
+    lookup table (see positions_of), else in numpy passes.
+    """
+    table = _position_table(ids)
+    if kernels is None or table is None:
+        distances = previous.distances[rows].astype(np.float32, copy=True)
+        padded = padding_mask(previous.neighbour_ids[rows], distances)
+        positions = positions_of(ids, previous.neighbour_ids[rows])
+        # -1 (gone) indexes the last row, whatever it is: the first test already fails.
+        valid = (positions >= 0) & ~is_changed[positions] & ~padded
+        positions[~valid] = -1
+        return positions, distances, valid, (~padded).sum(axis=1)
+    shape = (len(rows), previous.neighbour_ids.shape[1])
+    out = (
+        np.empty(shape, dtype=np.int64),
+        np.empty(shape, dtype=np.float32),
+        np.empty(shape, dtype=bool),
+        np.empty(len(rows), dtype=np.int64),
+        np.empty(len(rows), dtype=np.int64),
+    )
+    bounds = np.linspace(0, len(rows), cpu_cores() + 1).astype(np.int64)
+    lists = (previous.neighbour_ids, previous.distances)
+
+    def read(part: int) -> None:
+        args = (rows, table[0], table[1], is_changed, bounds[part], bounds[part + 1], out)
+        kernels.read_known_lists(lists, *args)
+
+    on_all_cores(read, range(len(bounds) - 1))
+    return out[0], out[1], out[2], out[4]
 
 
 def _broken_chains(distances: np.ndarray, dropped: np.ndarray, window: float) -> np.ndarray:
@@ -404,29 +444,72 @@ def _merge_kept(
     known: _KnownLists,
     kept_lists: CandidateLists,
     depths: np.ndarray,
-    width: int,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    lists: tuple[np.ndarray, np.ndarray],
+) -> np.ndarray:
     """Kept rows' lists: known entries plus fresh candidates, each to its row's depth.
 
-    Returns their neighbours and distances (`width` wide, padded past a row's depth) and
-    which of the rows must be recomputed.
+    Writes their neighbours and distances into rows `kept` of `lists` (padded past a
+    row's depth); returns which of the kept rows (indices into kept) must be recomputed.
     """
-    neighbours, distances = _padded(known.neighbours, known.distances, width, depths)
+    width = lists[0].shape[1]
     used_known = np.minimum(known.count, depths)
     # Rows that took fresh candidates, or hold entries to measure again.
     touched = np.flatnonzero(((kept_lists.fill[kept] > 0) | known.loose.any(axis=1)) & (depths > 0))
-    if touched.size:
-        merged = _merged_rows(space, kept[touched], known, touched, kept_lists, depths, width)
-        neighbours[touched], distances[touched], used_known[touched] = merged
-    rows = np.arange(len(kept))
+    if space.kernels is not None:
+        _compiled_merge(space, kept, known, touched, kept_lists, depths, lists, used_known)
+    else:
+        neighbours, distances = _padded(known.neighbours, known.distances, width, depths)
+        if touched.size:
+            merged = _merged_rows(space, kept[touched], known, touched, kept_lists, depths, width)
+            neighbours[touched], distances[touched], used_known[touched] = merged
+        lists[0][kept], lists[1][kept] = neighbours, distances
     last = np.maximum(depths, 1) - 1
-    fresh_ok = proven_rows(space, kept, distances[rows, last], kept_lists.limits[kept])
+    fresh_ok = proven_rows(space, kept, lists[1][kept, last], kept_lists.limits[kept])
     # Unknown unchanged images rank after the last known entry; if the list did not use
     # every known entry, or all its entries are known ones, none of them can belong in it.
     known_ok = known.complete | (known.count >= depths) | (used_known < known.count)
-    filled = neighbours[rows, last] >= 0
+    filled = lists[0][kept, last] >= 0
     settled = fresh_ok & known_ok & filled & (depths > 0)
-    return neighbours, distances, np.flatnonzero(~settled)
+    return np.flatnonzero(~settled)
+
+
+def _compiled_merge(
+    space: FeatureSpace,
+    kept: np.ndarray,
+    known: _KnownLists,
+    touched: np.ndarray,
+    kept_lists: CandidateLists,
+    depths: np.ndarray,
+    lists: tuple[np.ndarray, np.ndarray],
+    used_known: np.ndarray,
+) -> None:
+    """_padded and _merged_rows in compiled passes over the kept rows, on every core.
+
+    Most touched rows take a fresh candidate or two, far from their neighbours in the
+    order: their merge is an insertion into the known order. The few with a near-tie (or
+    a loose entry) go through _merged_rows, which measures the chain in float64. Writes
+    rows `kept` of lists, and used_known of the touched rows.
+    """
+    fresh = kept_lists.taken_by(kept[touched])
+    fresh_distances = direct_distances(space, kept[touched], fresh)
+    touched_of = np.full(len(kept), -1, dtype=np.int64)
+    touched_of[touched] = np.arange(len(touched))
+    doubtful = np.zeros(len(touched), dtype=bool)
+    known_parts = (known.neighbours, known.distances, known.loose, depths)
+    out = (kept, *lists, used_known)
+    bounds = np.linspace(0, len(kept), cpu_cores() + 1).astype(np.int64)
+
+    def merge(part: int) -> None:
+        rows = (bounds[part], bounds[part + 1])
+        args = (touched_of, fresh, fresh_distances, space.id_ranks, near_tie_window(space))
+        space.kernels.merge_kept_rows(known_parts, *args, rows, out, doubtful)
+
+    on_all_cores(merge, range(len(bounds) - 1))
+    again = touched[doubtful]
+    if again.size:
+        width = lists[0].shape[1]
+        merged = _merged_rows(space, kept[again], known, again, kept_lists, depths, width)
+        lists[0][kept[again]], lists[1][kept[again]], used_known[again] = merged
 
 
 def _merged_rows(
@@ -495,12 +578,23 @@ def positions_of(ids: np.ndarray, wanted: np.ndarray) -> np.ndarray:
     """
     if ids.size == 0:
         return np.full(wanted.shape, -1, dtype=np.int64)
-    low, high = int(ids.min()), int(ids.max())
-    if high - low < 8 * len(ids) + 1024:
-        table = np.full(high - low + 3, -1, dtype=np.int64)  # first and last: out of range
-        table[ids - low + 1] = np.arange(len(ids))
+    table = _position_table(ids)
+    if table is not None:
         # mode="clip" sends every id out of range to an end slot, in one pass
-        return np.take(table, wanted - (low - 1), mode="clip")
+        return np.take(table[0], wanted - table[1], mode="clip")
     order = np.argsort(ids, kind="stable")
     at = np.minimum(np.searchsorted(ids[order], wanted), len(ids) - 1)
     return np.where(ids[order][at] == wanted, order[at], -1)
+
+
+def _position_table(ids: np.ndarray) -> tuple[np.ndarray, int] | None:
+    """(table, offset): table[id - offset] is the id's position, its two ends -1 for ids
+    out of range; None when the ids spread too thinly for a table to pay (or are none)."""
+    if ids.size == 0:
+        return None
+    low, high = int(ids.min()), int(ids.max())
+    if high - low >= 8 * len(ids) + 1024:
+        return None
+    table = np.full(high - low + 3, -1, dtype=np.int64)
+    table[ids - low + 1] = np.arange(len(ids))
+    return table, low - 1

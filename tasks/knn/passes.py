@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from lookalike.tasks.knn.backends import open_backend
+from lookalike.tasks.knn.backends import open_backend, prepare_kernels
 from lookalike.tasks.knn.compiled import CompiledTiles
 from lookalike.tasks.knn.plan import list_length
 from lookalike.tasks.knn.rerank import finalise_rows
@@ -105,7 +105,9 @@ def knn_all(
     kk = list_length(k, len(ids))
     if kk == 0:
         return empty_lists(ids)
-    space = prepare_space(features, ids, metric, timings, keep_right=True)
+    space = prepare_space(
+        features, ids, metric, timings, keep_right=True, kernels=prepare_kernels(backend)
+    )
     with open_backend(backend, space) as tiles:
         shape = tile_shape(space, block_rows, tiles)
         neighbours, distances = all_lists(space, tiles, kk, shape, timings)
@@ -134,7 +136,7 @@ def knn_row_block(
     kk = list_length(k, len(ids))
     if kk == 0:
         return empty_lists(ids[positions])
-    space = prepare_space(features, ids, metric, timings)
+    space = prepare_space(features, ids, metric, timings, kernels=prepare_kernels(backend))
     with open_backend(backend, space) as tiles:
         shape = tile_shape(space, block_rows, tiles)
         if len(positions) > shape.rows:
@@ -350,7 +352,10 @@ def _apply_tile(tiles: TileBackend, workers: TileWorkers, tile: TileJob, timings
     row_side, col_side = tile.row_side, tile.col_side
     if isinstance(tiles, CompiledTiles):
         positions = (tile.row_positions, tile.col_positions)
-        right = tile.space.right(tile.columns)
+        space, columns = tile.space, tile.columns
+        size = (columns.stop - columns.start, space.d + 2)
+        buffer = None if space.right_rows is not None else tiles.tile_buffer(*size, use="right")
+        right = space.right(columns, buffer)
         feed = (row_side, col_side, positions, tile.self_pairs, timings)
         tiles.feed(tile.left, right, *feed)
         return
@@ -416,13 +421,13 @@ def assemble_lists(
     if neighbours.size and depth and neighbours[:, :depth].min() < 0:
         raise RuntimeError("kNN engine bug: a list came out shorter than k")
     row_ids = ids[positions]
-    order = np.argsort(row_ids, kind="stable")
-    ordered = neighbours[order]
+    if np.all(row_ids[1:] > row_ids[:-1]):  # in order already (ids mostly come sorted)
+        ordered, distances = neighbours, np.ascontiguousarray(distances, dtype=np.float32)
+    else:
+        order = np.argsort(row_ids, kind="stable")
+        row_ids, ordered = row_ids[order], neighbours[order]
+        distances = np.ascontiguousarray(distances[order], dtype=np.float32)
     neighbour_ids = ids[ordered]
     if depth < neighbours.shape[1]:
         neighbour_ids[ordered < 0] = PAD_ID
-    return NeighbourLists(
-        image_ids=row_ids[order],
-        neighbour_ids=neighbour_ids,
-        distances=np.ascontiguousarray(distances[order], dtype=np.float32),
-    )
+    return NeighbourLists(image_ids=row_ids, neighbour_ids=neighbour_ids, distances=distances)

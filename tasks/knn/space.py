@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from lookalike.tasks.errors import LookalikeError
-from lookalike.tasks.knn.threads import on_all_cores
+from lookalike.tasks.knn.threads import cpu_cores, on_all_cores
 
 log = logging.getLogger(__name__)
 
@@ -25,6 +25,7 @@ METRICS = ("euclidean", "cosine")
 # times eps * sqrt(d) * (|a|^2 + |b|^2); 16 is far above what is seen in practice.
 _ERROR_SAFETY = 16.0
 _EPS32 = float(np.finfo(np.float32).eps)
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
 _PREPARE_CHUNK_ROWS = 2048
 _CENTRE_SAMPLE_ROWS = 4096
 # The augmented copy of all rows is kept when it fits this. At 20,000 x 2,048 (164 MB) it
@@ -34,6 +35,8 @@ _CENTRE_SAMPLE_ROWS = 4096
 _RIGHT_CACHE_BYTES = 256 << 20
 _POPULATE_BYTES = 32 << 20  # fresh arrays this large are mapped in up front (not the chunks)
 Timings = dict[str, float] | None
+_NO_SCALE = np.empty(0, dtype=np.float32)  # the kernels' "no scale" (euclidean)
+_NO_ROWS = np.empty((0, 0), dtype=np.float32)  # the kernels' "write no right() rows"
 _TIMINGS_LOCK = threading.Lock()
 
 
@@ -130,14 +133,22 @@ class FeatureSpace:
         out[:, -1] = self.sq[rows]
         return out
 
-    def right(self, rows: slice | np.ndarray) -> np.ndarray:
+    def right(self, rows: slice | np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
         """[-2y, |y|^2, 1] per row (the factor -2 is exact in binary floating point).
 
-        A view into the cached matrix when there is one: treat it as read-only.
+        A view into the cached matrix when there is one: treat it as read-only. Else
+        written into `out` when given (a worker's buffer, (rows, d + 2)).
         """
         if self.right_rows is not None:
             return self.right_rows[rows]
-        out = self._augmented(rows)
+        if self.kernels is not None and out is not None and isinstance(rows, slice):
+            start, stop, _ = rows.indices(self.n)
+            scale = _NO_SCALE if self.scale is None else self.scale
+            self.kernels.centre_rows(
+                self.features, scale, self.centre, start, stop, False, self.sq, out
+            )
+            return out
+        out = self._augmented(rows, out)
         out[:, :-2] *= -2.0
         out[:, -2] = self.sq[rows]
         out[:, -1] = 1.0
@@ -193,13 +204,16 @@ def prepare_space(
     timings: Timings,
     *,
     keep_right: bool = False,
+    kernels: Any = None,
 ) -> FeatureSpace:
     """Check every vector, and compute the centre, scales and squared norms in one pass.
 
     The centre is the mean of an even sample of rows: any point near the data's middle
     keeps the expansion's cancellation small, and sampling saves a pass over all rows.
     With keep_right, the pass also keeps right() of every row when it fits the memory
-    allowance (see cache_right_rows): it has each centred row in hand anyway.
+    allowance (see cache_right_rows): it has each centred row in hand anyway. With the
+    compiled kernels (compiled_kernels()) each row is read once and nothing else is
+    written; the squared norms are then float64 sums rounded once.
     """
     with timed(timings, "prepare"):
         x = features
@@ -207,7 +221,7 @@ def prepare_space(
             x = np.ascontiguousarray(x, dtype=np.float32)
         n, d = x.shape
         scale = np.empty(n, dtype=np.float32) if metric == "cosine" else None
-        centre = _sample_centre(x, ids, metric)
+        centre = _sample_centre(x, ids, metric, kernels)
         sq = np.empty(n, np.float32)
         space = FeatureSpace(x, ids, metric, scale, centre, sq, 0.0, _direct_error(d, metric))
         right = fresh_array((n, d + 2)) if keep_right and _cache_fits(n, d) else None
@@ -217,6 +231,15 @@ def prepare_space(
             block = x[rows]
             if scale is not None:
                 scale[rows] = _inverse_norms(block, ids[rows])
+            if kernels is not None:
+                out = _NO_ROWS if right is None else right[rows]
+                stop = min(start + _PREPARE_CHUNK_ROWS, n)
+                factors = _NO_SCALE if scale is None else scale
+                kernels.centre_rows(x, factors, centre, start, stop, True, space.sq, out)
+                if not np.isfinite(space.sq[rows]).all():
+                    _refuse_non_finite(block, ids[rows])
+                    _check_finite(space._augmented(rows)[:, :-2], ids[rows])
+                return
             with np.errstate(over="ignore", invalid="ignore"):
                 y = space._augmented(rows, out=None if right is None else right[rows])[:, :-2]
                 space.sq[rows] = np.einsum("ij,ij->i", y, y)
@@ -237,7 +260,7 @@ def prepare_space(
     return space
 
 
-def _sample_centre(x: np.ndarray, ids: np.ndarray, metric: str) -> np.ndarray:
+def _sample_centre(x: np.ndarray, ids: np.ndarray, metric: str, kernels: Any = None) -> np.ndarray:
     """Mean of up to _CENTRE_SAMPLE_ROWS evenly spaced rows (unit length for cosine).
 
     The sample is checked first: a bad vector in it would spoil every row's norm.
@@ -246,6 +269,8 @@ def _sample_centre(x: np.ndarray, ids: np.ndarray, metric: str) -> np.ndarray:
     if n == 0:
         return np.zeros(d, dtype=np.float32)
     rows = np.unique(np.linspace(0, n - 1, min(n, _CENTRE_SAMPLE_ROWS)).astype(np.int64))
+    if kernels is not None and metric == "euclidean":
+        return _compiled_sample_centre(x, ids, rows, kernels)
     sample = x[rows]
     if metric == "cosine":  # a huge vector is fine once scaled to unit length
         with np.errstate(invalid="ignore"):
@@ -293,6 +318,23 @@ def fresh_array(shape: tuple[int, ...], dtype: Any = np.float32) -> np.ndarray:
 def _cache_fits(n: int, d: int) -> bool:
     """Whether right() of every row fits the memory allowance for the cache."""
     return n * (d + 2) * 4 <= min(_RIGHT_CACHE_BYTES, available_memory() // 4)
+
+
+def _compiled_sample_centre(
+    x: np.ndarray, ids: np.ndarray, rows: np.ndarray, kernels: Any
+) -> np.ndarray:
+    """_sample_centre of euclidean rows, summed in place on every core (no sample copy)."""
+    parts = np.array_split(rows, cpu_cores())
+    sums = np.zeros((len(parts), x.shape[1]))
+    norms = np.empty(len(rows))
+    offsets = np.cumsum([0] + [len(part) for part in parts])
+    on_all_cores(
+        lambda p: kernels.sum_rows(x, parts[p], sums[p], norms[offsets[p] : offsets[p + 1]]),
+        range(len(parts)),
+    )
+    if not (norms <= _FLOAT32_MAX).all():  # NaN, Inf, or a norm float32 cannot hold
+        _check_finite(x[rows], ids[rows])
+    return (sums.sum(axis=0) / len(rows)).astype(np.float32)
 
 
 def _direct_error(d: int, metric: str) -> float:

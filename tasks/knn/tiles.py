@@ -146,6 +146,13 @@ class CandidateLists:
         width = self.width
         return self.values[slots, :width], self.sources[slots, :width].astype(np.int64)
 
+    def taken_by(self, slots: np.ndarray) -> np.ndarray:
+        """The sources best_of gives these slots, unordered and only as many columns as the
+        fullest of them holds (-1 padding): a cheap read where lists take a few each."""
+        self._cut_back(slots[self.fill[slots] > self.width])
+        most = int(self.fill[slots].max(initial=0))
+        return self.sources[slots, :most].astype(np.int64)
+
     def _cut_back(self, slots: np.ndarray) -> None:
         kept, columns, dropped = best_below(self.values[slots], self.width)
         sources = np.take_along_axis(self.sources[slots], np.maximum(columns, 0), axis=1)
