@@ -299,10 +299,11 @@ def _known_lists(
     a chain of gaps within `window` that lost a member are marked loose.
     """
     rows = positions_of(previous.image_ids, ids[kept])
-    positions, distances, valid, listed = _read_known(previous, ids, is_changed, rows, kernels)
+    read = _read_known(previous, ids, is_changed, rows, kernels)
+    positions, distances, valid, count, listed = read
     loose = np.zeros(valid.shape, dtype=bool)
     # Only lists that lost an entry need compacting (none when images were only added).
-    lost = np.flatnonzero(valid.sum(axis=1) < listed)
+    lost = np.flatnonzero(count < listed)
     if lost.size:
         padded = padding_mask(previous.neighbour_ids[rows[lost]], distances[lost])
         dropped = ~(valid[lost] | padded)
@@ -317,7 +318,7 @@ def _known_lists(
         loose[lost] = np.take_along_axis(loose[lost], compact, axis=1) & kept_valid
         valid[lost] = kept_valid
     complete = listed >= len(previous.image_ids) - 1
-    return _KnownLists(positions, distances, valid.sum(axis=1), complete, loose)
+    return _KnownLists(positions, distances, count, complete, loose)
 
 
 def _read_known(
@@ -326,13 +327,15 @@ def _read_known(
     is_changed: np.ndarray,
     rows: np.ndarray,
     kernels: Any,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """(positions, distances, valid, listed) of previous rows `rows` in current positions.
+) -> tuple[np.ndarray, ...]:
+    """(positions, distances, valid, count, listed) of previous rows `rows` in current
+    positions.
 
     An entry is valid when its image still exists unchanged and it is not padding;
-    invalid entries get position -1; listed counts each row's entries that are not
-    padding. Compiled in one pass on every core when the ids are dense enough for a
-    lookup table (see positions_of), else in numpy passes.
+    invalid entries get position -1; count counts each row's valid entries, listed its
+    entries that are not padding (compacting a row keeps its count). Compiled in one pass
+    on every core when the ids are dense enough for a lookup table (see positions_of),
+    else in numpy passes.
     """
     table = _position_table(ids)
     if kernels is None or table is None:
@@ -342,7 +345,7 @@ def _read_known(
         # -1 (gone) indexes the last row, whatever it is: the first test already fails.
         valid = (positions >= 0) & ~is_changed[positions] & ~padded
         positions[~valid] = -1
-        return positions, distances, valid, (~padded).sum(axis=1)
+        return positions, distances, valid, valid.sum(axis=1), (~padded).sum(axis=1)
     shape = (len(rows), previous.neighbour_ids.shape[1])
     out = (
         np.empty(shape, dtype=np.int64),
@@ -359,7 +362,7 @@ def _read_known(
         kernels.read_known_lists(lists, *args)
 
     on_all_cores(read, range(len(bounds) - 1))
-    return out[0], out[1], out[2], out[4]
+    return out
 
 
 def _broken_chains(distances: np.ndarray, dropped: np.ndarray, window: float) -> np.ndarray:
