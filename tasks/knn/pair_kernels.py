@@ -177,10 +177,13 @@ def group_plan(  # type: ignore[no-untyped-def]
     return members, member_bounds, place, chosen, pair_bounds
 
 
-@numba.njit(nogil=True, cache=True)
+# reassoc lets the norms' sums run in vector lanes (4x faster); each value written is one
+# exact float64 subtraction, which no fast-math flag here can change.
+@numba.njit(nogil=True, cache=True, fastmath={"reassoc"})
 def centred_block(features, scale, rows, centre, out, norms):  # type: ignore[no-untyped-def]
     """out[r] = rows[r] as the metric measures them (float32), in float64, minus centre;
-    norms[r] its squared norm (a float64 sum of exact squares: within d units of it).
+    norms[r] its squared norm (a float64 sum of exact squares in any order: within d units
+    of it, which the settling bound allows for).
 
     As exact_rows(rows).astype(float64) - centre: cosine rows scaled in float32 first.
     """
