@@ -180,3 +180,21 @@ def test_compiled_norm_pass_names_the_bad_vector(bad: float, inside_sample: bool
     message = "is too large" if np.isfinite(bad) else "holds NaN"
     with pytest.raises(NonFiniteFeaturesError, match=f"image {row + 10} {message}"):
         prepare_space(x, np.arange(n, dtype=np.int64) + 10, "euclidean", None, kernels=kernels)
+
+
+def test_an_image_no_kept_list_takes_and_an_empty_change_keep_the_lists() -> None:
+    x = np.random.default_rng(28).standard_normal((300, 16)).astype(np.float32)
+    x[-1] += 1000.0  # the new image is far from every kept row: no kept row is touched
+    ids = shuffled_ids(300, seed=5)
+    previous = knn_all(x[:299], ids[:299], 5)
+    compiled, plain = both_updates(
+        previous, x, ids, changed_ids=ids[299:], deleted_ids=ids[:0], k=5
+    )
+    assert_identical(compiled, plain)
+    assert_identical(compiled, knn_all(x, ids, 5, backend="numpy"))
+    kept_rows = np.isin(compiled.image_ids, ids[:299])
+    assert not np.isin(compiled.neighbour_ids[kept_rows], ids[299:]).any()
+    unchanged = knn_update(
+        previous, x[:299], ids[:299], changed_ids=ids[:0], deleted_ids=ids[:0], k=5
+    )
+    assert_identical(unchanged, previous)
