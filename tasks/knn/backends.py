@@ -59,7 +59,8 @@ def chosen_backend(name: str | None) -> str:
 
 
 def prepare_kernels(name: str | None) -> Any:
-    """The compiled kernels for prepare_space when the pass runs on numba, else None."""
+    """The compiled kernels for prepare_space when the pass runs on numba, else None
+    (where numba is missing, open_backend then refuses "numba" with a clear message)."""
     return compiled_kernels() if chosen_backend(name) == "numba" and numba_installed() else None
 
 

@@ -42,13 +42,8 @@ def compiled_kernels() -> Any:
     from lookalike.tasks.knn import kernels, merge_kernels, pair_kernels, row_kernels
 
     public = {}
-    for module in (
-        row_kernels,
-        kernels,
-        pair_kernels,
-        merge_kernels,
-    ):  # jitted functions carry their py_func
-        found = vars(module).items()
+    for module in (row_kernels, kernels, pair_kernels, merge_kernels):
+        found = vars(module).items()  # jitted functions carry their py_func
         public.update({name: f for name, f in found if hasattr(f, "py_func") and name[0] != "_"})
     return types.SimpleNamespace(**public)
 

@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from lookalike.tasks.knn.backends import open_backend, prepare_kernels
+from lookalike.tasks.knn.backends import chosen_backend, open_backend, prepare_kernels
 from lookalike.tasks.knn.passes import (
     NeighbourLists,
     all_lists,
@@ -95,6 +95,7 @@ def knn_update(
     if not _previous_long_enough(previous, k):  # the caller's plan (knn.plan) rules this out
         raise KnnInputError(f"the previous lists are shorter than k={k}: a full pass is needed")
     target = _Target(kk, kk if depth is None else list_length(depth, len(ids)), depth is not None)
+    backend = chosen_backend(backend)  # decided once: the norm pass and the tiles share it
     space = prepare_space(features, ids, metric, timings, kernels=prepare_kernels(backend))
     with open_backend(backend, space) as tiles:
         shape = tile_shape(space, block_rows, tiles)

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from lookalike.tasks.knn.backends import open_backend, prepare_kernels
+from lookalike.tasks.knn.backends import chosen_backend, open_backend, prepare_kernels
 from lookalike.tasks.knn.compiled import CompiledTiles
 from lookalike.tasks.knn.plan import list_length
 from lookalike.tasks.knn.rerank import finalise_rows
@@ -105,6 +105,7 @@ def knn_all(
     kk = list_length(k, len(ids))
     if kk == 0:
         return empty_lists(ids)
+    backend = chosen_backend(backend)  # decided once: the norm pass and the tiles share it
     space = prepare_space(
         features, ids, metric, timings, keep_right=True, kernels=prepare_kernels(backend)
     )
@@ -136,6 +137,7 @@ def knn_row_block(
     kk = list_length(k, len(ids))
     if kk == 0:
         return empty_lists(ids[positions])
+    backend = chosen_backend(backend)  # decided once: the norm pass and the tiles share it
     space = prepare_space(features, ids, metric, timings, kernels=prepare_kernels(backend))
     with open_backend(backend, space) as tiles:
         shape = tile_shape(space, block_rows, tiles)
