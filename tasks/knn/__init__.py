@@ -1,8 +1,8 @@
 """The exact kNN engine: pure numpy, no Prefect.
 
 Data flows space -> tiles -> rerank -> passes (full, row block) and incremental (updates);
-threads holds the worker pool they share, and plan decides which pass a state of the
-collection needs. Lists kept deeper than k (plan.list_depth) let knn_update absorb
+order gives the full pass the order it visits rows in, threads holds the worker pool they
+share, and plan decides which pass a state of the collection needs. Lists kept deeper than k (plan.list_depth) let knn_update absorb
 deletions without recomputing rows; prefix_lists cuts them back to k.
 """
 

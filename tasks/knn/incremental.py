@@ -222,8 +222,7 @@ def _full_pass(
     without it; past half the rows the symmetric pass (n * n * d / 2) is cheaper.
     """
     log.info("%d lists to refill: recomputing all lists instead", refills)
-    neighbours, distances = all_lists(space, tiles, target.width, shape, timings)
-    return np.arange(space.n), neighbours, distances
+    return all_lists(space, tiles, target.width, shape, timings)
 
 
 def check_update_plan(

@@ -10,6 +10,7 @@ import numpy as np
 
 from lookalike.tasks.knn.backends import chosen_backend, open_backend, prepare_kernels
 from lookalike.tasks.knn.compiled import CompiledTiles
+from lookalike.tasks.knn.order import visiting_order
 from lookalike.tasks.knn.plan import list_length
 from lookalike.tasks.knn.rerank import finalise_rows
 from lookalike.tasks.knn.space import (
@@ -106,13 +107,16 @@ def knn_all(
     if kk == 0:
         return empty_lists(ids)
     backend = chosen_backend(backend)  # decided once: the norm pass and the tiles share it
+    with timed(timings, "order"):
+        visit = visiting_order(features, metric)
+    kernels = prepare_kernels(backend)
     space = prepare_space(
-        features, ids, metric, timings, keep_right=True, kernels=prepare_kernels(backend)
+        features, ids, metric, timings, keep_right=True, kernels=kernels, visit=visit
     )
     with open_backend(backend, space) as tiles:
         shape = tile_shape(space, block_rows, tiles)
-        neighbours, distances = all_lists(space, tiles, kk, shape, timings)
-    return assemble_lists(ids, np.arange(space.n), neighbours, distances)
+        positions, neighbours, distances = all_lists(space, tiles, kk, shape, timings)
+    return assemble_lists(ids, positions, neighbours, distances)
 
 
 def knn_row_block(
@@ -168,16 +172,17 @@ def merge_row_blocks(parts: Sequence[NeighbourLists]) -> NeighbourLists:
 
 def all_lists(
     space: FeatureSpace, tiles: TileBackend, kk: int, shape: TileShape, timings: Timings
-) -> tuple[np.ndarray, np.ndarray]:
-    """Exact lists (neighbour positions, distances) of every row, by the symmetric pass."""
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Exact lists of every row by the symmetric pass: (positions, neighbour positions,
+    distances), rows in the space's visiting order."""
     if space.n > shape.rows:
         with timed(timings, "prepare"):
             cache_right_rows(space)
     candidates = CandidateLists(space.n, candidate_width(kk, space.n))
     with tile_workers(worker_count(tiles)) as workers:
         symmetric_candidates(space, tiles, workers, candidates, shape, timings)
-    rows = np.arange(space.n)
-    return finalise_rows(space, tiles, rows, candidates, kk, shape, timings)
+    rows = space.visited(slice(0, space.n))
+    return rows, *finalise_rows(space, tiles, rows, candidates, kk, shape, timings)
 
 
 def symmetric_candidates(
@@ -190,20 +195,22 @@ def symmetric_candidates(
 ) -> None:
     """Every pair of row blocks once; each tile feeds its rows' and its columns' lists.
 
-    Strips run from the last row block back, so the columns of a tile already hold lists
-    from their own strip and filter the tile cheaply instead of selecting densely.
+    Blocks are runs of slots of the space's visiting order, and `candidates` is indexed
+    by slot (a tile's lists lie together in memory). Strips run from the last row block
+    back, so the columns of a tile already hold lists from their own strip and filter the
+    tile cheaply instead of selecting densely.
     """
     n = space.n
     for r0 in reversed(range(0, n, shape.rows)):
         r1 = min(r0 + shape.rows, n)
-        rows = np.arange(r0, r1)
-        left = space.left(slice(r0, r1))
+        rows = space.visited(slice(r0, r1))
+        left = space.left(rows)
         _diagonal_block(space, tiles, workers, candidates, left, r0, r1, timings)
-        row_side = (candidates, rows)
+        row_side = (candidates, np.arange(r0, r1))
         no_self = (rows[:0], rows[:0])
         for c0, c1 in column_chunks(r1, n, seen=r1 - r0, most=shape.cols):
-            cols = np.arange(c0, c1)
-            col_side = (candidates, cols)
+            cols = space.visited(slice(c0, c1))
+            col_side = (candidates, np.arange(c0, c1))
             tile = TileJob(space, left, slice(c0, c1), rows, cols, row_side, col_side, no_self)
             workers.submit(functools.partial(_apply_tile, tiles, workers, tile, timings))
 
@@ -219,7 +226,7 @@ def _diagonal_block(
     timings: Timings,
     base: int | None = None,
 ) -> None:
-    """The pairs within rows r0..r1: each half's own pairs, then one half against the other.
+    """The pairs within slots r0..r1: each half's own pairs, then one half against the other.
 
     Halving down to _DIAGONAL_LEAF rows multiplies only the leaves' pairs twice (a leaf
     tile holds both (i, j) and (j, i), so only its row side is used): 1/16 of a 4096-row
@@ -228,10 +235,11 @@ def _diagonal_block(
     """
     base = r0 if base is None else base
     part = left[r0 - base : r1 - base]
-    rows = np.arange(r0, r1)
-    row_side = (candidates, rows)
+    rows = space.visited(slice(r0, r1))
+    slots = np.arange(r0, r1)
+    row_side = (candidates, slots)
     if r1 - r0 <= _DIAGONAL_LEAF:
-        local = rows - r0
+        local = np.arange(r1 - r0)
         tile = TileJob(space, part, slice(r0, r1), rows, rows, row_side, None, (local, local))
         workers.submit(functools.partial(_apply_tile, tiles, workers, tile, timings))
         return
@@ -239,7 +247,7 @@ def _diagonal_block(
     _diagonal_block(space, tiles, workers, candidates, left, r0, mid, timings, base)
     _diagonal_block(space, tiles, workers, candidates, left, mid, r1, timings, base)
     upper = part[: mid - r0]
-    cols = np.arange(mid, r1)
+    cols = rows[mid - r0 :]
     no_self = (rows[:0], rows[:0])
     tile = TileJob(
         space,
@@ -247,8 +255,8 @@ def _diagonal_block(
         slice(mid, r1),
         rows[: mid - r0],
         cols,
-        (candidates, rows[: mid - r0]),
-        (candidates, cols),
+        (candidates, slots[: mid - r0]),
+        (candidates, slots[mid - r0 :]),
         no_self,
     )
     workers.submit(functools.partial(_apply_tile, tiles, workers, tile, timings))
@@ -267,18 +275,20 @@ def strip_candidates(
     """Candidates of some rows against all columns, and optionally of the columns.
 
     `row_candidates` is indexed like `positions`, `col_candidates` by position; a column
-    whose limit is -inf takes nothing. Rows never take themselves.
+    whose limit is -inf takes nothing. Rows never take themselves. Columns come in runs of
+    slots of the space's visiting order.
     """
     n = space.n
     width = even_column_width(n, shape.cols, workers.count)
     for start in range(0, len(positions), shape.rows):
         chunk = positions[start : start + shape.rows]
         left = space.left(chunk)
+        chunk_slots = space.slots_of(chunk)
         row_side = (row_candidates, np.arange(start, start + len(chunk)))
         for c0, c1 in column_chunks(0, n, seen=0, most=width, first=width):
-            cols = np.arange(c0, c1)
-            inside = np.flatnonzero((chunk >= c0) & (chunk < c1))
-            self_pairs = (inside, chunk[inside] - c0)
+            cols = space.visited(slice(c0, c1))
+            inside = np.flatnonzero((chunk_slots >= c0) & (chunk_slots < c1))
+            self_pairs = (inside, chunk_slots[inside] - c0)
             col_side = None if col_candidates is None else (col_candidates, cols)
             columns = slice(c0, c1)
             tile = TileJob(space, left, columns, chunk, cols, row_side, col_side, self_pairs)
@@ -337,7 +347,7 @@ class TileJob:
 
     space: FeatureSpace
     left: np.ndarray
-    columns: slice
+    columns: slice  # slots of the space's visiting order
     row_positions: np.ndarray
     col_positions: np.ndarray
     row_side: Side
@@ -357,7 +367,7 @@ def _apply_tile(tiles: TileBackend, workers: TileWorkers, tile: TileJob, timings
         space, columns = tile.space, tile.columns
         size = (columns.stop - columns.start, space.d + 2)
         buffer = None if space.right_rows is not None else tiles.tile_buffer(*size, use="right")
-        right = space.right(columns, buffer)
+        right = space.right_visited(columns, buffer)
         feed = (row_side, col_side, positions, tile.self_pairs, timings)
         tiles.feed(tile.left, right, *feed)
         return
@@ -366,7 +376,7 @@ def _apply_tile(tiles: TileBackend, workers: TileWorkers, tile: TileJob, timings
     width = row_side[0].width
     row_update, col_update = tiles.updates(
         tile.left,
-        tile.space.right(tile.columns),
+        tile.space.right_visited(tile.columns),
         row_limits,
         col_limits,
         tile.self_pairs,

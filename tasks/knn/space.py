@@ -92,7 +92,8 @@ class FeatureSpace:
     error_unit: float  # expansion error bound per unit of squared norm
     direct_error: float  # relative error bound of a float32 direct squared distance
     sq_max: float = 0.0  # largest entry of sq
-    right_rows: np.ndarray | None = None  # right() of every row, when memory allows
+    right_rows: np.ndarray | None = None  # right() of every row in visiting order, if it fits
+    visit: np.ndarray | None = None  # position of the row a pass visits at each slot (None: same)
     pair_memo: PairMemo | None = None  # direct distances kept for reuse, when wanted
     kernels: Any = None  # the numba kernels (compiled_kernels()) while a compiled pass runs
     labels: np.ndarray | None = None  # (n,) neighbourhood of each row in the lists measured last
@@ -111,6 +112,21 @@ class FeatureSpace:
         ranks = np.empty(self.n, dtype=np.int64)
         ranks[np.argsort(self.ids, kind="stable")] = np.arange(self.n)
         return ranks
+
+    @functools.cached_property
+    def _slot_of(self) -> np.ndarray:
+        slots = np.empty(self.n, dtype=np.int64)
+        slots[self.visit] = np.arange(self.n)
+        return slots
+
+    def visited(self, slots: slice) -> np.ndarray:
+        """Positions of the rows a pass visits at these slots (see visiting_order)."""
+        start, stop, _ = slots.indices(self.n)
+        return np.arange(start, stop) if self.visit is None else self.visit[start:stop]
+
+    def slots_of(self, positions: np.ndarray) -> np.ndarray:
+        """The slot at which a pass visits each of these rows."""
+        return positions if self.visit is None else self._slot_of[positions]
 
     def exact_rows(self, rows: np.ndarray) -> np.ndarray:
         """Rows as the metric measures them (cosine: unit length), a fresh float32 array."""
@@ -136,39 +152,57 @@ class FeatureSpace:
     def right(self, rows: slice | np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
         """[-2y, |y|^2, 1] per row (the factor -2 is exact in binary floating point).
 
-        A view into the cached matrix when there is one: treat it as read-only. Else
-        written into `out` when given (a worker's buffer, (rows, d + 2)).
+        From the cached matrix when there is one (a slice of rows, without a visiting
+        order: a view, to treat as read-only). Else written into `out` when given (a
+        worker's buffer, (rows, d + 2)).
         """
         if self.right_rows is not None:
-            return self.right_rows[rows]
-        if self.kernels is not None and out is not None and isinstance(rows, slice):
-            start, stop, _ = rows.indices(self.n)
+            if self.visit is None:
+                return self.right_rows[rows]
+            return self.right_rows[self.slots_of(np.arange(self.n)[rows])]
+        if self.kernels is not None and out is not None:
+            positions = np.arange(self.n)[rows] if isinstance(rows, slice) else rows
             scale = _NO_SCALE if self.scale is None else self.scale
+            places = np.arange(len(positions))
             self.kernels.centre_rows(
-                self.features, scale, self.centre, start, stop, False, self.sq, out
+                self.features, scale, self.centre, positions, False, self.sq, out, places
             )
-            return out
+            return out[: len(positions)]
         out = self._augmented(rows, out)
         out[:, :-2] *= -2.0
         out[:, -2] = self.sq[rows]
         out[:, -1] = 1.0
         return out
 
+    def right_visited(self, slots: slice, out: np.ndarray | None = None) -> np.ndarray:
+        """right() of the rows visited at these slots: a view of the cache when there is
+        one (kept in visiting order), else written into `out` when given."""
+        if self.right_rows is not None:
+            return self.right_rows[slots]
+        return self.right(slots if self.visit is None else self.visited(slots), out)
+
     def error_bound(self, rows: np.ndarray) -> np.ndarray:
         """Largest error of an expanded squared distance from these rows to any row."""
         return self.error_unit * (self.sq[rows].astype(np.float64) + self.sq_max)
 
     def _augmented(self, rows: slice | np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
-        x = self.features[rows]
+        if isinstance(rows, slice):
+            x = self.features[rows]
+            count = len(x)
+        else:
+            count = len(rows)
         if out is None:
-            out = fresh_array((x.shape[0], self.d + 2))
-        body = out[:, :-2]
+            out = fresh_array((count, self.d + 2))
+        body = out[:count, :-2]
+        if not isinstance(rows, slice):  # gathered straight into place, no temporary copy
+            np.take(self.features, rows, axis=0, out=body, mode="clip")
+            x = body
         if self.scale is not None:
             np.multiply(x, self.scale[rows][:, None], out=body)
             body -= self.centre
         else:
             np.subtract(x, self.centre, out=body)
-        return out
+        return out[:count]
 
 
 def checked_ids(image_ids: np.ndarray, features: np.ndarray) -> np.ndarray:
@@ -205,6 +239,7 @@ def prepare_space(
     *,
     keep_right: bool = False,
     kernels: Any = None,
+    visit: np.ndarray | None = None,
 ) -> FeatureSpace:
     """Check every vector, and compute the centre, scales and squared norms in one pass.
 
@@ -213,7 +248,8 @@ def prepare_space(
     With keep_right, the pass also keeps right() of every row when it fits the memory
     allowance (see cache_right_rows): it has each centred row in hand anyway. With the
     compiled kernels (compiled_kernels()) each row is read once and nothing else is
-    written; the squared norms are then float64 sums rounded once.
+    written; the squared norms are then float64 sums rounded once. `visit` (visiting_order)
+    is the order the pass will visit rows in: the kept right() rows follow it.
     """
     with timed(timings, "prepare"):
         x = features
@@ -224,27 +260,31 @@ def prepare_space(
         centre = _sample_centre(x, ids, metric, kernels)
         sq = np.empty(n, np.float32)
         space = FeatureSpace(x, ids, metric, scale, centre, sq, 0.0, _direct_error(d, metric))
+        space.visit = visit
         right = fresh_array((n, d + 2)) if keep_right and _cache_fits(n, d) else None
 
         def centre_and_measure(start: int) -> None:
-            rows = slice(start, start + _PREPARE_CHUNK_ROWS)
-            block = x[rows]
+            chunk = slice(start, start + _PREPARE_CHUNK_ROWS)
+            # Compiled: rows read in order, each written to its slot of the kept rows;
+            # numpy: the rows visited at these slots, written in place.
+            rows = chunk if kernels is not None or visit is None else space.visited(chunk)
             if scale is not None:
-                scale[rows] = _inverse_norms(block, ids[rows])
+                scale[rows] = _inverse_norms(x[rows], ids[rows])
             if kernels is not None:
-                out = _NO_ROWS if right is None else right[rows]
-                stop = min(start + _PREPARE_CHUNK_ROWS, n)
+                out = _NO_ROWS if right is None else right
+                positions = np.arange(n)[chunk]
                 factors = _NO_SCALE if scale is None else scale
-                kernels.centre_rows(x, factors, centre, start, stop, True, space.sq, out)
+                places = space.slots_of(positions)
+                kernels.centre_rows(x, factors, centre, positions, True, space.sq, out, places)
                 if not np.isfinite(space.sq[rows]).all():
-                    _refuse_non_finite(block, ids[rows])
+                    _refuse_non_finite(x[rows], ids[rows])
                     _check_finite(space._augmented(rows)[:, :-2], ids[rows])
                 return
             with np.errstate(over="ignore", invalid="ignore"):
-                y = space._augmented(rows, out=None if right is None else right[rows])[:, :-2]
+                y = space._augmented(rows, out=None if right is None else right[chunk])[:, :-2]
                 space.sq[rows] = np.einsum("ij,ij->i", y, y)
             if not np.isfinite(space.sq[rows]).all():
-                _refuse_non_finite(block, ids[rows])
+                _refuse_non_finite(x[rows], ids[rows])
                 _check_finite(y, ids[rows])  # centred: names an overflowing image
             if right is not None:
                 y *= -2.0  # exact: right() is [-2y, |y|^2, 1]
@@ -253,7 +293,7 @@ def prepare_space(
         _check_finite_norms(space.sq, ids)
         space.sq_max = float(space.sq.max()) if n else 0.0
         if right is not None:
-            right[:, -2] = space.sq
+            right[:, -2] = space.sq if visit is None else space.sq[visit]
             right[:, -1] = 1.0
             space.right_rows = right
         space.error_unit = _ERROR_SAFETY * _EPS32 * float(np.sqrt(d + 2))
@@ -280,7 +320,7 @@ def _sample_centre(x: np.ndarray, ids: np.ndarray, metric: str, kernels: Any = N
 
 
 def cache_right_rows(space: FeatureSpace) -> None:
-    """Keep right() of every row when it fits the memory allowance.
+    """Keep right() of every row (in visiting order) when it fits the memory allowance.
 
     Each strip reads all later rows, so building them once saves a copy per strip.
     """
@@ -290,8 +330,8 @@ def cache_right_rows(space: FeatureSpace) -> None:
     right = fresh_array((n, d + 2))
 
     def fill(start: int) -> None:
-        rows = slice(start, start + _PREPARE_CHUNK_ROWS)
-        right[rows] = space.right(rows)
+        slots = slice(start, start + _PREPARE_CHUNK_ROWS)
+        right[slots] = space.right_visited(slots)
 
     on_all_cores(fill, range(0, n, _PREPARE_CHUNK_ROWS))
     space.right_rows = right
