@@ -240,7 +240,8 @@ def _diagonal_block(
     row_side = (candidates, slots)
     if r1 - r0 <= _DIAGONAL_LEAF:
         local = np.arange(r1 - r0)
-        tile = TileJob(space, part, slice(r0, r1), rows, rows, row_side, None, (local, local))
+        self_pairs = (local, local)
+        tile = TileJob(space, part, slice(r0, r1), rows, rows, row_side, None, self_pairs, True)
         workers.submit(functools.partial(_apply_tile, tiles, workers, tile, timings))
         return
     mid = (r0 + r1) // 2
@@ -353,6 +354,7 @@ class TileJob:
     row_side: Side
     col_side: Side | None
     self_pairs: tuple[np.ndarray, np.ndarray]  # (row, column) of an image against itself
+    leaf: bool = False  # a diagonal leaf: its rows against themselves
 
 
 def _apply_tile(tiles: TileBackend, workers: TileWorkers, tile: TileJob, timings: Timings) -> None:
@@ -362,6 +364,9 @@ def _apply_tile(tiles: TileBackend, workers: TileWorkers, tile: TileJob, timings
     entries through, which the merge then cuts back. Merges hold the lock.
     """
     row_side, col_side = tile.row_side, tile.col_side
+    if isinstance(tiles, CompiledTiles) and tile.leaf:
+        tiles.feed_leaf(tile.left, row_side, tile.row_positions, timings)
+        return
     if isinstance(tiles, CompiledTiles):
         positions = (tile.row_positions, tile.col_positions)
         space, columns = tile.space, tile.columns
