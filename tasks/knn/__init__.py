@@ -2,8 +2,9 @@
 
 Data flows space -> tiles -> rerank -> passes (full, row block) and incremental (updates);
 order gives the full pass the order it visits rows in, threads holds the worker pool they
-share, and plan decides which pass a state of the collection needs. Lists kept deeper than k (plan.list_depth) let knn_update absorb
-deletions without recomputing rows; prefix_lists cuts them back to k.
+share, and plan decides which pass a state of the collection needs. Lists kept deeper
+than k (plan.list_depth) let knn_update absorb deletions without recomputing rows;
+prefix_lists cuts them back to k.
 """
 
 from lookalike.tasks.knn.incremental import knn_update
