@@ -52,7 +52,10 @@ class ImageReads:
 
 
 _active_counters: list[ImageReads] = []
-_counter_lock = threading.Lock()
+# Re-entrant: an open inside the hook's own locked part (a garbage collector callback that
+# reads /proc, as Dask's does) enters the hook again in the same thread; a plain lock hung
+# such a process for good.
+_counter_lock = threading.RLock()
 _hook_installed = False
 
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -63,6 +65,25 @@ def test_reads_under_the_root_are_counted_in_every_thread(tmp_path: Path) -> Non
     assert (reads.files, reads.bytes) == (3, 250)
     nested.read_bytes()  # after the block
     assert (reads.files, reads.bytes) == (3, 250)
+
+
+def test_an_open_while_the_hook_holds_its_lock_is_counted_not_hung(tmp_path: Path) -> None:
+    # A garbage collector callback may open a file (Dask's reads /proc) while the hook, in
+    # the same thread, holds its lock: the nested call must not wait for itself. In a
+    # child process: a hung hook would block every later open of this one.
+    write(tmp_path / "images" / "photo.jpg", 10)
+    code = (
+        "import sys\n"
+        "from lookalike.tasks import report\n"
+        "root = sys.argv[1]\n"
+        "with report.count_image_reads(root) as reads, report._counter_lock:\n"
+        "    open(root + '/photo.jpg', 'rb').close()\n"
+        "print(reads.files, reads.bytes)\n"
+    )
+    args = [sys.executable, "-c", code, str(tmp_path / "images")]
+    done = subprocess.run(args, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["1", "10"]
 
 
 def test_nested_counters_both_count_and_a_failed_open_costs_no_bytes(tmp_path: Path) -> None:
