@@ -133,3 +133,61 @@ def test_threads_give_the_lists_of_one_thread(
         block_rows=37,
     )
     assert_same_lists(added, single)
+
+
+def test_wait_for_returns_once_the_first_jobs_have_finished() -> None:
+    release = [threading.Event() for _ in range(3)]
+    finished: list[int] = []
+
+    def job(number: int) -> None:
+        release[number].wait(10)
+        finished.append(number)
+
+    workers = TileWorkers(3)
+    try:
+        for number in range(3):
+            workers.submit(lambda number=number: job(number))
+        assert workers.submitted == 3
+        release[0].set()
+        release[1].set()
+        workers.wait_for(2)  # jobs 1 and 2 (0 and 1 here); the third still waits
+        assert sorted(finished) == [0, 1]
+        release[2].set()
+        workers.drain()
+        assert sorted(finished) == [0, 1, 2]
+    finally:
+        workers.close()
+
+
+def test_a_strip_buffer_is_not_written_while_a_tile_still_reads_it() -> None:
+    from lookalike.tasks.knn.passes import StripLefts
+    from lookalike.tasks.knn.space import prepare_space
+
+    x = np.arange(60 * 4, dtype=np.float32).reshape(60, 4)
+    space = prepare_space(x, np.arange(60), "euclidean", None)
+    reading = threading.Event()
+    seen: list[np.ndarray] = []
+
+    def slow_reader(left: np.ndarray) -> None:
+        reading.set()
+        threading.Event().wait(0.3)  # long enough for strips 2 and 3 to be given meanwhile
+        seen.append(left.copy())
+
+    workers = TileWorkers(2)
+    try:
+        lefts = StripLefts(space, workers, 20)
+        first = lefts.left(np.arange(0, 20))
+        expected = first.copy()
+        workers.submit(lambda: slow_reader(first))
+        lefts.release()
+        reading.wait(10)
+        lefts.left(np.arange(20, 40))  # the other buffer: no wait
+        lefts.release()
+        third = lefts.left(np.arange(40, 60))  # the first buffer again: after the reader
+        assert np.shares_memory(third, first)
+        lefts.release()
+        workers.drain()
+    finally:
+        workers.close()
+    assert np.array_equal(seen[0], expected)
+    assert np.array_equal(third, space.left(np.arange(40, 60)))

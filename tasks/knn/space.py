@@ -142,9 +142,11 @@ class FeatureSpace:
             x /= np.linalg.norm(x, axis=1)[:, None]
         return x
 
-    def left(self, rows: slice | np.ndarray) -> np.ndarray:
-        """[y, 1, |y|^2] per row: times right() it gives squared distances in one GEMM."""
-        out = self._augmented(rows)
+    def left(self, rows: slice | np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        """[y, 1, |y|^2] per row: times right() it gives squared distances in one GEMM.
+
+        Written into `out` (rows, d + 2) when given."""
+        out = self._augmented(rows, out)
         out[:, -2] = 1.0
         out[:, -1] = self.sq[rows]
         return out

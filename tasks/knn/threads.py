@@ -28,9 +28,12 @@ class TileWorkers:
         self.lock = threading.Lock()
         self._pool = ThreadPoolExecutor(self.count, "knn") if self.count > 1 else None
         self._pending: deque[Future[None]] = deque()
+        self._numbers: dict[Future[None], int] = {}  # the order each pending job was given in
+        self.submitted = 0  # jobs given so far
 
     def submit(self, job: Job) -> None:
         """Run job soon; waits while too many are queued (their inputs hold memory)."""
+        self.submitted += 1
         if self._pool is None:
             job()
             return
@@ -40,7 +43,13 @@ class TileWorkers:
         while self._unfinished() >= 2 * self.count:
             wait([future for future in self._pending if not future.done()], None, FIRST_COMPLETED)
             self._reap()
-        self._pending.append(self._pool.submit(job))
+        future = self._pool.submit(job)
+        self._numbers[future] = self.submitted
+        self._pending.append(future)
+
+    def wait_for(self, count: int) -> None:
+        """Wait until the first `count` jobs given have finished (errors: see _reap)."""
+        wait([future for future in self._pending if self._numbers[future] <= count])
 
     def _unfinished(self) -> int:
         return sum(not future.done() for future in self._pending)
@@ -54,14 +63,19 @@ class TileWorkers:
         for future in self._pending:
             if future.done() and not kept:
                 future.result()  # re-raises the job's error here
+                del self._numbers[future]
             elif not future.done() or future.exception() is not None:
                 kept.append(future)
+            else:
+                del self._numbers[future]
         self._pending = kept
 
     def drain(self) -> None:
         """Wait for every submitted job; the first error is raised."""
         while self._pending:
-            self._pending.popleft().result()
+            future = self._pending.popleft()
+            self._numbers.pop(future, None)
+            future.result()
 
     def map(self, job: Callable[[int], None], starts: range) -> None:
         """job(start) for each start, then wait for all of them."""
@@ -75,6 +89,7 @@ class TileWorkers:
             for future in self._pending:
                 future.cancel()
             self._pending.clear()
+            self._numbers.clear()
             self._pool.shutdown(wait=True)
 
 
