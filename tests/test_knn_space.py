@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import mmap
+import resource
 
 import numpy as np
 import pytest
@@ -89,3 +90,20 @@ def test_fresh_arrays_are_writable_and_the_large_ones_mapped_in(
         owner = owner.base if isinstance(owner, np.ndarray) else owner.obj
     large = array.nbytes >= 32 << 20
     assert isinstance(owner, mmap.mmap) == large  # small ones come from np.empty
+
+
+@pytest.mark.parametrize("populate", [True, False])
+def test_a_large_fresh_array_is_mapped_in_up_front_unless_asked_not_to(populate: bool) -> None:
+    def faults() -> int:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+    pages = (64 << 20) // mmap.PAGESIZE
+    before = faults()
+    array = fresh_array((64 << 20) // 4, np.float32, populate=populate)
+    mapped = faults() - before
+    array[::1024] = 1.0  # one write per page: the pages not yet mapped in come now
+    touched = faults() - before - mapped
+    if populate:
+        assert mapped >= 0.9 * pages and touched < 0.1 * pages
+    else:
+        assert mapped < 0.1 * pages and touched >= 0.9 * pages

@@ -263,7 +263,8 @@ def prepare_space(
         sq = np.empty(n, np.float32)
         space = FeatureSpace(x, ids, metric, scale, centre, sq, 0.0, _direct_error(d, metric))
         space.visit = visit
-        right = fresh_array((n, d + 2)) if keep_right and _cache_fits(n, d) else None
+        cached = keep_right and _cache_fits(n, d)
+        right = fresh_array((n, d + 2), populate=kernels is None) if cached else None
 
         def centre_and_measure(start: int) -> None:
             chunk = slice(start, start + _PREPARE_CHUNK_ROWS)
@@ -339,21 +340,26 @@ def cache_right_rows(space: FeatureSpace) -> None:
     space.right_rows = right
 
 
-def fresh_array(shape: tuple[int, ...], dtype: Any = np.float32) -> np.ndarray:
+def fresh_array(
+    shape: tuple[int, ...], dtype: Any = np.float32, *, populate: bool = True
+) -> np.ndarray:
     """An uninitialised array; a large one with its memory mapped in up front.
 
     A fresh process pays for each page of a new array at first touch, and where the kernel
     backs numpy's large arrays with huge pages it may compact memory first: 0.38 s for the
-    164 MB of 20,000 x 2,050 floats, against 0.06 s populated in one call (0.02 s when
-    the process used the memory before). Arrays under _POPULATE_BYTES, and systems
-    without MAP_POPULATE (not Linux), get np.empty.
+    164 MB of 20,000 x 2,050 floats, against 0.05-0.06 s populated in one call (0.02 s
+    when the process used the memory before). Arrays under _POPULATE_BYTES, and systems
+    without MAP_POPULATE (not Linux), get np.empty. Without `populate` a large array is
+    still mapped apart, in small pages, and its pages come at first touch: for an array
+    that several threads fill part by part, each paying for its own part (the norm pass's
+    kept rows: 50 ms populated by one thread, about half on two).
     """
     dtype = np.dtype(dtype)
     size = int(np.prod(shape)) * dtype.itemsize
-    populate = getattr(mmap, "MAP_POPULATE", None)
-    if populate is None or size < _POPULATE_BYTES:
+    flag = getattr(mmap, "MAP_POPULATE", None)
+    if flag is None or size < _POPULATE_BYTES:
         return np.empty(shape, dtype=dtype)
-    flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | populate
+    flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | (flag if populate else 0)
     return np.frombuffer(mmap.mmap(-1, size, flags=flags), dtype=dtype).reshape(shape)
 
 
