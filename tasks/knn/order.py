@@ -10,8 +10,8 @@ import numpy as np
 _ROWS_PER_SEED = 50
 _MOST_SEEDS = 512
 # The nearest seed is judged on the first dims only: the order only has to be good, not
-# exact (any order gives the same lists), and these few dims read an eighth of a 2,048-dim
-# row's memory.
+# exact (any order gives the same lists), and these few dims read a sixteenth of a
+# 2,048-dim row's memory.
 _ORDER_DIMS = 128
 _CHUNK_ROWS = 16384  # rows scored at once: the scores stay small at millions of rows
 

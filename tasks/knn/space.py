@@ -161,9 +161,9 @@ class FeatureSpace:
         if self.right_rows is not None:
             if self.visit is None:
                 return self.right_rows[rows]
-            return self.right_rows[self.slots_of(np.arange(self.n)[rows])]
+            return self.right_rows[self.slots_of(_positions(rows, self.n))]
         if self.kernels is not None and out is not None:
-            positions = np.arange(self.n)[rows] if isinstance(rows, slice) else rows
+            positions = _positions(rows, self.n)
             scale = _NO_SCALE if self.scale is None else self.scale
             places = np.arange(len(positions))
             self.kernels.centre_rows(
@@ -197,6 +197,8 @@ class FeatureSpace:
             out = fresh_array((count, self.d + 2))
         body = out[:count, :-2]
         if not isinstance(rows, slice):  # gathered straight into place, no temporary copy
+            # (the engine's own positions, in range: "clip" spares the bounds check that
+            # makes np.take copy through a buffer)
             np.take(self.features, rows, axis=0, out=body, mode="clip")
             x = body
         if self.scale is not None:
@@ -205,6 +207,11 @@ class FeatureSpace:
         else:
             np.subtract(x, self.centre, out=body)
         return out[:count]
+
+
+def _positions(rows: slice | np.ndarray, n: int) -> np.ndarray:
+    """Rows as an array of positions (a slice of n rows spelled out)."""
+    return np.arange(*rows.indices(n)) if isinstance(rows, slice) else rows
 
 
 def checked_ids(image_ids: np.ndarray, features: np.ndarray) -> np.ndarray:
@@ -261,10 +268,11 @@ def prepare_space(
         scale = np.empty(n, dtype=np.float32) if metric == "cosine" else None
         centre = _sample_centre(x, ids, metric, kernels)
         sq = np.empty(n, np.float32)
-        space = FeatureSpace(x, ids, metric, scale, centre, sq, 0.0, _direct_error(d, metric))
-        space.visit = visit
+        error = _direct_error(d, metric)
+        space = FeatureSpace(x, ids, metric, scale, centre, sq, 0.0, error, visit=visit)
+        # Not populated up front: each worker below faults in the part it writes.
         cached = keep_right and _cache_fits(n, d)
-        right = fresh_array((n, d + 2), populate=kernels is None) if cached else None
+        right = fresh_array((n, d + 2), populate=False) if cached else None
 
         def centre_and_measure(start: int) -> None:
             chunk = slice(start, start + _PREPARE_CHUNK_ROWS)
@@ -275,7 +283,7 @@ def prepare_space(
                 scale[rows] = _inverse_norms(x[rows], ids[rows])
             if kernels is not None:
                 out = _NO_ROWS if right is None else right
-                positions = np.arange(n)[chunk]
+                positions = _positions(chunk, n)
                 factors = _NO_SCALE if scale is None else scale
                 places = space.slots_of(positions)
                 kernels.centre_rows(x, factors, centre, positions, True, space.sq, out, places)
